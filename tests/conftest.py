@@ -1,0 +1,58 @@
+"""Shared fixtures: an isolated environment, a tiny generated dataset, the CLI in-process."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+from tl_cli.cli import main
+from tl_cli.synth import synthesize
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs"
+
+# A real config, shrunk: timm's tiny test model with random weights, 64 px, no workers.
+TINY = [
+    "--model.backbone", "timm:test_efficientnet",
+    "--model.weights", "none",
+    "--data.image_size", "64",
+    "--data.batch_size", "8",
+    "--data.num_workers", "0",
+    "--trainer.accelerator", "cpu",
+    "--trainer.log_every_n_steps", "1",
+]
+
+
+@pytest.fixture(autouse=True)
+def isolated(tmp_path, monkeypatch):
+    """Run every test in its own folder, offline, outside any SLURM job, with signals restored."""
+    for key in list(os.environ):
+        if key.startswith("SLURM_"):
+            monkeypatch.delenv(key)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    monkeypatch.chdir(tmp_path)
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
+    yield
+    for sig, handler in handlers.items():
+        signal.signal(sig, handler)
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    """2 classes x (12 train, 6 val, 6 test) generated images, 64 px."""
+    root = tmp_path_factory.mktemp("data") / "shapes"
+    synthesize(root, seed=1, num_classes=2, per_split={"train": 12, "val": 6, "test": 6}, size=64)
+    return root
+
+
+def tl(*args: str) -> int:
+    """Run ``tl ARGS`` in this process and return its exit status."""
+    try:
+        return main([str(a) for a in args])
+    except SystemExit as exc:  # argparse / jsonargparse exit on --help and on parse errors
+        return int(exc.code or 0)

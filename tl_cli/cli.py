@@ -1,0 +1,103 @@
+"""``tl``: Lightning's fit/validate/test/predict plus tl's own commands.
+
+Lightning's subcommands go through `TLCLI` (a thin `LightningCLI`). tl's own commands
+(``tl data ...``, ``tl weights ...``) are dispatched before Lightning is imported, so they
+start fast. User mistakes (`TLError`) are printed as one paragraph, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+from tl_cli.errors import TLError
+
+TL_COMMANDS = {
+    "data synth": "write the generated demo dataset (the embedded default)",
+    "weights fetch": "download a backbone's pretrained weights into the cache (run on a login node)",
+}
+
+EPILOG = "tl's own commands:\n" + "\n".join(f"  tl {name:<14} {text}" for name, text in TL_COMMANDS.items())
+
+
+# --------------------------------------------------------------------------- tl's own commands
+
+
+def _data_command(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="tl data", description="Dataset tools.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    synth = sub.add_parser("synth", help=TL_COMMANDS["data synth"], description=(
+        "Write a small generated dataset in the ImageFolder layout (OUT/{train,val,test}/<class>/), "
+        "deterministic for a given seed. Classes differ by the shape drawn, not by colour or "
+        "brightness, so a classifier has to look at the image."
+    ))
+    synth.add_argument("out_dir", type=Path)
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--classes", type=int, default=2, help="number of classes (2-4)")
+    synth.add_argument("--train", type=int, default=120, help="images per class in train/")
+    synth.add_argument("--val", type=int, default=40, help="images per class in val/")
+    synth.add_argument("--test", type=int, default=40, help="images per class in test/")
+    synth.add_argument("--size", type=int, default=256, help="image side in pixels")
+    synth.add_argument("--force", action="store_true", help="write into an existing non-empty folder")
+    args = parser.parse_args(argv)
+    from tl_cli.synth import synthesize
+
+    counts = synthesize(
+        args.out_dir, seed=args.seed, num_classes=args.classes, per_split={"train": args.train, "val": args.val, "test": args.test},
+        size=args.size, force=args.force,
+    )
+    total = sum(sum(c.values()) for c in counts.values())
+    print(f"tl: wrote {total} images to {args.out_dir} ({', '.join(f'{s}: {sum(c.values())}' for s, c in counts.items())})")
+    return 0
+
+
+def _weights_command(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="tl weights", description="Pretrained weights.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    fetch = sub.add_parser("fetch", help=TL_COMMANDS["weights fetch"], description=(
+        "Download the ImageNet weights of a backbone into the standard cache (HF_HOME for timm, "
+        "TORCH_HOME for torchvision), so runs on compute nodes without internet find them."
+    ))
+    fetch.add_argument("spec", help="timm:<name> or torchvision:<name>")
+    args = parser.parse_args(argv)
+    from tl_cli.backbones import create_backbone, load_weights
+
+    backbone = create_backbone(args.spec)
+    load_weights(backbone, "imagenet")
+    print(f"tl: ImageNet weights for {args.spec} are in the cache.")
+    return 0
+
+
+def _dispatch(argv: list[str], from_sys_argv: bool = False) -> int:
+    if argv and argv[0] == "data":
+        return _data_command(argv[1:])
+    if argv and argv[0] == "weights":
+        return _weights_command(argv[1:])
+    from tl_cli.lightning_cli import TLCLI
+
+    TLCLI(args=None if from_sys_argv else argv)
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of the ``tl`` console script."""
+    from_sys_argv = argv is None
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return _dispatch(argv, from_sys_argv)
+    except TLError as exc:
+        print(f"tl: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("tl: interrupted", file=sys.stderr)
+        return 130
+
+
+def run() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    run()

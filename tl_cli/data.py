@@ -1,0 +1,262 @@
+"""The image-folder DataModule: ``root/{train,val,test}/<class>/<image>``.
+
+It knows no network. Two things come from the model it is trained with, through the
+`ClassifierProtocol` methods, when the Trainer sets it up: the class order (a checkpoint fixes
+it; a new run takes the folder names of ``train/``) and the preprocessing (from the backbone,
+with ``image_size`` overridden here; a checkpoint fixes it).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Optional, Protocol
+
+import lightning.pytorch as pl
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from tl_cli.errors import TLError
+from tl_cli.transforms import AUGMENTS, eval_transform, load_rgb, train_transform
+
+IMAGE_SUFFIXES = frozenset(
+    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm", ".jfif"}
+)
+# Files that operating systems drop into folders; they are not the user's images.
+IGNORED_NAMES = frozenset({"Thumbs.db", "desktop.ini"})
+SPLITS = ("train", "val", "test")
+
+
+class ClassifierProtocol(Protocol):
+    def adopt_classes(self, found: list[str], stage: str) -> list[str]: ...
+
+    def resolve_preprocessing(self, image_size: Optional[int], stage: str) -> dict[str, Any]: ...
+
+
+def _is_ignored(path: Path) -> bool:
+    return path.name.startswith(".") or path.name in IGNORED_NAMES
+
+
+def list_images(folder: Path) -> list[Path]:
+    """Image files under `folder`, recursively, sorted; other files are an error, not skipped."""
+    images, others = [], []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            path = Path(dirpath) / name
+            if _is_ignored(path):
+                continue
+            (images if path.suffix.lower() in IMAGE_SUFFIXES else others).append(path)
+    if others:
+        shown = "\n  ".join(str(p) for p in others[:10])
+        more = f"\n  ... and {len(others) - 10} more" if len(others) > 10 else ""
+        raise TLError(
+            f"{len(others)} file(s) under {folder} are not images (by extension; tl reads "
+            f"{', '.join(sorted(IMAGE_SUFFIXES))}):\n  {shown}{more}\n"
+            "Move them out of the image folders (tl never skips a file silently)."
+        )
+    return images
+
+
+def scan_split(split_dir: Path) -> dict[str, list[Path]]:
+    """``{class name: [image paths]}`` for one split folder, classes sorted by name."""
+    if not split_dir.is_dir():
+        raise TLError(
+            f"Split folder {split_dir} does not exist. data.root must hold train/ and val/ "
+            "(and test/ for `tl test`), each with one sub-folder per class; see data/README.md."
+        )
+    class_dirs = sorted(p for p in split_dir.iterdir() if p.is_dir() and not _is_ignored(p))
+    loose = [p for p in split_dir.iterdir() if p.is_file() and not _is_ignored(p)]
+    if loose:
+        raise TLError(
+            f"{split_dir} holds files directly ({loose[0].name}, ...); images must sit in one "
+            f"sub-folder per class, e.g. {split_dir}/cats/{loose[0].name}."
+        )
+    if not class_dirs:
+        raise TLError(f"{split_dir} has no class folders; put each class's images in {split_dir}/<class>/.")
+    classes = {d.name: list_images(d) for d in class_dirs}
+    empty = [name for name, files in classes.items() if not files]
+    if empty:
+        raise TLError(
+            f"Class folder(s) {', '.join(str(split_dir / e) for e in empty)} contain no images. "
+            "Add images or remove the folder."
+        )
+    return classes
+
+
+def check_same_classes(reference: list[str], found: list[str], where: Path, reference_name: str) -> None:
+    missing = sorted(set(reference) - set(found))
+    extra = sorted(set(found) - set(reference))
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"missing class folder(s) {', '.join(missing)}")
+        if extra:
+            parts.append(f"class folder(s) {', '.join(extra)} not in {reference_name}")
+        raise TLError(
+            f"{where} does not have the classes of {reference_name} ({', '.join(reference)}): "
+            f"{'; '.join(parts)}. Every split needs the same class folders."
+        )
+
+
+class ImageFiles(Dataset):
+    """Images with integer labels; items are ``(tensor, label, index)`` (label -1: unknown)."""
+
+    def __init__(self, samples: list[tuple[Path, int]], transform: Any) -> None:
+        self.samples = samples
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
+        path, label = self.samples[index]
+        try:
+            image = load_rgb(path)
+        except Exception as exc:
+            raise TLError(
+                f"Cannot decode image {path}: {type(exc).__name__}: {exc}. Remove or replace the "
+                "file (`tl data check ROOT` lists every such file)."
+            ) from None
+        return self.transform(image), label, index
+
+    @property
+    def paths(self) -> list[Path]:
+        return [p for p, _ in self.samples]
+
+
+class ImageFolderData(pl.LightningDataModule):
+    """Labelled images in ``root/{train,val,test}/<class>/`` and unlabelled ones in `predict_dir`.
+
+    Args:
+        root: folder holding ``train/`` and ``val/`` (and ``test/`` for `tl test`), each with one
+            sub-folder per class (``data/catsVsDogs/train/cats/cat.1.jpg``). See data/README.md.
+        batch_size: images per batch (per device).
+        num_workers: DataLoader worker processes; null picks min(8, available CPU cores).
+        augment: train-time augmentation: ``none`` (deterministic), ``flip`` (horizontal flip),
+            ``standard`` (random resized crop + flip), ``randaugment`` (standard + RandAugment).
+        image_size: input size in pixels (square); null uses the backbone's pretrained size.
+        predict_dir: folder of images (searched recursively) for `tl predict`.
+    """
+
+    def __init__(
+        self,
+        root: str = "data/catsVsDogs",
+        batch_size: int = 32,
+        num_workers: Optional[int] = None,
+        augment: str = "none",
+        image_size: Optional[int] = None,
+        predict_dir: Optional[str] = None,
+    ) -> None:
+        super().__init__()
+        if augment not in AUGMENTS:
+            raise TLError(f"data.augment={augment!r} is not one of {', '.join(AUGMENTS)}.")
+        if batch_size < 1:
+            raise TLError(f"data.batch_size={batch_size} must be at least 1.")
+        if image_size is not None and image_size < 16:
+            raise TLError(f"data.image_size={image_size} is too small; use at least 16 pixels or null.")
+        self.root = Path(root)
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.augment = augment
+        self.image_size = image_size
+        self.predict_dir = Path(predict_dir) if predict_dir else None
+        self.class_names: Optional[list[str]] = None
+        self.preprocessing: Optional[dict[str, Any]] = None
+        self.datasets: dict[str, ImageFiles] = {}
+
+    # -- discovery ------------------------------------------------------------------------
+
+    def _model(self) -> Optional[ClassifierProtocol]:
+        trainer = getattr(self, "trainer", None)
+        return trainer.lightning_module if trainer is not None else None
+
+    def _scan(self, split: str) -> dict[str, list[Path]]:
+        if split not in self._scans:
+            self._scans[split] = scan_split(self.root / split)
+        return self._scans[split]
+
+    def _labelled(self, split: str, classes: list[str]) -> list[tuple[Path, int]]:
+        found = self._scan(split)
+        check_same_classes(classes, sorted(found), self.root / split, "the model" if split != "train" else "train/")
+        index = {name: i for i, name in enumerate(classes)}
+        return [(path, index[name]) for name in sorted(found) for path in found[name]]
+
+    def setup(self, stage: str) -> None:
+        if not self.root.is_dir() and stage != "predict":
+            raise TLError(
+                f"data.root={str(self.root)!r} does not exist. Point --data.root at a folder with "
+                "train/ and val/ (and test/) class folders, or make one with "
+                "`tl data synth DIR` / `tl data split SRC DIR`."
+            )
+        self._scans: dict[str, dict[str, list[Path]]] = {}
+        model = self._model()
+        known = getattr(model, "class_names", None)
+        found: list[str] = []
+        if stage == "fit":
+            found = sorted(self._scan("train"))
+        elif not known and stage != "predict":
+            split = "train" if (self.root / "train").is_dir() else ("test" if stage == "test" else "val")
+            found = sorted(self._scan(split))
+        classes = model.adopt_classes(found, stage) if model is not None else found
+        if not classes:
+            raise TLError("No class names: the checkpoint holds none and data.root has no train/ folder.")
+        self.class_names = list(classes)
+        if model is not None:
+            self.preprocessing = model.resolve_preprocessing(self.image_size, stage)
+        if self.preprocessing is None:
+            raise TLError("ImageFolderData needs preprocessing settings from a model before setup.")
+
+        if stage == "fit":
+            self.datasets["train"] = ImageFiles(self._labelled("train", self.class_names), train_transform(self.augment, self.preprocessing))
+            self.datasets["val"] = ImageFiles(self._labelled("val", self.class_names), eval_transform(self.preprocessing))
+        elif stage == "validate":
+            self.datasets["val"] = ImageFiles(self._labelled("val", self.class_names), eval_transform(self.preprocessing))
+        elif stage == "test":
+            self.datasets["test"] = ImageFiles(self._labelled("test", self.class_names), eval_transform(self.preprocessing))
+        elif stage == "predict":
+            if self.predict_dir is None:
+                raise TLError("`tl predict` needs --data.predict_dir DIR, a folder of images to classify.")
+            if not self.predict_dir.is_dir():
+                raise TLError(f"data.predict_dir={str(self.predict_dir)!r} is not a folder.")
+            paths = list_images(self.predict_dir)
+            if not paths:
+                raise TLError(f"data.predict_dir={str(self.predict_dir)!r} holds no images.")
+            self.datasets["predict"] = ImageFiles([(p, -1) for p in paths], eval_transform(self.preprocessing))
+
+    # -- loaders --------------------------------------------------------------------------
+
+    def _workers(self) -> int:
+        if self.num_workers is not None:
+            return self.num_workers
+        try:
+            cores = len(os.sched_getaffinity(0))
+        except AttributeError:
+            cores = os.cpu_count() or 1
+        return min(8, cores)
+
+    def _loader(self, split: str, shuffle: bool = False) -> DataLoader:
+        workers = self._workers()
+        return DataLoader(
+            self.datasets[split],
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            num_workers=workers,
+            pin_memory=torch.cuda.is_available(),
+            persistent_workers=workers > 0 and split in ("train", "val"),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("predict")
+
+    def paths(self, split: str) -> list[Path]:
+        return self.datasets[split].paths

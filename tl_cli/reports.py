@@ -1,0 +1,125 @@
+"""What `tl test` and `tl predict` leave behind: metrics.json, confusion_matrix.png, predictions.csv."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import torch
+
+
+def classification_metrics(target: torch.Tensor, pred: torch.Tensor, num_classes: int) -> dict:
+    """Accuracy, per-class precision/recall/F1/support, macro averages and the confusion matrix.
+
+    ``confusion_matrix[i][j]`` counts images of true class i predicted as class j.
+    """
+    cm = torch.zeros(num_classes, num_classes, dtype=torch.long)
+    cm.index_put_((target.long(), pred.long()), torch.ones_like(target, dtype=torch.long), accumulate=True)
+    tp = cm.diag().double()
+    support = cm.sum(1).double()
+    predicted = cm.sum(0).double()
+    precision = torch.where(predicted > 0, tp / predicted.clamp(min=1), torch.zeros_like(tp))
+    recall = torch.where(support > 0, tp / support.clamp(min=1), torch.zeros_like(tp))
+    denom = precision + recall
+    f1 = torch.where(denom > 0, 2 * precision * recall / denom.clamp(min=1e-12), torch.zeros_like(tp))
+    n = int(support.sum())
+    present = support > 0
+    return {
+        "accuracy": float(tp.sum() / max(n, 1)),
+        "balanced_accuracy": float(recall[present].mean()) if present.any() else 0.0,
+        "macro_f1": float(f1.mean()),
+        "precision": [float(v) for v in precision],
+        "recall": [float(v) for v in recall],
+        "f1": [float(v) for v in f1],
+        "support": [int(v) for v in support],
+        "confusion_matrix": cm.tolist(),
+        "n_samples": n,
+    }
+
+
+def format_report(metrics: dict, class_names: Sequence[str]) -> str:
+    width = max(12, *(len(c) for c in class_names))
+    lines = [f"accuracy {metrics['accuracy']:.4f} on {metrics['n_samples']} images "
+             f"(balanced {metrics['balanced_accuracy']:.4f}, macro F1 {metrics['macro_f1']:.4f})", ""]
+    lines.append(f"{'class':<{width}} {'precision':>9} {'recall':>9} {'f1':>9} {'support':>8}")
+    for i, name in enumerate(class_names):
+        lines.append(
+            f"{name:<{width}} {metrics['precision'][i]:>9.4f} {metrics['recall'][i]:>9.4f} "
+            f"{metrics['f1'][i]:>9.4f} {metrics['support'][i]:>8d}"
+        )
+    lines += ["", "confusion matrix (rows: true class, columns: predicted)"]
+    cell = max(6, *(len(str(v)) for row in metrics["confusion_matrix"] for v in row)) + 1
+    lines.append(" " * width + "".join(f"{c[:cell - 1]:>{cell}}" for c in class_names))
+    for name, row in zip(class_names, metrics["confusion_matrix"]):
+        lines.append(f"{name:<{width}}" + "".join(f"{v:>{cell}d}" for v in row))
+    return "\n".join(lines)
+
+
+def plot_confusion_matrix(cm: list[list[int]], class_names: Sequence[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(class_names)
+    fig, ax = plt.subplots(figsize=(2 + 0.6 * n, 1.6 + 0.6 * n), dpi=120)
+    ax.imshow(cm, cmap="Blues")
+    peak = max(max(row) for row in cm) or 1
+    for i in range(n):
+        for j in range(n):
+            ax.text(j, i, str(cm[i][j]), ha="center", va="center", color="white" if cm[i][j] > peak / 2 else "black")
+    ax.set_xticks(range(n), class_names, rotation=45, ha="right")
+    ax.set_yticks(range(n), class_names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title("confusion matrix")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_predictions(
+    path: Path,
+    class_names: Sequence[str],
+    files: Sequence[Path],
+    probs: torch.Tensor,
+    target: Optional[torch.Tensor] = None,
+) -> None:
+    """``file, [true,] predicted, <one probability column per class>``, one row per image."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pred = probs.argmax(1)
+    with open(path, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        header = ["file"] + (["true"] if target is not None else []) + ["predicted"] + [f"prob_{c}" for c in class_names]
+        writer.writerow(header)
+        for i, file in enumerate(files):
+            row = [str(file)]
+            if target is not None:
+                row.append(class_names[int(target[i])])
+            row.append(class_names[int(pred[i])])
+            row += [f"{float(p):.6f}" for p in probs[i]]
+            writer.writerow(row)
+
+
+def write_test_reports(
+    out_dir: Path,
+    *,
+    class_names: Sequence[str],
+    paths: Sequence[Path],
+    target: torch.Tensor,
+    probs: torch.Tensor,
+    checkpoint: Optional[str],
+    print_fn: Callable[[str], None] = print,
+) -> dict:
+    """Write metrics.json, confusion_matrix.png and predictions.csv into `out_dir`; return the metrics."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    metrics = classification_metrics(target, probs.argmax(1), len(class_names))
+    metrics = {"classes": list(class_names), **metrics, "checkpoint": checkpoint}
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    plot_confusion_matrix(metrics["confusion_matrix"], class_names, out_dir / "confusion_matrix.png")
+    write_predictions(out_dir / "predictions.csv", class_names, paths, probs, target)
+    print_fn(format_report(metrics, class_names))
+    print_fn(f"\ntl: test reports (metrics.json, confusion_matrix.png, predictions.csv) in {out_dir}")
+    return metrics
