@@ -1,0 +1,176 @@
+"""Data: folder layout errors, class handling, image decoding, the generated dataset."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tl_cli.data import ImageFolderData, scan_split
+from tl_cli.errors import TLError
+from tl_cli.synth import synthesize
+from tl_cli.transforms import eval_transform, load_rgb, train_transform
+
+PREP = {"image_size": [32, 32], "mean": [0.5] * 3, "std": [0.25] * 3, "interpolation": "bicubic", "crop_pct": 0.875}
+
+
+class FakeModel:
+    """The two things a DataModule asks its model (see ClassifierProtocol)."""
+
+    def __init__(self, class_names=None):
+        self.class_names = class_names
+
+    def adopt_classes(self, found, stage):
+        self.class_names = self.class_names or found
+        return self.class_names
+
+    def resolve_preprocessing(self, image_size, stage):
+        return dict(PREP, image_size=[image_size] * 2) if image_size else PREP
+
+
+def _dm(root, model=None, **kwargs):
+    dm = ImageFolderData(root=str(root), num_workers=0, **kwargs)
+    dm.trainer = type("T", (), {"lightning_module": model or FakeModel()})()
+    return dm
+
+
+@pytest.fixture
+def data(tiny_data, tmp_path):
+    root = tmp_path / "copy"
+    shutil.copytree(tiny_data, root)
+    return root
+
+
+def test_setup_fit_labels_and_batches(data):
+    dm = _dm(data, image_size=48)
+    dm.setup("fit")
+    assert dm.class_names == ["ellipses", "rectangles"]
+    x, y, index = next(iter(dm.train_dataloader()))
+    assert x.shape[1:] == (3, 48, 48) and set(y.tolist()) <= {0, 1} and len(index) == len(y)
+    assert len(dm.datasets["train"]) == 24 and len(dm.datasets["val"]) == 12
+
+
+def test_checkpoint_class_order_wins_for_test(data):
+    dm = _dm(data, model=FakeModel(["rectangles", "ellipses"]))
+    dm.setup("test")
+    labels = {p.parent.name: y for p, y in dm.datasets["test"].samples}
+    assert labels == {"rectangles": 0, "ellipses": 1}
+
+
+@pytest.mark.parametrize(
+    "damage,message",
+    [
+        (lambda r: shutil.rmtree(r / "val"), "val does not exist"),
+        (lambda r: shutil.rmtree(r / "val" / "rectangles"), "missing class folder(s) rectangles"),
+        (lambda r: (r / "val" / "birds").mkdir() or shutil.copy(next((r / "val" / "ellipses").iterdir()), r / "val" / "birds"),
+         "class folder(s) birds not in"),
+        (lambda r: (r / "train" / "stars").mkdir(), "contain no images"),
+        (lambda r: (r / "train" / "ellipses" / "notes.txt").write_text("hi"), "notes.txt"),
+        (lambda r: (r / "train" / "loose.jpg").write_bytes(b""), "holds files directly"),
+    ],
+)
+def test_layout_errors_name_the_problem(data, damage, message):
+    damage(data)
+    with pytest.raises(TLError) as info:
+        _dm(data).setup("fit")
+    assert message in str(info.value)
+
+
+def test_missing_root_and_predict_dir(tmp_path):
+    with pytest.raises(TLError, match="does not exist"):
+        _dm(tmp_path / "nowhere").setup("fit")
+    with pytest.raises(TLError, match="predict_dir"):
+        _dm(tmp_path, model=FakeModel(["a", "b"])).setup("predict")
+
+
+def test_hidden_files_are_not_images(data):
+    (data / "train" / "ellipses" / ".DS_Store").write_bytes(b"\0")
+    assert len(scan_split(data / "train")["ellipses"]) == 12
+
+
+def test_corrupt_image_is_named(data):
+    bad = data / "train" / "ellipses" / "ellipses.0.jpg"
+    bad.write_bytes(bad.read_bytes()[:100])
+    dm = _dm(data)
+    dm.setup("fit")
+    index = [i for i, (p, _) in enumerate(dm.datasets["train"].samples) if p == bad][0]
+    with pytest.raises(TLError, match="ellipses.0.jpg"):
+        dm.datasets["train"][index]
+
+
+def test_bad_augment_is_rejected():
+    with pytest.raises(TLError, match="randaugment"):
+        ImageFolderData(augment="mixup")
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+def test_rgb_conversion_of_awkward_modes(tmp_path):
+    rgba = Image.new("RGBA", (4, 4), (255, 0, 0, 0))  # fully transparent red -> white
+    rgba.save(tmp_path / "a.png")
+    assert load_rgb(tmp_path / "a.png").getpixel((0, 0)) == (255, 255, 255)
+    pal = Image.new("P", (4, 4), 1)
+    pal.putpalette([0, 0, 0, 0, 255, 0] + [0] * 762)
+    pal.info["transparency"] = 1
+    pal.save(tmp_path / "p.png", transparency=1)
+    assert load_rgb(tmp_path / "p.png").getpixel((0, 0)) == (255, 255, 255)
+    deep = Image.fromarray(np.full((4, 4), 32768, dtype=np.uint16))
+    deep.save(tmp_path / "d.png")
+    assert load_rgb(tmp_path / "d.png").getpixel((0, 0))[0] in (127, 128)  # not clipped to 255
+    Image.new("CMYK", (4, 4), (0, 255, 255, 0)).save(tmp_path / "c.jpg")
+    r, g, b = load_rgb(tmp_path / "c.jpg").getpixel((0, 0))
+    assert r > 200 and g < 60 and b < 60
+    tall = Image.new("RGB", (6, 2), (0, 0, 255))
+    exif = tall.getexif()
+    exif[0x0112] = 6  # rotate 90 when displayed
+    tall.save(tmp_path / "e.jpg", exif=exif)
+    assert load_rgb(tmp_path / "e.jpg").size == (2, 6)
+
+
+def test_transforms_follow_preprocessing():
+    img = Image.new("RGB", (80, 60), (128, 128, 128))
+    assert eval_transform(PREP)(img).shape == (3, 32, 32)
+    assert float(eval_transform(PREP)(img).mean()) == pytest.approx((128 / 255 - 0.5) / 0.25, abs=1e-3)
+    for augment in ("none", "flip", "standard", "randaugment"):
+        assert train_transform(augment, PREP)(img).shape == (3, 32, 32)
+
+
+# --------------------------------------------------------------------------- synth
+
+
+def _digest(root):
+    h = hashlib.sha256()
+    for p in sorted(root.rglob("*.jpg")):
+        h.update(p.relative_to(root).as_posix().encode() + p.read_bytes())
+    return h.hexdigest()
+
+
+def test_synth_is_deterministic_and_refuses_to_overwrite(tmp_path):
+    per = {"train": 3, "val": 2, "test": 1}
+    synthesize(tmp_path / "a", seed=3, per_split=per, size=48)
+    synthesize(tmp_path / "b", seed=3, per_split=per, size=48)
+    synthesize(tmp_path / "c", seed=4, per_split=per, size=48)
+    assert _digest(tmp_path / "a") == _digest(tmp_path / "b") != _digest(tmp_path / "c")
+    with pytest.raises(TLError, match="not empty"):
+        synthesize(tmp_path / "a", seed=3, per_split=per, size=48)
+
+
+def test_synth_classes_are_not_separable_by_colour_or_brightness(tmp_path):
+    synthesize(tmp_path / "s", seed=0, num_classes=2, per_split={"train": 60}, size=64)
+    means = {
+        c: np.array([np.asarray(Image.open(p), dtype=float).mean(axis=(0, 1)) for p in sorted((tmp_path / "s" / "train" / c).iterdir())])
+        for c in ("ellipses", "rectangles")
+    }
+    a, b = means["ellipses"], means["rectangles"]
+    spread = np.concatenate([a, b]).std(axis=0)
+    # per channel, the class means differ by well under half a standard deviation
+    assert np.all(np.abs(a.mean(0) - b.mean(0)) < 0.5 * spread)
+    # and the best brightness threshold is close to chance
+    brightness = np.concatenate([a.mean(1), b.mean(1)])
+    labels = np.r_[np.zeros(len(a)), np.ones(len(b))]
+    best = max(max(((brightness > t) == labels).mean(), ((brightness <= t) == labels).mean()) for t in brightness)
+    assert best < 0.75
