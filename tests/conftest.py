@@ -16,13 +16,20 @@ CONFIGS = REPO / "configs"
 
 # A real config, shrunk: timm's tiny test model with random weights, 64 px, no workers.
 TINY = [
-    "--model.backbone", "timm:test_efficientnet",
-    "--model.weights", "none",
-    "--data.image_size", "64",
-    "--data.batch_size", "8",
-    "--data.num_workers", "0",
-    "--trainer.accelerator", "cpu",
-    "--trainer.log_every_n_steps", "1",
+    "--model.backbone",
+    "timm:test_efficientnet",
+    "--model.weights",
+    "none",
+    "--data.image_size",
+    "64",
+    "--data.batch_size",
+    "8",
+    "--data.num_workers",
+    "0",
+    "--trainer.accelerator",
+    "cpu",
+    "--trainer.log_every_n_steps",
+    "1",
 ]
 
 

@@ -56,8 +56,12 @@ def test_torchvision_preprocessing_comes_from_the_weights_preset():
 
 @pytest.mark.parametrize(
     "spec,expected",
-    [("timm:resnet5O", "timm:resnet50"), ("torchvision:resnet_18", "torchvision:resnet18"),
-     ("mobilenetv2_100", "timm:mobilenetv2_100"), ("keras:resnet50", "timm:<name>")],
+    [
+        ("timm:resnet5O", "timm:resnet50"),
+        ("torchvision:resnet_18", "torchvision:resnet18"),
+        ("mobilenetv2_100", "timm:mobilenetv2_100"),
+        ("keras:resnet50", "timm:<name>"),
+    ],
 )
 def test_unknown_backbone_lists_close_matches(spec, expected):
     with pytest.raises(TLError) as info:

@@ -9,9 +9,20 @@ from tests.conftest import CONFIGS, tl
 from tl_cli.lightning_cli import TLCLI, next_version, resolve_precision
 
 CONTRACT_KEYS = [
-    "data.root", "data.batch_size", "data.num_workers", "data.augment", "data.image_size",
-    "data.predict_dir", "model.backbone", "model.weights", "model.init_from", "model.lr",
-    "model.backbone_lr_ratio", "model.unfreeze", "model.train_bn", "trainer.precision",
+    "data.root",
+    "data.batch_size",
+    "data.num_workers",
+    "data.augment",
+    "data.image_size",
+    "data.predict_dir",
+    "model.backbone",
+    "model.weights",
+    "model.init_from",
+    "model.lr",
+    "model.backbone_lr_ratio",
+    "model.unfreeze",
+    "model.train_bn",
+    "trainer.precision",
 ]
 
 

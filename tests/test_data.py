@@ -65,8 +65,13 @@ def test_checkpoint_class_order_wins_for_test(data):
     [
         (lambda r: shutil.rmtree(r / "val"), "val does not exist"),
         (lambda r: shutil.rmtree(r / "val" / "rectangles"), "missing class folder(s) rectangles"),
-        (lambda r: (r / "val" / "birds").mkdir() or shutil.copy(next((r / "val" / "ellipses").iterdir()), r / "val" / "birds"),
-         "class folder(s) birds not in"),
+        (
+            lambda r: (
+                (r / "val" / "birds").mkdir()
+                or shutil.copy(next((r / "val" / "ellipses").iterdir()), r / "val" / "birds")
+            ),
+            "class folder(s) birds not in",
+        ),
         (lambda r: (r / "train" / "stars").mkdir(), "contain no images"),
         (lambda r: (r / "train" / "ellipses" / "notes.txt").write_text("hi"), "notes.txt"),
         (lambda r: (r / "train" / "loose.jpg").write_bytes(b""), "holds files directly"),
@@ -162,7 +167,12 @@ def test_synth_is_deterministic_and_refuses_to_overwrite(tmp_path):
 def test_synth_classes_are_not_separable_by_colour_or_brightness(tmp_path):
     synthesize(tmp_path / "s", seed=0, num_classes=2, per_split={"train": 60}, size=64)
     means = {
-        c: np.array([np.asarray(Image.open(p), dtype=float).mean(axis=(0, 1)) for p in sorted((tmp_path / "s" / "train" / c).iterdir())])
+        c: np.array(
+            [
+                np.asarray(Image.open(p), dtype=float).mean(axis=(0, 1))
+                for p in sorted((tmp_path / "s" / "train" / c).iterdir())
+            ]
+        )
         for c in ("ellipses", "rectangles")
     }
     a, b = means["ellipses"], means["rectangles"]

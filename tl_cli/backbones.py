@@ -56,9 +56,7 @@ def parse_spec(spec: str) -> tuple[str, str]:
         hint = ""
         if not sep and spec:
             hint = f" Did you mean 'timm:{spec}' or 'torchvision:{spec}'?"
-        raise TLError(
-            f"model.backbone={spec!r} is not of the form 'timm:<name>' or 'torchvision:<name>'.{hint}"
-        )
+        raise TLError(f"model.backbone={spec!r} is not of the form 'timm:<name>' or 'torchvision:<name>'.{hint}")
     return source, name
 
 
@@ -69,13 +67,13 @@ def _unknown_name(source: str, name: str, known: list[str]) -> TLError:
     suggestion = (
         "Close matches: " + ", ".join(f"{source}:{c}" for c in close) + "."
         if close
-        else f"See the list with `python -c \"import {source}...\"`."
+        else f'See the list with `python -c "import {source}..."`.'
     )
     if source == "timm" and not close:
         suggestion = "List them with `python -c \"import timm; print(timm.list_models('*pattern*'))\"`."
     if source == "torchvision" and not close:
         suggestion = (
-            "List them with `python -c \"import torchvision; "
+            'List them with `python -c "import torchvision; '
             'print(torchvision.models.list_models(module=torchvision.models))"`.'
         )
     return TLError(f"Unknown backbone {source}:{name}. {suggestion}")
@@ -123,7 +121,7 @@ def _timm_stages(model: nn.Module) -> list[tuple[str, list[str]]] | None:
 def _common_prefix(names: list[str]) -> str:
     parts = [n.split(".") for n in names]
     prefix: list[str] = []
-    for tokens in zip(*parts):
+    for tokens in zip(*parts, strict=False):
         if len(set(tokens)) != 1:
             break
         prefix.append(tokens[0])
@@ -184,10 +182,7 @@ def _strip_last_linear(model: nn.Module) -> int:
         if isinstance(module, nn.Linear):
             last_name, last = mod_name, module
     if last is None:
-        raise TLError(
-            f"{type(model).__name__} has no linear classifier tl can replace; "
-            "use a timm backbone instead."
-        )
+        raise TLError(f"{type(model).__name__} has no linear classifier tl can replace; use a timm backbone instead.")
     parent_name, _, child = last_name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, nn.Identity())
@@ -409,7 +404,7 @@ def _copy_state(target: nn.Module, state: dict[str, torch.Tensor], path: Path) -
         target.load_state_dict({k: state[k] for k in own if k in state}, strict=False)
         return True
     theirs, mine = _tensors(state), _tensors(own)
-    if len(theirs) == len(mine) and all(a.shape == b.shape for (_, a), (_, b) in zip(theirs, mine)):
-        target.load_state_dict({k: v for (k, _), (_, v) in zip(mine, theirs)}, strict=False)
+    if len(theirs) == len(mine) and all(a.shape == b.shape for (_, a), (_, b) in zip(theirs, mine, strict=False)):
+        target.load_state_dict({k: v for (k, _), (_, v) in zip(mine, theirs, strict=False)}, strict=False)
         return True
     return False

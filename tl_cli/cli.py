@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 from tl_cli.errors import TLError
 
@@ -28,11 +29,15 @@ EPILOG = "tl's own commands:\n" + "\n".join(f"  tl {name:<14} {text}" for name, 
 def _data_command(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="tl data", description="Dataset tools.")
     sub = parser.add_subparsers(dest="command", required=True)
-    synth = sub.add_parser("synth", help=TL_COMMANDS["data synth"], description=(
-        "Write a small generated dataset in the ImageFolder layout (OUT/{train,val,test}/<class>/), "
-        "deterministic for a given seed. Classes differ by the shape drawn, not by colour or "
-        "brightness, so a classifier has to look at the image."
-    ))
+    synth = sub.add_parser(
+        "synth",
+        help=TL_COMMANDS["data synth"],
+        description=(
+            "Write a small generated dataset in the ImageFolder layout (OUT/{train,val,test}/<class>/), "
+            "deterministic for a given seed. Classes differ by the shape drawn, not by colour or "
+            "brightness, so a classifier has to look at the image."
+        ),
+    )
     synth.add_argument("out_dir", type=Path)
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--classes", type=int, default=2, help="number of classes (2-4)")
@@ -45,21 +50,31 @@ def _data_command(argv: list[str]) -> int:
     from tl_cli.synth import synthesize
 
     counts = synthesize(
-        args.out_dir, seed=args.seed, num_classes=args.classes, per_split={"train": args.train, "val": args.val, "test": args.test},
-        size=args.size, force=args.force,
+        args.out_dir,
+        seed=args.seed,
+        num_classes=args.classes,
+        per_split={"train": args.train, "val": args.val, "test": args.test},
+        size=args.size,
+        force=args.force,
     )
     total = sum(sum(c.values()) for c in counts.values())
-    print(f"tl: wrote {total} images to {args.out_dir} ({', '.join(f'{s}: {sum(c.values())}' for s, c in counts.items())})")
+    print(
+        f"tl: wrote {total} images to {args.out_dir} ({', '.join(f'{s}: {sum(c.values())}' for s, c in counts.items())})"
+    )
     return 0
 
 
 def _weights_command(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="tl weights", description="Pretrained weights.")
     sub = parser.add_subparsers(dest="command", required=True)
-    fetch = sub.add_parser("fetch", help=TL_COMMANDS["weights fetch"], description=(
-        "Download the ImageNet weights of a backbone into the standard cache (HF_HOME for timm, "
-        "TORCH_HOME for torchvision), so runs on compute nodes without internet find them."
-    ))
+    fetch = sub.add_parser(
+        "fetch",
+        help=TL_COMMANDS["weights fetch"],
+        description=(
+            "Download the ImageNet weights of a backbone into the standard cache (HF_HOME for timm, "
+            "TORCH_HOME for torchvision), so runs on compute nodes without internet find them."
+        ),
+    )
     fetch.add_argument("spec", help="timm:<name> or torchvision:<name>")
     args = parser.parse_args(argv)
     from tl_cli.backbones import create_backbone, load_weights

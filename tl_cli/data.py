@@ -208,12 +208,20 @@ class ImageFolderData(pl.LightningDataModule):
             raise TLError("ImageFolderData needs preprocessing settings from a model before setup.")
 
         if stage == "fit":
-            self.datasets["train"] = ImageFiles(self._labelled("train", self.class_names), train_transform(self.augment, self.preprocessing))
-            self.datasets["val"] = ImageFiles(self._labelled("val", self.class_names), eval_transform(self.preprocessing))
+            self.datasets["train"] = ImageFiles(
+                self._labelled("train", self.class_names), train_transform(self.augment, self.preprocessing)
+            )
+            self.datasets["val"] = ImageFiles(
+                self._labelled("val", self.class_names), eval_transform(self.preprocessing)
+            )
         elif stage == "validate":
-            self.datasets["val"] = ImageFiles(self._labelled("val", self.class_names), eval_transform(self.preprocessing))
+            self.datasets["val"] = ImageFiles(
+                self._labelled("val", self.class_names), eval_transform(self.preprocessing)
+            )
         elif stage == "test":
-            self.datasets["test"] = ImageFiles(self._labelled("test", self.class_names), eval_transform(self.preprocessing))
+            self.datasets["test"] = ImageFiles(
+                self._labelled("test", self.class_names), eval_transform(self.preprocessing)
+            )
         elif stage == "predict":
             if self.predict_dir is None:
                 raise TLError("`tl predict` needs --data.predict_dir DIR, a folder of images to classify.")

@@ -9,16 +9,17 @@ import argparse
 import logging
 import re
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
-from tl_cli.data import ImageFolderData
 from tl_cli.cli import EPILOG
+from tl_cli.data import ImageFolderData
 from tl_cli.models import TransferClassifier, read_tl_checkpoint
 
 
@@ -113,9 +114,7 @@ class TLCLI(LightningCLI):
         if not ckpt_path or ckpt_path in ("last", "best", "hpc", "registry"):
             return
         ckpt = read_tl_checkpoint(ckpt_path, what="--ckpt_path checkpoint")
-        hparams = {
-            k: v for k, v in ckpt.get("hyper_parameters", {}).items() if not k.startswith("_")
-        }
+        hparams = {k: v for k, v in ckpt.get("hyper_parameters", {}).items() if not k.startswith("_")}
         hparams["init_from"] = None  # the checkpoint itself holds the weights
         self.config = self.parser.parse_object({sub: {"model": hparams}}, self.config)
 
@@ -126,4 +125,3 @@ class TLCLI(LightningCLI):
             configs = cfg.get("config") or []
             name = Path(str(configs[-1])).stem if configs else (sub or "run")
             cfg.trainer.default_root_dir = str(Path("runs") / name)
-

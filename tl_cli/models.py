@@ -307,7 +307,15 @@ class TransferClassifier(pl.LightningModule):
         loss = F.cross_entropy(logits, y, label_smoothing=self.hparams.label_smoothing if split == "train" else 0.0)
         acc = (logits.argmax(dim=1) == y).float().mean()
         on_step = split == "train"
-        self.log(f"{split}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=len(y), sync_dist=not on_step)
+        self.log(
+            f"{split}/loss",
+            loss,
+            on_step=on_step,
+            on_epoch=True,
+            prog_bar=True,
+            batch_size=len(y),
+            sync_dist=not on_step,
+        )
         self.log(f"{split}/acc", acc, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(y), sync_dist=True)
         return {"loss": loss, "logits": logits.detach(), "target": y, "index": index}
 
@@ -322,7 +330,13 @@ class TransferClassifier(pl.LightningModule):
 
     def test_step(self, batch: Any, batch_idx: int) -> None:
         out = self._shared_step(batch, "test")
-        self._outputs.append({"probs": out["logits"].float().softmax(1).cpu(), "target": out["target"].cpu(), "index": out["index"].cpu()})
+        self._outputs.append(
+            {
+                "probs": out["logits"].float().softmax(1).cpu(),
+                "target": out["target"].cpu(),
+                "index": out["index"].cpu(),
+            }
+        )
 
     def on_test_epoch_end(self) -> None:
         from tl_cli.reports import write_test_reports

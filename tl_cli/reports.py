@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Optional
 
 import torch
 
@@ -41,8 +42,11 @@ def classification_metrics(target: torch.Tensor, pred: torch.Tensor, num_classes
 
 def format_report(metrics: dict, class_names: Sequence[str]) -> str:
     width = max(12, *(len(c) for c in class_names))
-    lines = [f"accuracy {metrics['accuracy']:.4f} on {metrics['n_samples']} images "
-             f"(balanced {metrics['balanced_accuracy']:.4f}, macro F1 {metrics['macro_f1']:.4f})", ""]
+    lines = [
+        f"accuracy {metrics['accuracy']:.4f} on {metrics['n_samples']} images "
+        f"(balanced {metrics['balanced_accuracy']:.4f}, macro F1 {metrics['macro_f1']:.4f})",
+        "",
+    ]
     lines.append(f"{'class':<{width}} {'precision':>9} {'recall':>9} {'f1':>9} {'support':>8}")
     for i, name in enumerate(class_names):
         lines.append(
@@ -51,8 +55,8 @@ def format_report(metrics: dict, class_names: Sequence[str]) -> str:
         )
     lines += ["", "confusion matrix (rows: true class, columns: predicted)"]
     cell = max(6, *(len(str(v)) for row in metrics["confusion_matrix"] for v in row)) + 1
-    lines.append(" " * width + "".join(f"{c[:cell - 1]:>{cell}}" for c in class_names))
-    for name, row in zip(class_names, metrics["confusion_matrix"]):
+    lines.append(" " * width + "".join(f"{c[: cell - 1]:>{cell}}" for c in class_names))
+    for name, row in zip(class_names, metrics["confusion_matrix"], strict=False):
         lines.append(f"{name:<{width}}" + "".join(f"{v:>{cell}d}" for v in row))
     return "\n".join(lines)
 
@@ -92,7 +96,9 @@ def write_predictions(
     pred = probs.argmax(1)
     with open(path, "w", newline="") as fh:
         writer = csv.writer(fh)
-        header = ["file"] + (["true"] if target is not None else []) + ["predicted"] + [f"prob_{c}" for c in class_names]
+        header = (
+            ["file"] + (["true"] if target is not None else []) + ["predicted"] + [f"prob_{c}" for c in class_names]
+        )
         writer.writerow(header)
         for i, file in enumerate(files):
             row = [str(file)]

@@ -35,8 +35,10 @@ def _polygon(kind: str, cx: float, cy: float, rx: float, ry: float, angle: float
         pts = [(math.cos(t), math.sin(t)) for t in (-math.pi / 2, math.pi / 6, 5 * math.pi / 6)]
     else:
         pts = [
-            ((1.0 if i % 2 == 0 else 0.45) * math.cos(-math.pi / 2 + i * math.pi / 5),
-             (1.0 if i % 2 == 0 else 0.45) * math.sin(-math.pi / 2 + i * math.pi / 5))
+            (
+                (1.0 if i % 2 == 0 else 0.45) * math.cos(-math.pi / 2 + i * math.pi / 5),
+                (1.0 if i % 2 == 0 else 0.45) * math.sin(-math.pi / 2 + i * math.pi / 5),
+            )
             for i in range(10)
         ]
     cos, sin = math.cos(angle), math.sin(angle)
@@ -56,7 +58,9 @@ def render(kind: str, rng: np.random.Generator, size: int) -> Image.Image:
     for _ in range(int(rng.integers(2, 6))):
         x0, x1 = rng.uniform(0, width, 2)
         y0, y1 = rng.uniform(0, height, 2)
-        draw.line([(x0, y0), (x1, y1)], fill=tuple(int(v) for v in rng.uniform(0, 255, 3)), width=int(rng.integers(1, 4)))
+        draw.line(
+            [(x0, y0), (x1, y1)], fill=tuple(int(v) for v in rng.uniform(0, 255, 3)), width=int(rng.integers(1, 4))
+        )
     short = min(width, height)
     radius = short * rng.uniform(0.18, 0.36)
     aspect = rng.uniform(0.6, 1.0)

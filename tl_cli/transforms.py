@@ -7,8 +7,9 @@ crop_pct), never from hard-coded ImageNet numbers.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -101,7 +102,10 @@ def train_transform(augment: str, preprocessing: dict[str, Any]) -> Callable:
         scale = int(math.floor(min(height, width) / preprocessing.get("crop_pct", 1.0)))
         geometric = [T.Resize(scale, interpolation=interp), T.CenterCrop((height, width)), T.RandomHorizontalFlip()]
     else:
-        geometric = [T.RandomResizedCrop((height, width), scale=RRC_SCALE, interpolation=interp), T.RandomHorizontalFlip()]
+        geometric = [
+            T.RandomResizedCrop((height, width), scale=RRC_SCALE, interpolation=interp),
+            T.RandomHorizontalFlip(),
+        ]
     if augment == "randaugment":
         geometric.append(T.RandAugment(num_ops=2, magnitude=9, interpolation=interp))
     return T.Compose([*geometric, *_normalize(preprocessing)])

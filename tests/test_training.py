@@ -1,0 +1,270 @@
+"""Training behaviour: frozen backbone, unfreezing schedule, learning rates, resume, outputs."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+from tests.conftest import CONFIGS, TINY, tl
+from tl_cli.data import ImageFolderData
+from tl_cli.models import TransferClassifier
+
+
+def _trainer(tmp_path, epochs, **kwargs):
+    return pl.Trainer(
+        max_epochs=epochs,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=str(tmp_path),
+        **kwargs,
+    )
+
+
+def _data(root, **kwargs):
+    return ImageFolderData(root=str(root), batch_size=8, num_workers=0, image_size=64, **kwargs)
+
+
+def _snapshot(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def test_feature_extraction_freezes_weights_and_bn_statistics(tiny_data, tmp_path):
+    pl.seed_everything(0)
+    model = TransferClassifier(
+        backbone="timm:test_efficientnet", weights="none", lr=0.01, scheduler="none", class_names=["ellipses", "rectangles"]
+    )
+    before = _snapshot(model.backbone)
+    head_before = model.head.weight.detach().clone()
+    trainer = _trainer(tmp_path, 2)
+    trainer.fit(model, _data(tiny_data, augment="flip"))
+    assert any("running_mean" in k for k in before)
+    after = model.backbone.state_dict()
+    for key, value in before.items():
+        assert torch.equal(value, after[key]), f"{key} changed during feature extraction"
+    assert all(not p.requires_grad and p.grad is None for p in model.backbone.parameters())
+    assert not torch.equal(head_before, model.head.weight)  # while the head trains
+    model.train()
+    assert not any(m.training for m in model.backbone.modules())  # frozen backbone pinned in eval
+
+
+class Recorder(pl.Callback):
+    """Per epoch: trainable stages, each param group's lr, BN mode, at the first batch."""
+
+    def __init__(self):
+        self.epochs = {}
+
+    def on_train_batch_start(self, trainer, model, batch, batch_idx):
+        if batch_idx:
+            return
+        bn = [m for m in model.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+        self.epochs[trainer.current_epoch] = {
+            "trainable": [all(p.requires_grad for p in params) for params in model._stage_params],
+            "lrs": [g["lr"] for g in trainer.optimizers[0].param_groups],
+            "bn_training": [m.training for m in bn],
+        }
+
+
+def test_unfreeze_schedule_learning_rates_and_train_bn(tiny_data, tmp_path):
+    pl.seed_everything(0)
+    model = TransferClassifier(
+        backbone="timm:test_efficientnet",
+        weights="none",
+        lr=0.01,
+        backbone_lr_ratio=0.1,
+        unfreeze={1: 1, 2: 3},
+        scheduler="none",
+    )
+    n = len(model.stage_names)
+    before = _snapshot(model.backbone)
+    rec = Recorder()
+    _trainer(tmp_path, 3, callbacks=[rec]).fit(model, _data(tiny_data))
+    assert rec.epochs[0]["trainable"] == [False] * n
+    assert rec.epochs[1]["trainable"] == [False] * (n - 1) + [True]
+    assert rec.epochs[2]["trainable"] == [False] * (n - 3) + [True] * 3
+    assert rec.epochs[2]["lrs"] == pytest.approx([0.01, 0.001])  # head, backbone = lr x ratio
+    assert not any(any(e["bn_training"]) for e in rec.epochs.values())  # train_bn=false
+    after = model.backbone.state_dict()
+    frozen = {n for _, names in model.spec.stages[: n - 3] for n in names}
+    trained = {n for _, names in model.spec.stages[n - 1 :] for n in names}
+    assert all(torch.equal(before[k], after[k]) for k in frozen)
+    assert any(not torch.equal(before[k], after[k]) for k in trained)
+    assert all(torch.equal(before[k], after[k]) for k in before if "running_" in k)
+
+
+def test_train_bn_updates_statistics_of_unfrozen_layers_only(tiny_data, tmp_path):
+    pl.seed_everything(0)
+    model = TransferClassifier(backbone="timm:test_efficientnet", weights="none", unfreeze={0: 1}, train_bn=True)
+    before = _snapshot(model.backbone)
+    _trainer(tmp_path, 1).fit(model, _data(tiny_data))
+    after = model.backbone.state_dict()
+    last = {k.rsplit(".", 1)[0] for k in model.spec.stages[-1][1]}
+    stats = [k for k in before if k.endswith("running_mean")]
+    changed = {k for k in stats if not torch.equal(before[k], after[k])}
+    assert changed and all(k.rsplit(".", 1)[0] in last for k in changed)
+
+
+class StopAfter(pl.Callback):
+    """Ends the run after `epochs` epochs, as a preempted job would (max_epochs stays the same)."""
+
+    def __init__(self, epochs):
+        self.epochs = epochs
+
+    def on_train_epoch_end(self, trainer, model):
+        if trainer.current_epoch + 1 >= self.epochs:
+            trainer.should_stop = True
+
+
+def _fit_ckpt(tmp_path, tiny_data, epochs, ckpt_path=None, rec=None, stop_after=None):
+    pl.seed_everything(0)
+    model = TransferClassifier(
+        backbone="timm:test_efficientnet",
+        weights="none",
+        lr=0.01,
+        backbone_lr_ratio=0.2,
+        unfreeze={1: 2},
+        warmup_epochs=0.5,
+    )
+    ckpt = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    callbacks = [ckpt, rec or Recorder()] + ([StopAfter(stop_after)] if stop_after else [])
+    trainer = _trainer(tmp_path, epochs, callbacks=callbacks, deterministic=True)
+    trainer.fit(model, _data(tiny_data), ckpt_path=ckpt_path)
+    return model, trainer
+
+
+def test_resume_after_unfreeze_keeps_stages_trainable_and_learning_rates(tiny_data, tmp_path):
+    """Lightning's BaseFinetuning loses unfrozen stages on resume (issue 21901); tl must not."""
+    straight = Recorder()
+    _fit_ckpt(tmp_path / "a", tiny_data, 3, rec=straight)
+    _fit_ckpt(tmp_path / "b", tiny_data, 3, stop_after=2)
+    resumed = Recorder()
+    model, _ = _fit_ckpt(tmp_path / "b", tiny_data, 3, ckpt_path=tmp_path / "b" / "ckpt" / "last.ckpt", rec=resumed)
+    assert list(resumed.epochs) == [2]
+    assert resumed.epochs[2]["trainable"] == straight.epochs[2]["trainable"]
+    assert sum(resumed.epochs[2]["trainable"]) == 2
+    assert resumed.epochs[2]["lrs"] == pytest.approx(straight.epochs[2]["lrs"])
+    assert resumed.epochs[2]["lrs"][1] == pytest.approx(resumed.epochs[2]["lrs"][0] * 0.2)
+    assert resumed.epochs[2]["lrs"][0] < 0.01  # the cosine schedule went on, not restarted
+
+
+# --------------------------------------------------------------------------- through the CLI
+
+
+def test_fit_test_predict_finetune_through_the_cli(tiny_data, tmp_path):
+    fe_args = [
+        "fit",
+        "--config",
+        CONFIGS / "feature_extract.yaml",
+        *TINY,
+        "--data.root",
+        tiny_data,
+        "--trainer.max_epochs",
+        "2",
+    ]
+    assert tl(*fe_args) == 0
+    run = Path("runs/feature_extract/latest")
+    for name in ("config.yaml", "metrics.csv", "hparams.yaml", "checkpoints/best.ckpt", "checkpoints/last.ckpt"):
+        assert (run / name).exists(), name
+    assert list(run.glob("events.out.tfevents.*"))
+    best = run / "checkpoints" / "best.ckpt"
+    ckpt = torch.load(best, weights_only=True)
+    assert ckpt["tl"]["class_names"] == ["ellipses", "rectangles"]
+    assert ckpt["tl"]["preprocessing"]["image_size"] == [64, 64]
+    assert any(k.startswith("backbone.") for k in ckpt["state_dict"])  # the whole model
+
+    # test: nothing but the checkpoint and the data root
+    assert tl("test", "--ckpt_path", best, "--data.root", tiny_data, "--data.num_workers", "0") == 0
+    out = Path("runs/test/latest")
+    metrics = json.loads((out / "metrics.json").read_text())
+    for key in ("accuracy", "classes", "confusion_matrix", "n_samples", "checkpoint"):
+        assert key in metrics
+    assert metrics["n_samples"] == 12 and sum(map(sum, metrics["confusion_matrix"])) == 12
+    assert (out / "confusion_matrix.png").stat().st_size > 1000
+    rows = list(csv.DictReader(open(out / "predictions.csv")))
+    assert len(rows) == 12 and set(rows[0]) == {"file", "true", "predicted", "prob_ellipses", "prob_rectangles"}
+    assert all(abs(float(r["prob_ellipses"]) + float(r["prob_rectangles"]) - 1) < 1e-4 for r in rows)
+    correct = sum(r["true"] == r["predicted"] for r in rows)
+    assert metrics["accuracy"] == pytest.approx(correct / 12)
+
+    # predict on a folder, recursively
+    assert tl("predict", "--ckpt_path", best, "--data.predict_dir", tiny_data / "test", "--data.num_workers", "0") == 0
+    rows = list(csv.DictReader(open(Path("runs/predict/latest/predictions.csv"))))
+    assert len(rows) == 12 and "true" not in rows[0]
+
+    # fine-tune from the feature-extraction checkpoint, then test that checkpoint too
+    ft_args = [
+        "fit",
+        "--config",
+        CONFIGS / "finetune.yaml",
+        *TINY,
+        "--data.root",
+        tiny_data,
+        "--trainer.max_epochs",
+        "2",
+        "--model.init_from",
+        best,
+    ]
+    assert tl(*ft_args) == 0
+    ft_best = Path("runs/finetune/latest/checkpoints/best.ckpt")
+    assert tl("test", "--ckpt_path", ft_best, "--data.root", tiny_data, "--data.num_workers", "0") == 0
+    assert json.loads(Path("runs/test/latest/metrics.json").read_text())["checkpoint"] == str(ft_best)
+
+
+def test_fine_tuning_starts_from_the_feature_extraction_weights(tiny_data, tmp_path):
+    fe = [
+        "fit",
+        "--config",
+        CONFIGS / "feature_extract.yaml",
+        *TINY,
+        "--data.root",
+        tiny_data,
+        "--trainer.max_epochs",
+        "1",
+    ]
+    assert tl(*fe) == 0
+    best = Path("runs/feature_extract/latest/checkpoints/best.ckpt")
+    state = torch.load(best, weights_only=True)["state_dict"]
+    model = TransferClassifier(backbone="timm:test_efficientnet", weights="none", init_from=str(best))
+    trainer = _trainer(tmp_path, 0)
+    trainer.fit(model, _data(tiny_data))  # max_epochs=0: only the start hooks run
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, state[key]), key
+
+
+def test_clear_errors_for_bad_checkpoints_and_mismatched_classes(tiny_data, tmp_path, capsys):
+    (tmp_path / "notes.ckpt").write_text("hello")
+    assert tl("test", "--ckpt_path", tmp_path / "notes.ckpt", "--data.root", tiny_data) == 2
+    assert "is not a loadable PyTorch checkpoint" in capsys.readouterr().err
+    torch.save({"state_dict": {}}, tmp_path / "plain.ckpt")
+    assert tl("test", "--ckpt_path", tmp_path / "plain.ckpt", "--data.root", tiny_data) == 2
+    assert "not a tl checkpoint" in capsys.readouterr().err
+    assert tl("test", "--ckpt_path", tmp_path / "missing.ckpt") == 2
+    assert "does not exist" in capsys.readouterr().err
+
+    fe = [
+        "fit",
+        "--config",
+        CONFIGS / "feature_extract.yaml",
+        *TINY,
+        "--data.root",
+        tiny_data,
+        "--trainer.max_epochs",
+        "1",
+    ]
+    assert tl(*fe) == 0
+    best = Path("runs/feature_extract/latest/checkpoints/best.ckpt")
+    other = tmp_path / "other"
+    (other / "test" / "cats").mkdir(parents=True)
+    (other / "test" / "dogs").mkdir(parents=True)
+    for d in ("cats", "dogs"):
+        for p in list((tiny_data / "test" / "ellipses").iterdir())[:2]:
+            (other / "test" / d / p.name).write_bytes(p.read_bytes())
+    assert tl("test", "--ckpt_path", best, "--data.root", other, "--data.num_workers", "0") == 2
+    err = capsys.readouterr().err
+    assert "missing class folder(s) ellipses, rectangles" in err and "Traceback" not in err
