@@ -60,7 +60,7 @@ def test_torchvision_preprocessing_comes_from_the_weights_preset():
         ("timm:resnet5O", "timm:resnet50"),
         ("torchvision:resnet_18", "torchvision:resnet18"),
         ("mobilenetv2_100", "timm:mobilenetv2_100"),
-        ("keras:resnet50", "timm:<name>"),
+        ("keras:resnet50", "'timm:resnet50' or 'torchvision:resnet50'"),
     ],
 )
 def test_unknown_backbone_lists_close_matches(spec, expected):

@@ -38,7 +38,11 @@ def _snapshot(module):
 def test_feature_extraction_freezes_weights_and_bn_statistics(tiny_data, tmp_path):
     pl.seed_everything(0)
     model = TransferClassifier(
-        backbone="timm:test_efficientnet", weights="none", lr=0.01, scheduler="none", class_names=["ellipses", "rectangles"]
+        backbone="timm:test_efficientnet",
+        weights="none",
+        lr=0.01,
+        scheduler="none",
+        class_names=["ellipses", "rectangles"],
     )
     before = _snapshot(model.backbone)
     head_before = model.head.weight.detach().clone()
@@ -191,6 +195,10 @@ def test_fit_test_predict_finetune_through_the_cli(tiny_data, tmp_path):
     assert all(abs(float(r["prob_ellipses"]) + float(r["prob_rectangles"]) - 1) < 1e-4 for r in rows)
     correct = sum(r["true"] == r["predicted"] for r in rows)
     assert metrics["accuracy"] == pytest.approx(correct / 12)
+
+    # validate with the same checkpoint: val metrics logged to the run's CSV
+    assert tl("validate", "--ckpt_path", best, "--data.root", tiny_data, "--data.num_workers", "0") == 0
+    assert "val/acc" in Path("runs/validate/latest/metrics.csv").read_text()
 
     # predict on a folder, recursively
     assert tl("predict", "--ckpt_path", best, "--data.predict_dir", tiny_data / "test", "--data.num_workers", "0") == 0

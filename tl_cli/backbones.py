@@ -53,11 +53,18 @@ def parse_spec(spec: str) -> tuple[str, str]:
     """Split ``timm:resnet50`` into ``("timm", "resnet50")`` or explain what is wrong."""
     source, sep, name = spec.partition(":")
     if not sep or source not in SOURCES or not name:
-        hint = ""
-        if not sep and spec:
-            hint = f" Did you mean 'timm:{spec}' or 'torchvision:{spec}'?"
+        bare = name if sep else spec
+        known = [f"timm:{bare}"] if bare and _timm_has(bare) else []
+        known += [f"torchvision:{bare}"] if bare and bare in _torchvision_names() else []
+        hint = f" Did you mean {' or '.join(repr(k) for k in known)}?" if known else ""
         raise TLError(f"model.backbone={spec!r} is not of the form 'timm:<name>' or 'torchvision:<name>'.{hint}")
     return source, name
+
+
+def _timm_has(name: str) -> bool:
+    import timm
+
+    return timm.is_model(name)
 
 
 def _unknown_name(source: str, name: str, known: list[str]) -> TLError:
@@ -98,7 +105,7 @@ def _timm_preprocessing(model: nn.Module) -> dict[str, Any]:
 def _timm_create(name: str, *, pretrained: bool = False, num_classes: int = 0) -> nn.Module:
     import timm
 
-    if not timm.is_model(name):
+    if not _timm_has(name):
         raise _unknown_name("timm", name, timm.list_models())
     return timm.create_model(name, pretrained=pretrained, num_classes=num_classes)
 

@@ -55,6 +55,7 @@ for _handler in logging.getLogger("lightning.pytorch").handlers:
     _handler.addFilter(_DropLightningAds())
 # tl creates the run folder before the CSV logger does (config.yaml lands first): not a conflict.
 warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
+warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
 # `tl test --ckpt_path` needs no training callbacks.
 warnings.filterwarnings("ignore", message=r"Be aware that when using `ckpt_path`, callbacks")
 
