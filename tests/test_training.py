@@ -276,3 +276,16 @@ def test_clear_errors_for_bad_checkpoints_and_mismatched_classes(tiny_data, tmp_
     assert tl("test", "--ckpt_path", best, "--data.root", other, "--data.num_workers", "0") == 2
     err = capsys.readouterr().err
     assert "missing class folder(s) ellipses, rectangles" in err and "Traceback" not in err
+
+
+def test_corrupt_image_in_a_worker_is_named_without_traceback(tiny_data, tmp_path, capsys):
+    import shutil
+
+    root = tmp_path / "data"
+    shutil.copytree(tiny_data, root)
+    bad = root / "val" / "rectangles" / "rectangles.3.jpg"
+    bad.write_bytes(bad.read_bytes()[:200])
+    args = ["fit", "--config", CONFIGS / "feature_extract.yaml", *TINY, "--data.root", root]
+    assert tl(*args, "--trainer.max_epochs", "1", "--data.num_workers", "1") == 2
+    err = capsys.readouterr().err
+    assert "rectangles.3.jpg" in err and "Traceback" not in err

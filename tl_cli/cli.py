@@ -96,6 +96,19 @@ def _dispatch(argv: list[str], from_sys_argv: bool = False) -> int:
     return 0
 
 
+def user_message(exc: TLError) -> str:
+    """The user's paragraph, without the worker traceback PyTorch wraps around it.
+
+    A TLError raised in a DataLoader worker comes back as ``TLError("Caught TLError in
+    DataLoader worker process 0. Original Traceback ... tl_cli.errors.TLError: <message>")``.
+    """
+    text = str(exc)
+    marker = f"{type(exc).__module__}.{type(exc).__name__}: "
+    if "Original Traceback" in text and marker in text:
+        return text.rsplit(marker, 1)[1].strip()
+    return text
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``tl`` console script."""
     from_sys_argv = argv is None
@@ -103,7 +116,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         return _dispatch(argv, from_sys_argv)
     except TLError as exc:
-        print(f"tl: error: {exc}", file=sys.stderr)
+        print(f"tl: error: {user_message(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("tl: interrupted", file=sys.stderr)
