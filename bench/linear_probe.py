@@ -109,10 +109,8 @@ def main() -> None:
     classes, prep = ckpt["tl"]["class_names"], ckpt["tl"]["preprocessing"]
     data = {s: features(model, root, s, classes, prep) for s in ("train", "val", "test")}
     best = max(
-        
-            (accuracy(logistic_regression(*data["train"], c, len(classes)), *data["val"]), c)
-            for c in (0.01, 0.1, 1.0, 10.0)
-        
+        (accuracy(logistic_regression(*data["train"], c, len(classes)), *data["val"]), c)
+        for c in (0.01, 0.1, 1.0, 10.0)
     )
     probe = logistic_regression(*data["train"], best[1], len(classes))
     acc["logreg"] = accuracy(probe, *data["test"])
