@@ -20,6 +20,8 @@ PREP = {"image_size": [32, 32], "mean": [0.5] * 3, "std": [0.25] * 3, "interpola
 class FakeModel:
     """The two things a DataModule asks its model (see ClassifierProtocol)."""
 
+    frozen_for_whole_run = False  # fine-tuning: images, not cached features
+
     def __init__(self, class_names=None):
         self.class_names = class_names
 
@@ -33,7 +35,10 @@ class FakeModel:
 
 def _dm(root, model=None, **kwargs):
     dm = ImageFolderData(root=str(root), num_workers=0, **kwargs)
-    dm.trainer = type("T", (), {"lightning_module": model or FakeModel()})()
+    strategy = type("S", (), {"barrier": lambda self, name=None: None})()
+    dm.trainer = type(
+        "T", (), {"lightning_module": model or FakeModel(), "is_global_zero": True, "strategy": strategy}
+    )()
     return dm
 
 

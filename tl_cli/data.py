@@ -9,15 +9,37 @@ with ``image_size`` overridden here; a checkpoint fixes it).
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
-from typing import Any, Optional, Protocol
+from typing import Any, Literal, Optional, Protocol, Union
 
 import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from tl_cli.cache import (
+    CachedImages,
+    FeatureDataset,
+    FeatureStore,
+    ImageStore,
+    cache_root,
+    files_fingerprint,
+    make_key,
+)
 from tl_cli.errors import TLError
-from tl_cli.transforms import AUGMENTS, eval_transform, load_rgb, train_transform
+from tl_cli.transforms import (
+    AUGMENTS,
+    cache_side,
+    decode_for_cache,
+    eval_transform,
+    is_deterministic,
+    load_rgb,
+    tensor_eval_transform,
+    tensor_train_transform,
+    train_transform,
+)
+
+CacheMode = Union[bool, Literal["auto"]]
 
 IMAGE_SUFFIXES = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm", ".jfif"}
@@ -31,6 +53,13 @@ class ClassifierProtocol(Protocol):
     def adopt_classes(self, found: list[str], stage: str) -> list[str]: ...
 
     def resolve_preprocessing(self, image_size: Optional[int], stage: str) -> dict[str, Any]: ...
+
+    @property
+    def frozen_for_whole_run(self) -> bool: ...
+
+    def feature_identity(self) -> dict[str, Any]: ...
+
+    def extract_features(self, loader: DataLoader) -> torch.Tensor: ...
 
 
 def _is_ignored(path: Path) -> bool:
@@ -99,6 +128,13 @@ def check_same_classes(reference: list[str], found: list[str], where: Path, refe
         )
 
 
+def decode_error(path: Path, exc: Exception) -> TLError:
+    return TLError(
+        f"Cannot decode image {path}: {type(exc).__name__}: {exc}. Remove or replace the file "
+        "(`tl data check ROOT` lists every such file)."
+    )
+
+
 class ImageFiles(Dataset):
     """Images with integer labels; items are ``(tensor, label, index)`` (label -1: unknown)."""
 
@@ -114,15 +150,27 @@ class ImageFiles(Dataset):
         try:
             image = load_rgb(path)
         except Exception as exc:
-            raise TLError(
-                f"Cannot decode image {path}: {type(exc).__name__}: {exc}. Remove or replace the "
-                "file (`tl data check ROOT` lists every such file)."
-            ) from None
+            raise decode_error(path, exc) from None
         return self.transform(image), label, index
 
     @property
     def paths(self) -> list[Path]:
         return [p for p, _ in self.samples]
+
+
+class _DecodeForCache(Dataset):
+    def __init__(self, samples: list[tuple[Path, int]], preprocessing: dict[str, Any]) -> None:
+        self.samples, self.preprocessing = samples, preprocessing
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> Any:
+        path = self.samples[index][0]
+        try:
+            return decode_for_cache(path, self.preprocessing)
+        except Exception as exc:
+            raise decode_error(path, exc) from None
 
 
 class ImageFolderData(pl.LightningDataModule):
@@ -137,6 +185,15 @@ class ImageFolderData(pl.LightningDataModule):
             ``standard`` (random resized crop + flip), ``randaugment`` (standard + RandAugment).
         image_size: input size in pixels (square); null uses the backbone's pretrained size.
         predict_dir: folder of images (searched recursively) for `tl predict`.
+        cache_features: reuse the frozen backbone's output ("bottleneck features") across
+            epochs and runs. ``auto``: when the backbone stays frozen for the whole run and
+            ``augment`` is ``none``; ``true``: always (an error if that cannot be right);
+            ``false``: recompute every epoch.
+        cache_images: keep train/val images decoded and resized once, as uint8 (in memory if
+            they take at most 1/4 of the available memory, else memory-mapped from the cache
+            file), and augment tensors. ``auto`` and ``true``: on whenever features are not
+            cached; ``false``: decode every file every epoch.
+        cache_dir: where caches live; null: ``$TL_CACHE_DIR`` or ``~/.cache/tl``.
     """
 
     def __init__(
@@ -147,6 +204,9 @@ class ImageFolderData(pl.LightningDataModule):
         augment: str = "none",
         image_size: Optional[int] = None,
         predict_dir: Optional[str] = None,
+        cache_features: CacheMode = "auto",
+        cache_images: CacheMode = "auto",
+        cache_dir: Optional[str] = None,
     ) -> None:
         super().__init__()
         if augment not in AUGMENTS:
@@ -161,6 +221,13 @@ class ImageFolderData(pl.LightningDataModule):
         self.augment = augment
         self.image_size = image_size
         self.predict_dir = Path(predict_dir) if predict_dir else None
+        for name, value in (("cache_features", cache_features), ("cache_images", cache_images)):
+            if value not in (True, False, "auto"):
+                raise TLError(f"data.{name}={value!r}; use auto, true or false.")
+        self.cache_features = cache_features
+        self.cache_images = cache_images
+        self.cache_dir = cache_dir
+        self._served: dict[str, Any] = {}
         self.class_names: Optional[list[str]] = None
         self.preprocessing: Optional[dict[str, Any]] = None
         self.datasets: dict[str, ImageFiles] = {}
@@ -207,7 +274,9 @@ class ImageFolderData(pl.LightningDataModule):
         if self.preprocessing is None:
             raise TLError("ImageFolderData needs preprocessing settings from a model before setup.")
 
+        self._served = {}
         if stage == "fit":
+            self.use_feature_cache()  # a cache_features=true that cannot work stops here
             self.datasets["train"] = ImageFiles(
                 self._labelled("train", self.class_names), train_transform(self.augment, self.preprocessing)
             )
@@ -243,10 +312,10 @@ class ImageFolderData(pl.LightningDataModule):
             cores = os.cpu_count() or 1
         return min(8, cores)
 
-    def _loader(self, split: str, shuffle: bool = False) -> DataLoader:
-        workers = self._workers()
+    def _loader(self, dataset: Dataset, split: str, shuffle: bool = False, workers: Optional[int] = None) -> DataLoader:
+        workers = self._workers() if workers is None else workers
         return DataLoader(
-            self.datasets[split],
+            dataset,
             batch_size=self.batch_size,
             shuffle=shuffle,
             num_workers=workers,
@@ -254,17 +323,134 @@ class ImageFolderData(pl.LightningDataModule):
             persistent_workers=workers > 0 and split in ("train", "val"),
         )
 
+    def _served_loader(self, split: str, shuffle: bool = False) -> DataLoader:
+        dataset = self.served(split)
+        # features are tensors in memory already: worker processes would only add latency
+        workers = 0 if isinstance(dataset, FeatureDataset) else None
+        return self._loader(dataset, split, shuffle=shuffle, workers=workers)
+
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
+        return self._served_loader("train", shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val")
+        return self._served_loader("val")
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test")
+        return self._loader(self.datasets["test"], "test")
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader("predict")
+        return self._loader(self.datasets["predict"], "predict")
+
+    # -- caches ---------------------------------------------------------------------------
+
+    def use_feature_cache(self) -> bool:
+        """Whether train/val are served as cached bottleneck features (see `cache_features`)."""
+        model = self._model()
+        if self.cache_features is False or model is None:
+            return False
+        frozen = model.frozen_for_whole_run
+        deterministic = is_deterministic(self.augment)
+        if self.cache_features is True and not deterministic:
+            raise TLError(
+                f"data.cache_features=true, but data.augment={self.augment} changes every training "
+                "image every epoch, so the backbone's output cannot be computed once and reused. "
+                "Use data.augment=none to cache features, or data.cache_features=auto/false."
+            )
+        if self.cache_features is True and not frozen:
+            raise TLError(
+                "data.cache_features=true, but model.unfreeze trains backbone stages, so its output "
+                "changes every step. Cached features are for feature extraction (model.unfreeze "
+                "null); use data.cache_features=auto/false here."
+            )
+        return frozen and deterministic
+
+    def served(self, split: str) -> Dataset:
+        """The dataset a train/val loader iterates: cached features, cached images, or files."""
+        if split not in self._served:
+            if self.use_feature_cache():
+                self._served[split] = self._feature_dataset(split)
+            elif self.cache_images is not False:
+                self._served[split] = self._image_dataset(split)
+            else:
+                self._served[split] = self.datasets[split]
+        return self._served[split]
+
+    def _rank_zero_then_all(self, load: Any, build: Any) -> Any:
+        """Rank 0 loads or builds the entry while the other ranks wait, then they load it."""
+        trainer = getattr(self, "trainer", None)
+        value = None
+        if trainer is None or trainer.is_global_zero:
+            value = load()
+            if value is None:
+                build()
+                value = load()
+        if trainer is not None:
+            trainer.strategy.barrier("tl-cache")
+        if value is None:
+            value = load()
+        if value is None:
+            raise RuntimeError("cache entry missing after rank 0 built it")
+        return value
+
+    def _say(self, text: str) -> None:
+        trainer = getattr(self, "trainer", None)
+        if trainer is None or trainer.is_global_zero:
+            print(f"tl: {text}", flush=True)
+
+    def _feature_dataset(self, split: str) -> FeatureDataset:
+        model = self._model()
+        images = self.datasets[split]
+        n, dim = len(images), None
+        key = make_key(
+            "features",
+            split=split,
+            files=files_fingerprint(images.samples),
+            preprocessing=self.preprocessing,
+            model=model.feature_identity(),
+        )
+        store = FeatureStore(cache_root(self.cache_dir), key)
+        built: dict[str, float] = {}
+
+        def build() -> None:
+            start = time.perf_counter()
+            # the eval transform, no shuffling: features line up with samples
+            extraction = ImageFiles(images.samples, eval_transform(self.preprocessing))
+            store.save(model.extract_features(self._loader(extraction, "extract")))
+            built["seconds"] = time.perf_counter() - start
+
+        dim = model.spec.num_features
+        features = self._rank_zero_then_all(lambda: store.load(n, dim), build)
+        how = f"computed in {built['seconds']:.1f} s" if built else "loaded"
+        self._say(f"{split}: bottleneck features of {n} images {how} ({store.path})")
+        return FeatureDataset(features, [label for _, label in images.samples])
+
+    def _image_dataset(self, split: str) -> CachedImages:
+        images = self.datasets[split]
+        n = len(images)
+        prep = self.preprocessing
+        key = make_key(
+            "images",
+            files=files_fingerprint(images.samples),
+            side=cache_side(prep),
+            interpolation=prep["interpolation"],
+        )
+        store = ImageStore(cache_root(self.cache_dir), key)
+        built: dict[str, float] = {}
+
+        def build() -> None:
+            start = time.perf_counter()
+            decoder = _DecodeForCache(images.samples, prep)
+            workers = self._workers()
+            loader = DataLoader(decoder, batch_size=None, num_workers=workers, prefetch_factor=8 if workers else None)
+            store.build(lambda: iter(loader), n)
+            built["seconds"] = time.perf_counter() - start
+
+        data, offsets, shapes = self._rank_zero_then_all(lambda: store.load(n), build)
+        kind = "in memory" if not hasattr(data, "filename") else "memory-mapped"
+        how = f"decoded in {built['seconds']:.1f} s" if built else "loaded decoded"
+        self._say(f"{split}: {n} images {how}, {data.nbytes / 2**20:.0f} MiB {kind} ({store.data_path})")
+        transform = tensor_train_transform(self.augment, prep) if split == "train" else tensor_eval_transform(prep)
+        return CachedImages(data, offsets, shapes, [label for _, label in images.samples], transform)
 
     def paths(self, split: str) -> list[Path]:
         return self.datasets[split].paths

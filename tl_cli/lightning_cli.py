@@ -23,14 +23,19 @@ from tl_cli.data import ImageFolderData
 from tl_cli.models import TransferClassifier, read_tl_checkpoint
 
 
+def _cuda_wanted(accelerator: Any) -> bool:
+    import torch
+
+    return (accelerator in ("auto", "gpu", "cuda") or accelerator is None) and torch.cuda.is_available()
+
+
 def resolve_precision(precision: Any, accelerator: Any = "auto") -> Any:
     """``auto``: bf16-mixed on CUDA GPUs that support it, 16-mixed on older ones, 32-true otherwise."""
     if precision != "auto":
         return precision
     import torch
 
-    wants_gpu = accelerator in ("auto", "gpu", "cuda") or accelerator is None
-    if wants_gpu and torch.cuda.is_available():
+    if _cuda_wanted(accelerator):
         return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
     return "32-true"
 
@@ -85,6 +90,9 @@ class TLTrainer(Trainer):
                 if latest.is_symlink() or not latest.exists():
                     latest.unlink(missing_ok=True)
                     latest.symlink_to(run_dir.name)
+        if kwargs.get("benchmark") is None and _cuda_wanted(kwargs.get("accelerator", "auto")):
+            # fixed input size: let cuDNN pick its fastest kernels (no effect on CPU)
+            kwargs["benchmark"] = not kwargs.get("deterministic")
         super().__init__(*args, precision=chosen, **kwargs)
 
 
@@ -118,6 +126,10 @@ class TLCLI(LightningCLI):
         hparams = {k: v for k, v in ckpt.get("hyper_parameters", {}).items() if not k.startswith("_")}
         hparams["init_from"] = None  # the checkpoint itself holds the weights
         self.config = self.parser.parse_object({sub: {"model": hparams}}, self.config)
+
+    def before_fit(self) -> None:
+        if self.config.fit.get("ckpt_path"):
+            self.model._weights_ready = True  # resuming: the checkpoint brings every weight
 
     def before_instantiate_classes(self) -> None:
         sub = self.config.get("subcommand")

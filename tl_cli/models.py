@@ -16,7 +16,9 @@ of Lightning's can switch them back.
 
 from __future__ import annotations
 
+import hashlib
 import math
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Optional
 
@@ -84,6 +86,10 @@ class TransferClassifier(pl.LightningModule):
         label_smoothing: label smoothing of the cross-entropy loss.
         scheduler: ``cosine`` (per-step cosine decay to 1 % after linear warmup) or ``none``.
         warmup_epochs: epochs of linear learning-rate warmup (``cosine`` only; may be a fraction).
+        compile: compile the backbone and head with ``torch.compile`` (faster steps on GPU
+            after a compilation delay; opt-in).
+        channels_last: channels-last memory format for weights and image batches; null: on
+            CUDA only, where convolutions run faster with it.
         class_names: class names in label order. Filled in from ``train/`` (or from
             ``init_from``) and stored in checkpoints; leave null.
         preprocessing: input size, mean, std, interpolation and crop_pct. Filled in from the
@@ -104,6 +110,8 @@ class TransferClassifier(pl.LightningModule):
         label_smoothing: float = 0.0,
         scheduler: str = "cosine",
         warmup_epochs: float = 0.0,
+        compile: bool = False,
+        channels_last: Optional[bool] = None,
         class_names: Optional[list[str]] = None,
         preprocessing: Optional[dict[str, Any]] = None,
     ) -> None:
@@ -140,6 +148,49 @@ class TransferClassifier(pl.LightningModule):
 
     def _build_head(self, num_classes: int) -> None:
         self.head = nn.Linear(self.spec.num_features, num_classes)
+
+    @property
+    def frozen_for_whole_run(self) -> bool:
+        """No backbone stage ever trains (feature extraction): its output can be cached."""
+        return not any(self.unfreeze.values())
+
+    def feature_identity(self) -> dict[str, Any]:
+        """What the backbone's output depends on besides the images: for the feature cache key."""
+        digest = hashlib.sha256()
+        for name, tensor in sorted(self.backbone.state_dict().items()):
+            t = tensor.detach().cpu().contiguous()
+            digest.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+            digest.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        return {
+            "backbone": self.hparams.backbone,
+            "weights_sha256": digest.hexdigest(),
+            "precision": str(self.trainer.precision) if self._trainer is not None else "32-true",
+            "torch": torch.__version__,
+        }
+
+    @torch.inference_mode()
+    def extract_features(self, loader: Any) -> torch.Tensor:
+        """The frozen backbone's output for every batch of `loader`, in order, float32 on CPU."""
+        was_training = self.training
+        self.backbone.eval()
+        context = self.trainer.precision_plugin.forward_context() if self._trainer is not None else nullcontext()
+        out = []
+        with context:
+            for x, _, _ in loader:
+                x = self._prepare_images(x.to(self.device, non_blocking=True))
+                out.append(self.features(x).float().cpu())
+        self.train(was_training)
+        return torch.cat(out)
+
+    def _use_channels_last(self) -> bool:
+        if self.hparams.channels_last is not None:
+            return bool(self.hparams.channels_last)
+        return self._trainer is not None and self.trainer.accelerator.__class__.__name__ == "CUDAAccelerator"
+
+    def _prepare_images(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim == 4 and self._use_channels_last():
+            return x.contiguous(memory_format=torch.channels_last)
+        return x
 
     def _init_checkpoint(self) -> Optional[dict[str, Any]]:
         if self.hparams.init_from and self._init_ckpt is None:
@@ -233,6 +284,23 @@ class TransferClassifier(pl.LightningModule):
         if stage == "fit":
             self._init_checkpoint()  # a bad init_from is reported before anything else runs
 
+    def configure_model(self) -> None:
+        # Training starts from init_from / model.weights, loaded before Lightning restores a
+        # --ckpt_path (which then overwrites them) and before any dataloader computes cached
+        # features. Evaluation loads them lazily (on_*_start), after restoring, i.e. never.
+        if self.trainer.state.fn == "fit":
+            self._ensure_weights()
+        if self._use_channels_last():
+            self.to(memory_format=torch.channels_last)
+        if self.hparams.compile and not getattr(self, "_compiled", False):
+            self.backbone.compile()
+            self.head.compile()
+            self._compiled = True
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        x, *rest = batch
+        return (self._prepare_images(x), *rest)
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Restoring a tl checkpoint (resume, test, predict) brings every weight: nothing to load.
         self._weights_ready = True
@@ -271,7 +339,6 @@ class TransferClassifier(pl.LightningModule):
         self._ensure_weights()
 
     def on_fit_start(self) -> None:
-        self._ensure_weights()
         groups = ", ".join(f"{i}:{n}" for i, n in enumerate(self.stage_names))
         self.print(f"tl: {len(self.stage_names)} backbone stages (input -> output): {groups}")
 
@@ -299,7 +366,9 @@ class TransferClassifier(pl.LightningModule):
         return self.backbone(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.dropout(self.features(x)))
+        """Logits for images ``[B, 3, H, W]``, or for cached backbone features ``[B, F]``."""
+        features = x if x.ndim == 2 else self.features(x)
+        return self.head(self.dropout(features))
 
     def _shared_step(self, batch: Any, split: str) -> dict[str, torch.Tensor]:
         x, y, index = batch

@@ -114,3 +114,62 @@ def train_transform(augment: str, preprocessing: dict[str, Any]) -> Callable:
 def is_deterministic(augment: str) -> bool:
     """Whether the train transform gives the same tensor for the same image every time."""
     return augment == "none"
+
+
+# --------------------------------------------------------------------------- decoded-image cache
+#
+# The cache keeps each image decoded and resized once, to the eval resize (short side =
+# image_size / crop_pct), as uint8. The tensor presets below then do on that tensor what the
+# PIL presets do on the decoded file: the eval path gives identical pixels (same resize, same
+# centre crop, same /255 scaling); random resized crops are taken from the resized image
+# instead of the full-resolution one.
+
+
+def cache_side(preprocessing: dict[str, Any]) -> int:
+    """Short side, in pixels, of a cached image: the eval transform's resize."""
+    height, width = preprocessing["image_size"]
+    return int(math.floor(min(height, width) / preprocessing.get("crop_pct", 1.0)))
+
+
+def decode_for_cache(path: str | Path, preprocessing: dict[str, Any]) -> np.ndarray:
+    """Decode, convert to RGB and resize like the eval transform; HWC uint8."""
+    from torchvision import transforms as T
+
+    resize = T.Resize(cache_side(preprocessing), interpolation=_interpolation(preprocessing["interpolation"]))
+    return np.asarray(resize(load_rgb(path)), dtype=np.uint8)
+
+
+def _tensor_normalize(preprocessing: dict[str, Any]) -> list[Callable]:
+    import torch
+    from torchvision.transforms import v2
+
+    return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(preprocessing["mean"], preprocessing["std"])]
+
+
+def tensor_eval_transform(preprocessing: dict[str, Any]) -> Callable:
+    """`eval_transform` for a cached uint8 CHW tensor."""
+    from torchvision.transforms import v2
+
+    return v2.Compose([v2.CenterCrop(tuple(preprocessing["image_size"])), *_tensor_normalize(preprocessing)])
+
+
+def tensor_train_transform(augment: str, preprocessing: dict[str, Any]) -> Callable:
+    """`train_transform` for a cached uint8 CHW tensor."""
+    from torchvision.transforms import v2
+
+    if augment not in AUGMENTS:
+        raise ValueError(f"data.augment={augment!r}; choose one of {', '.join(AUGMENTS)}")
+    if augment == "none":
+        return tensor_eval_transform(preprocessing)
+    size = tuple(preprocessing["image_size"])
+    interp = _interpolation(preprocessing["interpolation"])
+    if augment == "flip":
+        ops: list[Callable] = [v2.CenterCrop(size), v2.RandomHorizontalFlip()]
+    else:
+        ops = [
+            v2.RandomResizedCrop(size, scale=RRC_SCALE, interpolation=interp, antialias=True),
+            v2.RandomHorizontalFlip(),
+        ]
+    if augment == "randaugment":
+        ops.append(v2.RandAugment(num_ops=2, magnitude=9, interpolation=interp))
+    return v2.Compose([*ops, *_tensor_normalize(preprocessing)])
