@@ -376,13 +376,18 @@ class ImageFolderData(pl.LightningDataModule):
         return self._served[split]
 
     def _rank_zero_then_all(self, load: Any, build: Any) -> Any:
-        """Rank 0 loads or builds the entry while the other ranks wait, then they load it."""
+        """Rank 0 loads or builds the entry while the other ranks wait, then they load it.
+
+        Building leaves the random number generators as they were, so a run with a cache
+        shuffles and drops out exactly like the same run without it.
+        """
         trainer = getattr(self, "trainer", None)
         value = None
         if trainer is None or trainer.is_global_zero:
             value = load()
             if value is None:
-                build()
+                with torch.random.fork_rng(devices=[]):
+                    build()
                 value = load()
         if trainer is not None:
             trainer.strategy.barrier("tl-cache")

@@ -61,6 +61,8 @@ for _handler in logging.getLogger("lightning.pytorch").handlers:
 # tl creates the run folder before the CSV logger does (config.yaml lands first): not a conflict.
 warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
 warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+# tl's model moves image batches to channels-last there, whatever the datamodule.
+warnings.filterwarnings("ignore", message=r"You have overridden `on_after_batch_transfer`")
 # `tl test --ckpt_path` needs no training callbacks.
 warnings.filterwarnings("ignore", message=r"Be aware that when using `ckpt_path`, callbacks")
 
