@@ -17,7 +17,7 @@ from tl_cli.cache import ImageStore, make_key
 from tl_cli.data import ImageFolderData
 from tl_cli.errors import TLError
 from tl_cli.models import TransferClassifier
-from tl_cli.transforms import decode_for_cache, eval_transform, load_rgb, tensor_eval_transform
+from tl_cli.transforms import decode_for_cache, eval_transform, load_rgb, normalize_batch, tensor_eval_transform
 
 
 def _fit(root, epochs=2, test=False, **data_kwargs):
@@ -149,7 +149,7 @@ def test_cached_images_give_the_same_pixels_as_decoding(tmp_path):
     dataset = cache_mod.CachedImages(data, offsets, shapes, [0] * len(paths), tensor_eval_transform(PREP))
     for i, path in enumerate(paths):
         expected = eval_transform(PREP)(load_rgb(path))
-        got = dataset[i][0]
+        got = normalize_batch(dataset[i][0][None], PREP)[0]
         assert got.shape == expected.shape == (3, 48, 48)
         assert torch.allclose(got, expected, atol=1e-5), path.name
 

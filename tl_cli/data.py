@@ -158,6 +158,10 @@ class ImageFiles(Dataset):
         return [p for p, _ in self.samples]
 
 
+def _as_is(item: Any) -> Any:
+    return item
+
+
 class _DecodeForCache(Dataset):
     def __init__(self, samples: list[tuple[Path, int]], preprocessing: dict[str, Any]) -> None:
         self.samples, self.preprocessing = samples, preprocessing
@@ -446,7 +450,9 @@ class ImageFolderData(pl.LightningDataModule):
             start = time.perf_counter()
             decoder = _DecodeForCache(images.samples, prep)
             workers = self._workers()
-            loader = DataLoader(decoder, batch_size=None, num_workers=workers, prefetch_factor=8 if workers else None)
+            loader = DataLoader(
+                decoder, batch_size=None, num_workers=workers, prefetch_factor=8 if workers else None, collate_fn=_as_is
+            )
             store.build(lambda: iter(loader), n)
             built["seconds"] = time.perf_counter() - start
 

@@ -30,6 +30,7 @@ from torch import nn
 from tl_cli import CHECKPOINT_FORMAT, __version__
 from tl_cli.backbones import create_backbone, load_weights
 from tl_cli.errors import TLError
+from tl_cli.transforms import normalize_batch
 
 BN_TYPES = (nn.modules.batchnorm._BatchNorm,)
 SCHEDULERS = ("cosine", "none")
@@ -176,8 +177,8 @@ class TransferClassifier(pl.LightningModule):
         context = self.trainer.precision_plugin.forward_context() if self._trainer is not None else nullcontext()
         out = []
         with context:
-            for x, _, _ in loader:
-                x = self._prepare_images(x.to(self.device, non_blocking=True))
+            for batch in loader:
+                x, _, _ = self.on_after_batch_transfer([t.to(self.device, non_blocking=True) for t in batch], 0)
                 out.append(self.features(x).float().cpu())
         self.train(was_training)
         return torch.cat(out)
@@ -299,6 +300,8 @@ class TransferClassifier(pl.LightningModule):
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         x, *rest = batch
+        if x.dtype == torch.uint8:  # cached images arrive unnormalised: finish on the device
+            x = normalize_batch(x, self.preprocessing)
         return (self._prepare_images(x), *rest)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:

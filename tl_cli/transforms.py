@@ -139,22 +139,31 @@ def decode_for_cache(path: str | Path, preprocessing: dict[str, Any]) -> np.ndar
     return np.asarray(resize(load_rgb(path)), dtype=np.uint8)
 
 
-def _tensor_normalize(preprocessing: dict[str, Any]) -> list[Callable]:
-    import torch
-    from torchvision.transforms import v2
+def normalize_batch(x: torch.Tensor, preprocessing: dict[str, Any]) -> torch.Tensor:
+    """uint8 images ``[B, 3, H, W]`` -> float32 normalised like `eval_transform`'s output.
 
-    return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(preprocessing["mean"], preprocessing["std"])]
+    The cached-image path keeps batches uint8 through the DataLoader (4x less to copy between
+    worker processes and to the GPU) and normalises here, on the model's device.
+    """
+    import torch
+
+    mean = torch.tensor(preprocessing["mean"], dtype=torch.float64)
+    std = torch.tensor(preprocessing["std"], dtype=torch.float64)
+    # (x / 255 - mean) / std as one multiply and one subtract, in place
+    scale = (1.0 / (255.0 * std)).to(device=x.device, dtype=torch.float32).view(1, -1, 1, 1)
+    shift = (mean / std).to(device=x.device, dtype=torch.float32).view(1, -1, 1, 1)
+    return x.to(torch.float32).mul_(scale).sub_(shift)
 
 
 def tensor_eval_transform(preprocessing: dict[str, Any]) -> Callable:
-    """`eval_transform` for a cached uint8 CHW tensor."""
+    """`eval_transform` for a cached uint8 CHW tensor, minus normalisation (`normalize_batch`)."""
     from torchvision.transforms import v2
 
-    return v2.Compose([v2.CenterCrop(tuple(preprocessing["image_size"])), *_tensor_normalize(preprocessing)])
+    return v2.CenterCrop(tuple(preprocessing["image_size"]))
 
 
 def tensor_train_transform(augment: str, preprocessing: dict[str, Any]) -> Callable:
-    """`train_transform` for a cached uint8 CHW tensor."""
+    """`train_transform` for a cached uint8 CHW tensor, minus normalisation (`normalize_batch`)."""
     from torchvision.transforms import v2
 
     if augment not in AUGMENTS:
@@ -172,4 +181,4 @@ def tensor_train_transform(augment: str, preprocessing: dict[str, Any]) -> Calla
         ]
     if augment == "randaugment":
         ops.append(v2.RandAugment(num_ops=2, magnitude=9, interpolation=interp))
-    return v2.Compose([*ops, *_tensor_normalize(preprocessing)])
+    return v2.Compose(ops)
