@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from PIL import Image, ImageOps
 
 AUGMENTS = ("none", "flip", "standard", "randaugment")
@@ -145,8 +146,6 @@ def normalize_batch(x: torch.Tensor, preprocessing: dict[str, Any]) -> torch.Ten
     The cached-image path keeps batches uint8 through the DataLoader (4x less to copy between
     worker processes and to the GPU) and normalises here, on the model's device.
     """
-    import torch
-
     mean = torch.tensor(preprocessing["mean"], dtype=torch.float64)
     std = torch.tensor(preprocessing["std"], dtype=torch.float64)
     # (x / 255 - mean) / std as one multiply and one subtract, in place
