@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH := torch==2.14.1 torchvision==0.29.1
 DEMO_DATA := data/synth
 
-.PHONY: help install install-dev test test-fast lint format demo clean
+.PHONY: help install install-dev test test-fast lint format demo bench clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-12s %s\n", $$1, $$2}'
@@ -56,6 +56,9 @@ demo: install ## the embedded default, offline on CPU: synth data, feature extra
 	@echo "  fine-tuning:        runs/demo_finetune/latest/"
 	@echo "  test:               runs/demo_test/latest/ (metrics.json, confusion_matrix.png, predictions.csv)"
 	@echo "  TensorBoard:        $(BIN)/tensorboard --logdir runs"
+
+bench: install-dev ## speed benchmarks, each a ratio against a baseline measured in the same run
+	$(BIN)/python bench/run.py
 
 clean: ## remove runs/ and the generated demo data (not .venv)
 	rm -rf runs $(DEMO_DATA)
