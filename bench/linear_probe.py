@@ -74,7 +74,7 @@ def main() -> None:
     if root is None:
         root = args.work / "data"
         if not root.exists():
-            tl("data", "synth", root, "--classes", "4", "--train", "25", "--val", "40", "--test", "60", "--seed", "7")
+            tl("data", "synth", root, "--classes", "4", "--train", "25", "--val", "40", "--test", "150", "--seed", "7")
     runs = args.work
     fe_cfg = ["--config", "configs/feature_extract.yaml", "--config", "configs/demo.yaml", "--data.root", root]
     tl("fit", *fe_cfg, "--trainer.default_root_dir", runs / "fe")
