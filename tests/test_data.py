@@ -101,14 +101,44 @@ def test_hidden_files_are_not_images(data):
     assert len(scan_split(data / "train")["ellipses"]) == 12
 
 
-def test_corrupt_image_is_named(data):
-    bad = data / "train" / "ellipses" / "ellipses.0.jpg"
-    bad.write_bytes(bad.read_bytes()[:100])
+def test_file_going_bad_after_the_check_is_named(data):
     dm = _dm(data)
     dm.setup("fit")
+    bad = data / "train" / "ellipses" / "ellipses.0.jpg"
+    bad.write_bytes(bad.read_bytes()[:100])
     index = [i for i, (p, _) in enumerate(dm.datasets["train"].samples) if p == bad][0]
     with pytest.raises(TLError, match="ellipses.0.jpg"):
         dm.datasets["train"][index]
+
+
+def _break_files(root):
+    truncated = root / "train" / "ellipses" / "ellipses.1.jpg"
+    truncated.write_bytes(truncated.read_bytes()[:300])
+    (root / "train" / "rectangles" / "empty.jpg").write_bytes(b"")
+    (root / "val" / "ellipses" / "fake.png").write_text("not a png")
+    return {truncated, root / "train" / "rectangles" / "empty.jpg", root / "val" / "ellipses" / "fake.png"}
+
+
+def test_bad_images_stop_setup_with_the_full_list(data):
+    names = _break_files(data)
+    with pytest.raises(TLError) as info:
+        _dm(data).setup("fit")
+    msg = str(info.value)
+    in_train = [str(p) for p in names if "train" in p.parts]
+    assert all(p in msg for p in in_train) and "on_bad_image skip" in msg and "tl data check" in msg
+    assert "truncated" in msg and "empty file" in msg
+
+
+def test_bad_images_skipped_with_a_warning_each(data):
+    names = _break_files(data)
+    dm = _dm(data, on_bad_image="skip")
+    with pytest.warns(UserWarning) as record:
+        dm.setup("fit")
+    warned = " ".join(str(w.message) for w in record)
+    assert all(str(p) in warned for p in names)
+    kept = {p for p, _ in dm.datasets["train"].samples + dm.datasets["val"].samples}
+    assert not kept & names
+    assert len(dm.datasets["train"]) == 23 and len(dm.datasets["val"]) == 12  # 24 + empty.jpg - 2; 12 + fake.png - 1
 
 
 def test_bad_augment_is_rejected():

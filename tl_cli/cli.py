@@ -8,6 +8,7 @@ start fast. User mistakes (`TLError`) are printed as one paragraph, without a tr
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,6 +18,8 @@ from tl_cli.errors import TLError
 
 TL_COMMANDS = {
     "data synth": "write the generated demo dataset (the embedded default)",
+    "data split": "make train/val/test class folders from a folder of images (stratified, seeded)",
+    "data check": "decode every image and report what would break or bias training",
     "weights fetch": "download a backbone's pretrained weights into the cache (run on a login node)",
 }
 
@@ -46,7 +49,58 @@ def _data_command(argv: list[str]) -> int:
     synth.add_argument("--test", type=int, default=40, help="images per class in test/")
     synth.add_argument("--size", type=int, default=256, help="image side in pixels")
     synth.add_argument("--force", action="store_true", help="write into an existing non-empty folder")
+    split = sub.add_parser(
+        "split",
+        help=TL_COMMANDS["data split"],
+        description=(
+            "Write OUT/{train,val,test}/<class>/ with N images per class per split, drawn at random "
+            "(seeded) from SRC: a folder of class sub-folders, or a flat folder of files named "
+            "<class>.<number>.<ext> like Kaggle's dogs-vs-cats train/ (cat.123.jpg -> cats/). "
+            "Originals are hard-linked (copied where that is impossible, or with --copy), never moved."
+        ),
+    )
+    split.add_argument("src", type=Path)
+    split.add_argument("out", type=Path)
+    split.add_argument("--train", type=int, required=True, help="images per class in train/")
+    split.add_argument("--val", type=int, required=True, help="images per class in val/")
+    split.add_argument("--test", type=int, default=0, help="images per class in test/")
+    split.add_argument("--seed", type=int, default=0)
+    split.add_argument("--copy", action="store_true", help="copy files instead of hard-linking them")
+    check = sub.add_parser(
+        "check",
+        help=TL_COMMANDS["data check"],
+        description=(
+            "Decode every file under ROOT/{train,val,test}/<class>/ and report per split and class: "
+            "counts and imbalance; corrupt, truncated, zero-byte and non-image files; grayscale, "
+            "palette, alpha, CMYK and 16-bit images (converted by tl); EXIF-rotated and very small "
+            "images; identical files within and across splits. Exit status 1 when something would "
+            "stop training."
+        ),
+    )
+    check.add_argument("root", type=Path)
+    check.add_argument("--json", action="store_true", help="print the report as JSON")
+    check.add_argument("--min-size", type=int, default=32, help="smaller sides are reported as very small")
+    check.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    check.add_argument("--strict", action="store_true", help="also fail on duplicates across splits")
     args = parser.parse_args(argv)
+    if args.command == "split":
+        from tl_cli.split import split_dataset
+
+        counts = {"train": args.train, "val": args.val}
+        if args.test:
+            counts["test"] = args.test
+        written = split_dataset(args.src, args.out, counts, seed=args.seed, copy=args.copy)
+        for split_name, classes in written.items():
+            print(f"tl: {args.out / split_name}: " + ", ".join(f"{c} {n}" for c, n in classes.items()))
+        return 0
+    if args.command == "check":
+        from tl_cli.checks import check_dataset, format_report, write_json
+
+        workers = args.workers if args.workers is not None else (os.cpu_count() or 1)
+        report = check_dataset(args.root, workers=workers, min_size=args.min_size, progress=not args.json)
+        print(write_json(report) if args.json else format_report(report))
+        leaks = bool(report["duplicates"]["across_splits"])
+        return 0 if report["ok"] and not (args.strict and leaks) else 1
     from tl_cli.synth import synthesize
 
     counts = synthesize(

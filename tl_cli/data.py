@@ -8,13 +8,16 @@ with ``image_size`` overridden here; a checkpoint fixes it).
 
 from __future__ import annotations
 
+import json
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Literal, Optional, Protocol, Union
 
 import lightning.pytorch as pl
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from tl_cli.cache import (
@@ -135,12 +138,20 @@ def decode_error(path: Path, exc: Exception) -> TLError:
     )
 
 
-class ImageFiles(Dataset):
-    """Images with integer labels; items are ``(tensor, label, index)`` (label -1: unknown)."""
+UNREADABLE = -2  # label of a `tolerant` dataset's item whose file could not be decoded
 
-    def __init__(self, samples: list[tuple[Path, int]], transform: Any) -> None:
+
+class ImageFiles(Dataset):
+    """Images with integer labels; items are ``(tensor, label, index)`` (label -1: unknown).
+
+    A `tolerant` dataset (prediction) answers an undecodable file with a blank image and
+    label `UNREADABLE` instead of raising, so one bad file does not stop the others.
+    """
+
+    def __init__(self, samples: list[tuple[Path, int]], transform: Any, tolerant: bool = False) -> None:
         self.samples = samples
         self.transform = transform
+        self.tolerant = tolerant
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -150,6 +161,9 @@ class ImageFiles(Dataset):
         try:
             image = load_rgb(path)
         except Exception as exc:
+            if self.tolerant:
+                blank = self.transform(Image.new("RGB", (64, 64)))
+                return torch.zeros_like(blank), UNREADABLE, index
             raise decode_error(path, exc) from None
         return self.transform(image), label, index
 
@@ -198,6 +212,10 @@ class ImageFolderData(pl.LightningDataModule):
             file), and augment tensors. ``auto`` and ``true``: on whenever features are not
             cached; ``false``: decode every file every epoch.
         cache_dir: where caches live; null: ``$TL_CACHE_DIR`` or ``~/.cache/tl``.
+        on_bad_image: what to do with files that cannot be decoded (every image is decoded
+            once before the first epoch; the result is remembered until the files change):
+            ``error`` stops with the list of bad files; ``skip`` leaves them out and warns
+            with each one's name.
     """
 
     def __init__(
@@ -211,6 +229,7 @@ class ImageFolderData(pl.LightningDataModule):
         cache_features: CacheMode = "auto",
         cache_images: CacheMode = "auto",
         cache_dir: Optional[str] = None,
+        on_bad_image: Literal["error", "skip"] = "error",
     ) -> None:
         super().__init__()
         if augment not in AUGMENTS:
@@ -231,6 +250,9 @@ class ImageFolderData(pl.LightningDataModule):
         self.cache_features = cache_features
         self.cache_images = cache_images
         self.cache_dir = cache_dir
+        if on_bad_image not in ("error", "skip"):
+            raise TLError(f"data.on_bad_image={on_bad_image!r}; use error or skip.")
+        self.on_bad_image = on_bad_image
         self._served: dict[str, Any] = {}
         self.class_names: Optional[list[str]] = None
         self.preprocessing: Optional[dict[str, Any]] = None
@@ -251,7 +273,43 @@ class ImageFolderData(pl.LightningDataModule):
         found = self._scan(split)
         check_same_classes(classes, sorted(found), self.root / split, "the model" if split != "train" else "train/")
         index = {name: i for i, name in enumerate(classes)}
-        return [(path, index[name]) for name in sorted(found) for path in found[name]]
+        return self._screen(split, [(path, index[name]) for name in sorted(found) for path in found[name]])
+
+    def _screen(self, split: str, samples: list[tuple[Path, int]]) -> list[tuple[Path, int]]:
+        """Decode every file once (remembered per file set) and apply `on_bad_image`."""
+        from tl_cli.checks import inspect_all
+
+        path = cache_root(self.cache_dir) / "checks" / f"{make_key('check', files=files_fingerprint(samples))}.json"
+
+        def load() -> Optional[list[dict[str, str]]]:
+            try:
+                return json.loads(path.read_text())["bad"]
+            except (OSError, ValueError, KeyError):
+                return None
+
+        def build() -> None:
+            infos = inspect_all([p for p, _ in samples], self._workers())
+            bad = [{"path": i["path"], "problem": i["error"]} for i in infos if i["error"]]
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps({"bad": bad}))
+            os.replace(tmp, path)
+
+        bad = self._rank_zero_then_all(load, build)
+        if not bad:
+            return samples
+        listing = "\n  ".join(f"{b['path']}: {b['problem']}" for b in bad[:20])
+        more = f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else ""
+        if self.on_bad_image == "error":
+            raise TLError(
+                f"{len(bad)} file(s) in {self.root / split} cannot be used:\n  {listing}{more}\n"
+                "Remove or replace them, or pass --data.on_bad_image skip to train without them "
+                f"(`tl data check {self.root}` reports every problem)."
+            )
+        for b in bad:
+            warnings.warn(f"tl: skipping {b['path']}: {b['problem']}", stacklevel=2)
+        dropped = {b["path"] for b in bad}
+        return [(p, label) for p, label in samples if str(p) not in dropped]
 
     def setup(self, stage: str) -> None:
         if not self.root.is_dir() and stage != "predict":
@@ -303,7 +361,9 @@ class ImageFolderData(pl.LightningDataModule):
             paths = list_images(self.predict_dir)
             if not paths:
                 raise TLError(f"data.predict_dir={str(self.predict_dir)!r} holds no images.")
-            self.datasets["predict"] = ImageFiles([(p, -1) for p in paths], eval_transform(self.preprocessing))
+            self.datasets["predict"] = ImageFiles(
+                [(p, -1) for p in paths], eval_transform(self.preprocessing), tolerant=True
+            )
 
     # -- loaders --------------------------------------------------------------------------
 

@@ -1,0 +1,243 @@
+"""Finding bad images before they crash a run: `tl data check` and ``data.on_bad_image``.
+
+Every file is decoded fully (a truncated JPEG only fails at its last bytes) and converted the
+way training converts it. What would break training is an *error*; what tl converts on the fly
+(grayscale, palette, alpha, CMYK, 16-bit) or what deserves a look (EXIF rotation, very small
+images, duplicates) is reported but does not stop anything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from tl_cli.errors import TLError
+
+SPLITS = ("train", "val", "test")
+HIGH_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I", "F"}
+
+
+def inspect_image(path: str | Path, image_suffixes: frozenset[str] | None = None) -> dict[str, Any]:
+    """Decode one file fully; return what tl needs to know about it.
+
+    Keys: ``path``, ``bytes``, ``sha256``, ``error`` (None if the file is usable),
+    ``width``, ``height``, ``mode``, ``converted`` (list of: grayscale, palette, alpha, cmyk,
+    16-bit), ``exif_rotated``.
+    """
+    from tl_cli.transforms import to_rgb
+
+    path = Path(path)
+    info: dict[str, Any] = {"path": str(path), "error": None, "converted": [], "exif_rotated": False}
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        info["error"] = f"cannot be read: {exc.strerror or exc}"
+        return info
+    info["bytes"] = len(data)
+    info["sha256"] = hashlib.sha256(data).hexdigest()
+    if image_suffixes is not None and path.suffix.lower() not in image_suffixes:
+        info["error"] = f"not an image (extension {path.suffix or 'none'})"
+        return info
+    if not data:
+        info["error"] = "empty file (0 bytes)"
+        return info
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+            mode = img.mode
+            info["mode"], (info["width"], info["height"]) = mode, img.size
+            orientation = img.getexif().get(0x0112)
+            info["exif_rotated"] = orientation not in (None, 0, 1)
+            if mode in ("L", "LA", "1"):
+                info["converted"].append("grayscale")
+            if mode in ("P", "PA"):
+                info["converted"].append("palette")
+            if mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in img.info):
+                info["converted"].append("alpha")
+            if mode == "CMYK":
+                info["converted"].append("cmyk")
+            if mode in HIGH_BIT_MODES:
+                info["converted"].append("16-bit")
+            rgb = to_rgb(ImageOps.exif_transpose(img))
+            info["width"], info["height"] = rgb.size
+    except UnidentifiedImageError:
+        info["error"] = "not an image (no image format recognises it)"
+    except Exception as exc:  # truncated data, bad huffman tables, decompression bombs...
+        info["error"] = f"corrupt or truncated ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})"
+    return info
+
+
+class _Inspect:
+    def __init__(self, paths: Sequence[Path], suffixes: frozenset[str] | None) -> None:
+        self.paths, self.suffixes = paths, suffixes
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return inspect_image(self.paths[i], self.suffixes)
+
+
+def _as_is(item: Any) -> Any:
+    return item
+
+
+def inspect_all(
+    paths: Sequence[Path], workers: int, suffixes: frozenset[str] | None = None, progress: bool = False
+) -> Iterator[dict[str, Any]]:
+    """`inspect_image` over `paths` in `workers` processes, in order, optionally with progress."""
+    from torch.utils.data import DataLoader
+
+    loader = DataLoader(
+        _Inspect(list(paths), suffixes),
+        batch_size=None,
+        num_workers=workers,
+        collate_fn=_as_is,
+        prefetch_factor=16 if workers else None,
+    )
+    total, last = len(paths), 0.0
+    tty = sys.stderr.isatty()
+    for done, info in enumerate(loader, 1):
+        if progress and (time.monotonic() - last > (0.5 if tty else 5.0) or done == total):
+            last = time.monotonic()
+            text = f"tl: checked {done}/{total} files ({100 * done // max(total, 1)} %)"
+            print(
+                f"\r{text}" if tty else text, end="\n" if done == total or not tty else "", file=sys.stderr, flush=True
+            )
+        yield info
+
+
+# --------------------------------------------------------------------------- tl data check
+
+
+def _split_files(root: Path, split: str) -> dict[str, list[Path]]:
+    from tl_cli.data import _is_ignored
+
+    classes: dict[str, list[Path]] = {}
+    for class_dir in sorted(p for p in (root / split).iterdir() if p.is_dir() and not _is_ignored(p)):
+        classes[class_dir.name] = sorted(
+            p
+            for p in class_dir.rglob("*")
+            if p.is_file() and not any(_is_ignored(Path(part)) for part in p.relative_to(class_dir).parts)
+        )
+    return classes
+
+
+def check_dataset(root: str | Path, workers: int = 2, min_size: int = 32, progress: bool = False) -> dict[str, Any]:
+    """Inspect every file under ``root/{train,val,test}/<class>/``; return the report as a dict."""
+    from tl_cli.data import IMAGE_SUFFIXES
+
+    root = Path(root)
+    if not root.is_dir():
+        raise TLError(f"{root} is not a folder. Pass the data root that holds train/, val/ and test/.")
+    splits = [s for s in SPLITS if (root / s).is_dir()]
+    if not splits:
+        raise TLError(f"{root} has none of train/, val/, test/. See data/README.md for the layout.")
+    files = {s: _split_files(root, s) for s in splits}
+    order = [(s, c, p) for s in splits for c, ps in files[s].items() for p in ps]
+    infos = list(inspect_all([p for _, _, p in order], workers, IMAGE_SUFFIXES, progress))
+
+    report: dict[str, Any] = {
+        "root": str(root),
+        "splits": {},
+        "imbalance": {},
+        "errors": [],
+        "converted": defaultdict(list),
+        "exif_rotated": [],
+        "small": [],
+        "duplicates": {"within_split": [], "across_splits": []},
+    }
+    usable: dict[str, dict[str, int]] = {s: {c: 0 for c in files[s]} for s in splits}
+    by_hash: dict[str, list[tuple[str, str]]] = defaultdict(list)
+    for (split, cls, _), info in zip(order, infos):
+        if info["error"]:
+            report["errors"].append({"path": info["path"], "problem": info["error"]})
+            continue
+        usable[split][cls] += 1
+        for kind in info["converted"]:
+            report["converted"][kind].append(info["path"])
+        if info["exif_rotated"]:
+            report["exif_rotated"].append(info["path"])
+        if min(info["width"], info["height"]) < min_size:
+            report["small"].append(f"{info['path']} ({info['width']}x{info['height']})")
+        by_hash[info["sha256"]].append((split, info["path"]))
+    for split in splits:
+        report["splits"][split] = usable[split]
+        counts = [n for n in usable[split].values() if n]
+        report["imbalance"][split] = round(max(counts) / min(counts), 2) if counts else None
+        for cls, n in usable[split].items():
+            if n == 0:
+                report["errors"].append(
+                    {"path": str(root / split / cls), "problem": "class folder has no usable image"}
+                )
+    reference = sorted(files["train"]) if "train" in files else None
+    for split in splits:
+        if reference is not None and sorted(files[split]) != reference:
+            missing = sorted(set(reference) - set(files[split]))
+            extra = sorted(set(files[split]) - set(reference))
+            problem = "; ".join(
+                ([f"missing class folder(s) {', '.join(missing)}"] if missing else [])
+                + ([f"class folder(s) {', '.join(extra)} not in train/"] if extra else [])
+            )
+            report["errors"].append({"path": str(root / split), "problem": problem})
+    for group in by_hash.values():
+        if len(group) > 1:
+            key = "across_splits" if len({s for s, _ in group}) > 1 else "within_split"
+            report["duplicates"][key].append(sorted(p for _, p in group))
+    report["converted"] = dict(report["converted"])
+    report["n_files"] = len(order)
+    report["ok"] = not report["errors"]
+    return report
+
+
+def format_report(report: dict[str, Any], limit: int = 20) -> str:
+    lines = [f"tl data check {report['root']}: {report['n_files']} files"]
+    for split, classes in report["splits"].items():
+        total = sum(classes.values())
+        ratio = report["imbalance"][split]
+        lines.append(
+            f"\n{split}/: {total} usable images, {len(classes)} classes" + (f", imbalance {ratio}:1" if ratio else "")
+        )
+        for cls, n in classes.items():
+            lines.append(f"  {cls:<24} {n:>7}  {100 * n / max(total, 1):5.1f} %")
+
+    def section(title: str, items: list[str]) -> None:
+        if items:
+            lines.append(f"\n{title} ({len(items)}):")
+            lines.extend(f"  {item}" for item in items[:limit])
+            if len(items) > limit:
+                lines.append(f"  ... and {len(items) - limit} more (--json lists all)")
+
+    section("ERRORS: would stop training", [f"{e['path']}: {e['problem']}" for e in report["errors"]])
+    leaks = report["duplicates"]["across_splits"]
+    section(
+        "Identical files in more than one split (leaks evaluation data into training)", [" = ".join(g) for g in leaks]
+    )
+    section("Identical files within a split", [" = ".join(g) for g in report["duplicates"]["within_split"]])
+    for kind, paths in sorted(report["converted"].items()):
+        section(f"{kind} images (tl converts them to RGB)", paths)
+    section("EXIF-rotated images (tl applies the rotation)", report["exif_rotated"])
+    section("Very small images", report["small"])
+    if report["ok"]:
+        lines.append(
+            "\nNo errors: training can use every file." if not leaks else "\nNo errors, but see the leaks above."
+        )
+    else:
+        lines.append(
+            "\nFix: remove or replace the files listed under ERRORS (or train with "
+            "--data.on_bad_image skip to leave them out), and give every split the same class folders."
+        )
+    return "\n".join(lines)
+
+
+def write_json(report: dict[str, Any]) -> str:
+    return json.dumps(report, indent=2)
