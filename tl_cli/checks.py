@@ -158,7 +158,7 @@ def check_dataset(root: str | Path, workers: int = 2, min_size: int = 32, progre
     }
     usable: dict[str, dict[str, int]] = {s: {c: 0 for c in files[s]} for s in splits}
     by_hash: dict[str, list[tuple[str, str]]] = defaultdict(list)
-    for (split, cls, _), info in zip(order, infos):
+    for (split, cls, _), info in zip(order, infos, strict=True):
         if info["error"]:
             report["errors"].append({"path": info["path"], "problem": info["error"]})
             continue
