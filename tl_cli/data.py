@@ -523,5 +523,12 @@ class ImageFolderData(pl.LightningDataModule):
         transform = tensor_train_transform(self.augment, prep) if split == "train" else tensor_eval_transform(prep)
         return CachedImages(data, offsets, shapes, [label for _, label in images.samples], transform)
 
+    def class_counts(self, split: str = "train") -> list[int]:
+        """Images per class (in class order) in a split that has been set up."""
+        counts = [0] * len(self.class_names or [])
+        for _, label in self.datasets[split].samples:
+            counts[label] += 1
+        return counts
+
     def paths(self, split: str) -> list[Path]:
         return self.datasets[split].paths

@@ -20,7 +20,7 @@ import hashlib
 import math
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional, Union
 
 import lightning.pytorch as pl
 import torch
@@ -29,6 +29,7 @@ from torch import nn
 
 from tl_cli import CHECKPOINT_FORMAT, __version__
 from tl_cli.backbones import create_backbone, load_weights
+from tl_cli.data import UNREADABLE
 from tl_cli.errors import TLError
 from tl_cli.transforms import normalize_batch
 
@@ -87,6 +88,10 @@ class TransferClassifier(pl.LightningModule):
         label_smoothing: label smoothing of the cross-entropy loss.
         scheduler: ``cosine`` (per-step cosine decay to 1 % after linear warmup) or ``none``.
         warmup_epochs: epochs of linear learning-rate warmup (``cosine`` only; may be a fraction).
+        class_weights: weights of the classes in the training (and validation) loss: ``auto``
+            (inverse frequency in ``train/``: n_images / (n_classes x n_class)), a list in class
+            order, or null (all 1). For imbalanced data; validation then also logs balanced
+            accuracy and macro F1, as it always does.
         compile: compile the backbone and head with ``torch.compile`` (faster steps on GPU
             after a compilation delay; opt-in).
         channels_last: channels-last memory format for weights and image batches; null: on
@@ -111,6 +116,7 @@ class TransferClassifier(pl.LightningModule):
         label_smoothing: float = 0.0,
         scheduler: str = "cosine",
         warmup_epochs: float = 0.0,
+        class_weights: Union[Literal["auto"], list[float], None] = None,
         compile: bool = False,
         channels_last: Optional[bool] = None,
         class_names: Optional[list[str]] = None,
@@ -139,6 +145,7 @@ class TransferClassifier(pl.LightningModule):
         self._apply_trainable()
         self._init_ckpt: Optional[dict[str, Any]] = None
         self._weights_ready = False
+        self.history: list[dict[str, float]] = []
         self._outputs: list[dict[str, torch.Tensor]] = []
 
     # -- structure ------------------------------------------------------------------------
@@ -148,7 +155,12 @@ class TransferClassifier(pl.LightningModule):
         return [name for name, _ in self.spec.stages]
 
     def _build_head(self, num_classes: int) -> None:
+        from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
+
         self.head = nn.Linear(self.spec.num_features, num_classes)
+        # balanced accuracy = mean per-class recall
+        self.val_balanced_acc = MulticlassAccuracy(num_classes, average="macro")
+        self.val_macro_f1 = MulticlassF1Score(num_classes, average="macro")
 
     @property
     def frozen_for_whole_run(self) -> bool:
@@ -284,6 +296,27 @@ class TransferClassifier(pl.LightningModule):
             raise TLError("The model has no classes; run it through `tl fit` with data.root set.")
         if stage == "fit":
             self._init_checkpoint()  # a bad init_from is reported before anything else runs
+            self._set_class_weights()
+
+    def _set_class_weights(self) -> None:
+        spec = self.hparams.class_weights
+        n = len(self.class_names)
+        if spec is None:
+            weights = None
+        elif spec == "auto":
+            counts = torch.tensor(self.trainer.datamodule.class_counts("train"), dtype=torch.float32)
+            weights = counts.sum() / (n * counts.clamp(min=1))
+            self.print(
+                "tl: class weights (auto): "
+                + ", ".join(f"{c} {w:.3f}" for c, w in zip(self.class_names, weights.tolist(), strict=True))
+            )
+        else:
+            if len(spec) != n or any(w < 0 for w in spec):
+                raise TLError(
+                    f"model.class_weights has {len(spec)} values; give {n} non-negative ones, in the order {self.class_names}."
+                )
+            weights = torch.tensor(spec, dtype=torch.float32)
+        self.register_buffer("loss_weight", weights, persistent=False)
 
     def configure_model(self) -> None:
         # Training starts from init_from / model.weights, loaded before Lightning restores a
@@ -307,6 +340,7 @@ class TransferClassifier(pl.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Restoring a tl checkpoint (resume, test, predict) brings every weight: nothing to load.
         self._weights_ready = True
+        self.history = list(checkpoint.get("tl_history", []))
 
     def _ensure_weights(self) -> None:
         """Load the starting weights (init_from or model.weights) unless a checkpoint was restored.
@@ -353,7 +387,29 @@ class TransferClassifier(pl.LightningModule):
                 self.print(f"tl: epoch {self.current_epoch}: backbone stages trainable: {names}")
         self.set_trainable_stages(count)
 
+    def on_train_epoch_end(self) -> None:
+        metrics = self.trainer.callback_metrics
+        row = {"epoch": self.current_epoch}
+        for key in ("train/loss_epoch", "train/acc", "val/loss", "val/acc"):
+            if key in metrics:
+                row[key.replace("_epoch", "")] = float(metrics[key])
+        self.history.append(row)
+
+    def _out_dir(self) -> Path:
+        # trainer.log_dir is a collective under DDP: every rank must ask, not only rank 0
+        return Path(self.trainer.log_dir or self.trainer.default_root_dir)
+
+    def on_fit_end(self) -> None:
+        out_dir = self._out_dir()
+        if self.trainer.is_global_zero and self.history:
+            from tl_cli.reports import plot_curves
+
+            path = out_dir / "curves.png"
+            plot_curves(self.history, path)
+            self.print(f"tl: learning curves in {path}")
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["tl_history"] = list(self.history)
         checkpoint["tl"] = {
             "format": CHECKPOINT_FORMAT,
             "version": __version__,
@@ -376,7 +432,14 @@ class TransferClassifier(pl.LightningModule):
     def _shared_step(self, batch: Any, split: str) -> dict[str, torch.Tensor]:
         x, y, index = batch
         logits = self(x)
-        loss = F.cross_entropy(logits, y, label_smoothing=self.hparams.label_smoothing if split == "train" else 0.0)
+        weight = getattr(self, "loss_weight", None) if split in ("train", "val") else None
+        smoothing = self.hparams.label_smoothing if split == "train" else 0.0
+        loss = F.cross_entropy(logits, y, weight=weight, label_smoothing=smoothing)
+        if split == "val":
+            self.val_balanced_acc(logits, y)
+            self.val_macro_f1(logits, y)
+            self.log("val/balanced_acc", self.val_balanced_acc, on_epoch=True, batch_size=len(y))
+            self.log("val/macro_f1", self.val_macro_f1, on_epoch=True, batch_size=len(y))
         acc = (logits.argmax(dim=1) == y).float().mean()
         on_step = split == "train"
         self.log(
@@ -415,10 +478,10 @@ class TransferClassifier(pl.LightningModule):
 
         probs, target, index = (torch.cat([o[k] for o in self._outputs]) for k in ("probs", "target", "index"))
         self._outputs = []
+        out_dir = self._out_dir()
         if not self.trainer.is_global_zero:
             return
         paths = self.trainer.datamodule.paths("test")
-        out_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
         write_test_reports(
             out_dir,
             class_names=self.class_names,
@@ -433,22 +496,29 @@ class TransferClassifier(pl.LightningModule):
         self._outputs = []
 
     def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        x, _, index = batch
+        x, label, index = batch
         probs = self(x).float().softmax(1)
-        self._outputs.append({"probs": probs.cpu(), "index": index.cpu()})
+        self._outputs.append({"probs": probs.cpu(), "index": index.cpu(), "unreadable": (label == UNREADABLE).cpu()})
         return probs
 
     def on_predict_epoch_end(self) -> None:
+        from tl_cli.checks import inspect_image
         from tl_cli.reports import write_predictions
 
-        probs, index = (torch.cat([o[k] for o in self._outputs]) for k in ("probs", "index"))
+        probs, index, unreadable = (torch.cat([o[k] for o in self._outputs]) for k in ("probs", "index", "unreadable"))
         self._outputs = []
+        out = self._out_dir() / "predictions.csv"
         if not self.trainer.is_global_zero:
             return
         paths = self.trainer.datamodule.paths("predict")
-        out_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
-        write_predictions(out_dir / "predictions.csv", self.class_names, [paths[i] for i in index.tolist()], probs)
-        self.print(f"tl: predictions for {len(index)} images written to {out_dir / 'predictions.csv'}")
+        files = [paths[i] for i in index.tolist()]
+        errors = {
+            row: inspect_image(files[row])["error"] or "unreadable" for row in unreadable.nonzero().flatten().tolist()
+        }
+        write_predictions(out, self.class_names, files, probs, errors=errors)
+        self.print(f"tl: predictions for {len(index) - len(errors)} images written to {out}")
+        for row, problem in errors.items():
+            self.print(f"tl: warning: {files[row]}: {problem} (an error row in predictions.csv)")
 
     # -- optimisation ---------------------------------------------------------------------
 

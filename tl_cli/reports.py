@@ -90,8 +90,13 @@ def write_predictions(
     files: Sequence[Path],
     probs: torch.Tensor,
     target: Optional[torch.Tensor] = None,
+    errors: Optional[dict[int, str]] = None,
 ) -> None:
-    """``file, [true,] predicted, <one probability column per class>``, one row per image."""
+    """``file, [true,] predicted, <one probability column per class>[, error]``, one row per image.
+
+    Rows listed in `errors` (prediction only: files that could not be decoded) have empty
+    prediction and probability cells and the problem in the ``error`` column.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     pred = probs.argmax(1)
     with open(path, "w", newline="") as fh:
@@ -99,14 +104,84 @@ def write_predictions(
         header = (
             ["file"] + (["true"] if target is not None else []) + ["predicted"] + [f"prob_{c}" for c in class_names]
         )
-        writer.writerow(header)
+        writer.writerow(header + (["error"] if errors is not None else []))
         for i, file in enumerate(files):
             row = [str(file)]
             if target is not None:
                 row.append(class_names[int(target[i])])
-            row.append(class_names[int(pred[i])])
-            row += [f"{float(p):.6f}" for p in probs[i]]
+            if errors is not None and i in errors:
+                row += [""] * (1 + len(class_names)) + [errors[i]]
+            else:
+                row.append(class_names[int(pred[i])])
+                row += [f"{float(p):.6f}" for p in probs[i]]
+                if errors is not None:
+                    row.append("")
             writer.writerow(row)
+
+
+def plot_curves(history: Sequence[dict[str, float]], path: Path) -> None:
+    """Loss and accuracy per epoch, train and val, side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), dpi=110)
+    epochs = [row["epoch"] for row in history]
+    for ax, metric in zip(axes, ("loss", "acc"), strict=True):
+        for split, style in (("train", "-o"), ("val", "-s")):
+            key = f"{split}/{metric}"
+            points = [(e, row[key]) for e, row in zip(epochs, history, strict=True) if key in row]
+            if points:
+                ax.plot(*zip(*points, strict=True), style, label=split, markersize=4)
+        ax.set_xlabel("epoch")
+        ax.set_title("accuracy" if metric == "acc" else "loss")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_mistakes(
+    paths: Sequence[Path],
+    target: torch.Tensor,
+    probs: torch.Tensor,
+    class_names: Sequence[str],
+    path: Path,
+    limit: int = 16,
+) -> int:
+    """A grid of the most confidently misclassified images; returns how many it shows."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from tl_cli.transforms import load_rgb
+
+    conf, pred = probs.max(1)
+    wrong = (pred != target).nonzero().flatten().tolist()
+    wrong.sort(key=lambda i: -float(conf[i]))
+    shown = wrong[:limit]
+    cols = min(4, max(1, len(shown)))
+    rows = max(1, -(-len(shown) // cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3.3 * rows), dpi=100, squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    if not shown:
+        axes[0][0].text(0.5, 0.5, "no misclassified test images", ha="center", va="center")
+    for ax, i in zip(axes.flat, shown, strict=False):
+        image = load_rgb(paths[i])
+        image.thumbnail((256, 256))
+        ax.imshow(image)
+        ax.set_title(
+            f"true: {class_names[int(target[i])]}\npred: {class_names[int(pred[i])]} ({float(conf[i]):.2f})", fontsize=9
+        )
+    fig.suptitle(f"most confident mistakes ({len(shown)} of {len(wrong)})")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return len(shown)
 
 
 def write_test_reports(
@@ -126,6 +201,7 @@ def write_test_reports(
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     plot_confusion_matrix(metrics["confusion_matrix"], class_names, out_dir / "confusion_matrix.png")
     write_predictions(out_dir / "predictions.csv", class_names, paths, probs, target)
+    plot_mistakes(paths, target, probs, class_names, out_dir / "mistakes.png")
     print_fn(format_report(metrics, class_names))
-    print_fn(f"\ntl: test reports (metrics.json, confusion_matrix.png, predictions.csv) in {out_dir}")
+    print_fn(f"\ntl: test reports (metrics.json, confusion_matrix.png, mistakes.png, predictions.csv) in {out_dir}")
     return metrics
