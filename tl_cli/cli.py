@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,10 +17,24 @@ from typing import Optional
 
 from tl_cli.errors import TLError
 
+
+def next_version(root: Path) -> int:
+    """The next free ``version_N`` under `root`; an empty newest one (a run that died at start) is reused."""
+    if not root.is_dir():
+        return 0
+    found = [int(m.group(1)) for p in root.iterdir() if (m := re.fullmatch(r"version_(\d+)", p.name))]
+    if not found:
+        return 0
+    newest = max(found)
+    return newest if not any((root / f"version_{newest}").iterdir()) else newest + 1
+
+
 TL_COMMANDS = {
     "data synth": "write the generated demo dataset (the embedded default)",
     "data split": "make train/val/test class folders from a folder of images (stratified, seeded)",
     "data check": "decode every image and report what would break or bias training",
+    "export": "write an ONNX or TorchScript model + preprocessing JSON, checked against the checkpoint",
+    "predict --model": "predict with an exported model (ONNX Runtime or TorchScript), no checkpoint needed",
     "weights fetch": "download a backbone's pretrained weights into the cache (run on a login node)",
 }
 
@@ -139,9 +154,78 @@ def _weights_command(argv: list[str]) -> int:
     return 0
 
 
+def _export_command(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="tl export",
+        description=(
+            "Write the model of a tl checkpoint as ONNX or TorchScript, with a JSON beside it that "
+            "holds the preprocessing (input size, resize, crop, interpolation, mean, std) and the "
+            "class names; then check the export against the checkpoint on real images (max |difference| "
+            "of probabilities <= 1e-4) and say so."
+        ),
+    )
+    parser.add_argument("--ckpt_path", required=True, type=Path)
+    parser.add_argument("--format", choices=["onnx", "torchscript"], default="onnx")
+    parser.add_argument("--out", type=Path, default=None, help="model path (default: beside the checkpoint)")
+    parser.add_argument(
+        "--images", type=Path, default=None, help="images to check the export on (default: generated ones)"
+    )
+    args = parser.parse_args(argv)
+    from tl_cli.export import export
+
+    path, diff = export(args.ckpt_path, args.format, args.out, args.images)
+    from tl_cli.export import metadata_path
+
+    print(f"tl: wrote {path} and {metadata_path(path)}")
+    print(f"tl: checked against the checkpoint: max |difference| of probabilities {diff:.2e} (<= 1e-4)")
+    return 0
+
+
+def _predict_exported(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="tl predict --model", description="Predict with a model written by `tl export`."
+    )
+    parser.add_argument("--model", required=True, type=Path, help="an .onnx or TorchScript .pt file from `tl export`")
+    parser.add_argument("--data.predict_dir", dest="predict_dir", required=True, type=Path)
+    parser.add_argument("--data.batch_size", dest="batch_size", type=int, default=32)
+    parser.add_argument(
+        "--output", type=Path, default=None, help="CSV path (default: runs/predict/version_N/predictions.csv)"
+    )
+    args = parser.parse_args(argv)
+    from tl_cli.export import predict_with_exported
+
+    out = args.output
+    if out is None:
+        root = Path("runs/predict")
+        out = root / f"version_{next_version(root)}" / "predictions.csv"
+    elif out.exists():
+        raise TLError(f"{out} already exists; tl does not overwrite it. Choose another --output.")
+    n = predict_with_exported(args.model, args.predict_dir, out, args.batch_size)
+    print(f"tl: predictions for {n} images written to {out}")
+    return 0
+
+
+def _is_exported_predict(argv: list[str]) -> bool:
+    if not argv or argv[0] != "predict":
+        return False
+    for i, arg in enumerate(argv):
+        value = (
+            arg.split("=", 1)[1]
+            if arg.startswith("--model=")
+            else (argv[i + 1] if arg == "--model" and i + 1 < len(argv) else "")
+        )
+        if value.endswith((".onnx", ".pt")):
+            return True
+    return False
+
+
 def _dispatch(argv: list[str], from_sys_argv: bool = False) -> int:
     if argv and argv[0] == "data":
         return _data_command(argv[1:])
+    if argv and argv[0] == "export":
+        return _export_command(argv[1:])
+    if _is_exported_predict(argv):
+        return _predict_exported(argv[1:])
     if argv and argv[0] == "weights":
         return _weights_command(argv[1:])
     from tl_cli.lightning_cli import TLCLI

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
-import warnings
 from pathlib import Path
 from typing import Any, Literal, Optional, Protocol, Union
 
@@ -307,7 +307,7 @@ class ImageFolderData(pl.LightningDataModule):
                 f"(`tl data check {self.root}` reports every problem)."
             )
         for b in bad:
-            warnings.warn(f"tl: skipping {b['path']}: {b['problem']}", stacklevel=2)
+            self._say(f"warning: skipping {b['path']}: {b['problem']} (data.on_bad_image=skip)", err=True)
         dropped = {b["path"] for b in bad}
         return [(p, label) for p, label in samples if str(p) not in dropped]
 
@@ -461,10 +461,10 @@ class ImageFolderData(pl.LightningDataModule):
             raise RuntimeError("cache entry missing after rank 0 built it")
         return value
 
-    def _say(self, text: str) -> None:
+    def _say(self, text: str, err: bool = False) -> None:
         trainer = getattr(self, "trainer", None)
         if trainer is None or trainer.is_global_zero:
-            print(f"tl: {text}", flush=True)
+            print(f"tl: {text}", flush=True, file=sys.stderr if err else sys.stdout)
 
     def _feature_dataset(self, split: str) -> FeatureDataset:
         model = self._model()

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import re
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,7 +17,7 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
-from tl_cli.cli import EPILOG
+from tl_cli.cli import EPILOG, next_version
 from tl_cli.data import ImageFolderData
 from tl_cli.models import TransferClassifier, read_tl_checkpoint
 
@@ -38,17 +37,6 @@ def resolve_precision(precision: Any, accelerator: Any = "auto") -> Any:
     if _cuda_wanted(accelerator):
         return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
     return "32-true"
-
-
-def next_version(root: Path) -> int:
-    """The next free ``version_N`` under `root`; an empty newest one (a run that died at start) is reused."""
-    if not root.is_dir():
-        return 0
-    found = [int(m.group(1)) for p in root.iterdir() if (m := re.fullmatch(r"version_(\d+)", p.name))]
-    if not found:
-        return 0
-    newest = max(found)
-    return newest if not any((root / f"version_{newest}").iterdir()) else newest + 1
 
 
 class _DropLightningAds(logging.Filter):
