@@ -126,6 +126,8 @@ def plot_curves(history: Sequence[dict[str, float]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from matplotlib.ticker import MaxNLocator
+
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), dpi=110)
     epochs = [row["epoch"] for row in history]
     for ax, metric in zip(axes, ("loss", "acc"), strict=True):
@@ -135,6 +137,7 @@ def plot_curves(history: Sequence[dict[str, float]], path: Path) -> None:
             if points:
                 ax.plot(*zip(*points, strict=True), style, label=split, markersize=4)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title("accuracy" if metric == "acc" else "loss")
         ax.grid(alpha=0.3)
         ax.legend()
