@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tests.conftest import CONFIGS, tl
-from tl_cli.lightning_cli import TLCLI, next_version, resolve_precision
+from tl_cli.lightning_cli import TLCLI, next_version, resolve_precision, wants_domain_adaptation
 
 CONTRACT_KEYS = [
     "data.root",
@@ -50,7 +50,12 @@ def test_every_config_instantiates(config):
     elif config.startswith("demo"):
         stack = [CONFIGS / "feature_extract.yaml", *stack]
     args = [a for c in stack for a in ("--config", str(c))]
-    cli = TLCLI(args=args, run=False)
+    classes = {}
+    if wants_domain_adaptation(args):
+        from tl_cli.domain import DomainAdaptation, DomainAdaptationData
+
+        classes = {"model_class": DomainAdaptation, "datamodule_class": DomainAdaptationData}
+    cli = TLCLI(args=args, run=False, **classes)
     assert cli.model.spec.num_features > 0
     assert cli.datamodule.augment in ("none", "flip", "standard", "randaugment")
     assert cli.trainer.precision == "32-true"  # auto on a CPU-only machine

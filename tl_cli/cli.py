@@ -228,9 +228,14 @@ def _dispatch(argv: list[str], from_sys_argv: bool = False) -> int:
         return _predict_exported(argv[1:])
     if argv and argv[0] == "weights":
         return _weights_command(argv[1:])
-    from tl_cli.lightning_cli import TLCLI
+    from tl_cli.lightning_cli import TLCLI, wants_domain_adaptation
 
-    TLCLI(args=None if from_sys_argv else argv)
+    classes = {}
+    if wants_domain_adaptation(argv):
+        from tl_cli.domain import DomainAdaptation, DomainAdaptationData
+
+        classes = {"model_class": DomainAdaptation, "datamodule_class": DomainAdaptationData}
+    TLCLI(args=None if from_sys_argv else argv, **classes)
     return 0
 
 

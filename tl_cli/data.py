@@ -273,9 +273,9 @@ class ImageFolderData(pl.LightningDataModule):
         found = self._scan(split)
         check_same_classes(classes, sorted(found), self.root / split, "the model" if split != "train" else "train/")
         index = {name: i for i, name in enumerate(classes)}
-        return self._screen(split, [(path, index[name]) for name in sorted(found) for path in found[name]])
+        return self._screen(self.root / split, [(path, index[name]) for name in sorted(found) for path in found[name]])
 
-    def _screen(self, split: str, samples: list[tuple[Path, int]]) -> list[tuple[Path, int]]:
+    def _screen(self, where: Path, samples: list[tuple[Path, int]]) -> list[tuple[Path, int]]:
         """Decode every file once (remembered per file set) and apply `on_bad_image`."""
         from tl_cli.checks import inspect_all
 
@@ -302,7 +302,7 @@ class ImageFolderData(pl.LightningDataModule):
         more = f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else ""
         if self.on_bad_image == "error":
             raise TLError(
-                f"{len(bad)} file(s) in {self.root / split} cannot be used:\n  {listing}{more}\n"
+                f"{len(bad)} file(s) in {where} cannot be used:\n  {listing}{more}\n"
                 "Remove or replace them, or pass --data.on_bad_image skip to train without them "
                 f"(`tl data check {self.root}` reports every problem)."
             )
@@ -520,7 +520,8 @@ class ImageFolderData(pl.LightningDataModule):
         kind = "in memory" if not hasattr(data, "filename") else "memory-mapped"
         how = f"decoded in {built['seconds']:.1f} s" if built else "loaded decoded"
         self._say(f"{split}: {n} images {how}, {data.nbytes / 2**20:.0f} MiB {kind} ({store.data_path})")
-        transform = tensor_train_transform(self.augment, prep) if split == "train" else tensor_eval_transform(prep)
+        training = split.endswith("train")
+        transform = tensor_train_transform(self.augment, prep) if training else tensor_eval_transform(prep)
         return CachedImages(data, offsets, shapes, [label for _, label in images.samples], transform)
 
     def class_counts(self, split: str = "train") -> list[int]:

@@ -86,17 +86,54 @@ class TLTrainer(Trainer):
         super().__init__(*args, precision=chosen, **kwargs)
 
 
+def wants_domain_adaptation(argv: Sequence[str]) -> bool:
+    """Domain adaptation is asked for by a ``data.target_root`` (argument or config) or by a
+    DANN checkpoint; everything else is the classifier."""
+    import yaml
+
+    args = list(argv)
+    if any(a == "--data.target_root" or a.startswith("--data.target_root=") for a in args):
+        return True
+    for i, arg in enumerate(args):
+        value = arg.split("=", 1)[1] if "=" in arg else (args[i + 1] if i + 1 < len(args) else "")
+        if arg.split("=", 1)[0] in ("--config", "-c"):
+            try:
+                config = yaml.safe_load(Path(value).read_text()) or {}
+            except (OSError, yaml.YAMLError):
+                continue  # the parser reports it properly
+            data = config.get("data") or {}
+            if isinstance(data, dict) and (data.get("target_root") or data.get("init_args", {}).get("target_root")):
+                return True
+        if arg.split("=", 1)[0] == "--ckpt_path" and Path(value).is_file():
+            try:
+                import torch
+
+                ckpt = torch.load(value, map_location="cpu", weights_only=True, mmap=True)
+                if isinstance(ckpt, dict) and ckpt.get("tl", {}).get("kind") == "domain_adapt":
+                    return True
+            except Exception:
+                continue  # read_tl_checkpoint explains a bad file
+    return False
+
+
 class TLCLI(LightningCLI):
     """LightningCLI for tl: model and data fixed, checkpoint-driven test/predict."""
 
-    def __init__(self, args: Optional[Sequence[str]] = None, run: bool = True, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        args: Optional[Sequence[str]] = None,
+        run: bool = True,
+        model_class: type = TransferClassifier,
+        datamodule_class: type = ImageFolderData,
+        **kwargs: Any,
+    ) -> None:
         kwargs.setdefault("parser_kwargs", {})
         kwargs["parser_kwargs"].setdefault("description", "tl: transfer learning for image classifiers.")
         kwargs["parser_kwargs"].setdefault("epilog", EPILOG)
         kwargs["parser_kwargs"].setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
         super().__init__(
-            TransferClassifier,
-            ImageFolderData,
+            model_class,
+            datamodule_class,
             trainer_class=TLTrainer,
             auto_configure_optimizers=False,
             args=args,

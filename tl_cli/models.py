@@ -332,6 +332,8 @@ class TransferClassifier(pl.LightningModule):
             self._compiled = True
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        if isinstance(batch, dict):  # several loaders combined (domain adaptation)
+            return {k: self.on_after_batch_transfer(v, dataloader_idx) for k, v in batch.items()}
         x, *rest = batch
         if x.dtype == torch.uint8:  # cached images arrive unnormalised: finish on the device
             x = normalize_batch(x, self.preprocessing)
@@ -438,8 +440,10 @@ class TransferClassifier(pl.LightningModule):
         if split == "val":
             self.val_balanced_acc(logits, y)
             self.val_macro_f1(logits, y)
-            self.log("val/balanced_acc", self.val_balanced_acc, on_epoch=True, batch_size=len(y))
-            self.log("val/macro_f1", self.val_macro_f1, on_epoch=True, batch_size=len(y))
+            self.log(
+                "val/balanced_acc", self.val_balanced_acc, on_epoch=True, batch_size=len(y), add_dataloader_idx=False
+            )
+            self.log("val/macro_f1", self.val_macro_f1, on_epoch=True, batch_size=len(y), add_dataloader_idx=False)
         acc = (logits.argmax(dim=1) == y).float().mean()
         on_step = split == "train"
         self.log(
@@ -449,9 +453,19 @@ class TransferClassifier(pl.LightningModule):
             on_epoch=True,
             prog_bar=True,
             batch_size=len(y),
+            add_dataloader_idx=False,
             sync_dist=not on_step,
         )
-        self.log(f"{split}/acc", acc, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(y), sync_dist=True)
+        self.log(
+            f"{split}/acc",
+            acc,
+            on_step=False,
+            on_epoch=True,
+            prog_bar=True,
+            batch_size=len(y),
+            sync_dist=True,
+            add_dataloader_idx=False,
+        )
         return {"loss": loss, "logits": logits.detach(), "target": y, "index": index}
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:

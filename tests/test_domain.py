@@ -1,0 +1,128 @@
+"""Domain-adversarial training: gradient reversal, schedules, label hygiene, the CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tests.conftest import CONFIGS, tl
+from tl_cli.domain import DomainAdaptation, DomainAdaptationData, annealed_lr_factor, dann_lambda, reverse_gradient
+
+
+def test_gradient_reversal_flips_and_scales_gradients():
+    x = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 5, dtype=torch.float64)
+    y = reverse_gradient(x, 0.3)
+    assert torch.equal(y, x)
+    (y * w).sum().backward()
+    assert torch.allclose(x.grad, -0.3 * w)
+    # numerically, through a non-linear function: d/dx f(GRL(x)) = -lambda f'(x)
+    x2 = torch.tensor([0.7], dtype=torch.float64, requires_grad=True)
+    torch.sin(reverse_gradient(x2, 2.0)).sum().backward()
+    eps = 1e-6
+    numeric = (math.sin(0.7 + eps) - math.sin(0.7 - eps)) / (2 * eps)
+    assert x2.grad.item() == pytest.approx(-2.0 * numeric, rel=1e-6)
+
+
+def test_paper_schedules():
+    assert dann_lambda(0.0) == 0.0
+    assert dann_lambda(1.0) == pytest.approx(2 / (1 + math.exp(-10)) - 1)
+    assert dann_lambda(0.5, maximum=0.5) == pytest.approx(0.5 * (2 / (1 + math.exp(-5)) - 1))
+    values = [dann_lambda(p / 10) for p in range(11)]
+    assert values == sorted(values)
+    assert annealed_lr_factor(0.0) == 1.0
+    assert annealed_lr_factor(1.0) == pytest.approx(1 / 11**0.75)
+
+
+def _domains(tiny_data, tmp_path):
+    """Source: the tiny shapes data. Target: the same kind of images, colour-inverted, whose
+    train/ folders carry (wrong) class names that must never be used."""
+    source = tiny_data
+    target = tmp_path / "target"
+    for split in ("train", "test"):
+        for cls in ("ellipses", "rectangles"):
+            for i, path in enumerate(sorted((source / split / cls).iterdir())):
+                folder = target / split / ("rectangles" if split == "train" and cls == "ellipses" else cls)
+                folder.mkdir(parents=True, exist_ok=True)
+                img = Image.fromarray(255 - np.asarray(Image.open(path)))
+                img.save(folder / f"{cls}.{i}.png")
+    return source, target
+
+
+def test_target_labels_never_reach_the_loss(tiny_data, tmp_path):
+    source, target = _domains(tiny_data, tmp_path)
+    pl.seed_everything(0)
+    model = DomainAdaptation(backbone="timm:test_efficientnet", weights="none", dropout=0.0, domain_hidden=16)
+    dm = DomainAdaptationData(root=str(source), target_root=str(target), num_workers=0, image_size=64, batch_size=4)
+    trainer = pl.Trainer(
+        max_epochs=1, accelerator="cpu", logger=False, enable_progress_bar=False, enable_checkpointing=False
+    )
+    trainer.fit(model, dm)
+    assert {label for _, label in dm.datasets["target_train"].samples} == {-1}
+    model.eval()  # no dropout anywhere: the loss is a function of the batch alone
+    xs, ys = torch.randn(4, 3, 64, 64), torch.tensor([0, 1, 0, 1])
+    xt = torch.randn(4, 3, 64, 64)
+    losses = [
+        model.losses({"source": (xs, ys, torch.arange(4)), "target": (xt, labels, torch.arange(4))})["total"]
+        for labels in (torch.full((4,), -1), torch.tensor([1, 0, 1, 0]), torch.full((4,), 99))
+    ]
+    assert losses[0] == losses[1] == losses[2]
+    changed = model.losses(
+        {"source": (xs, 1 - ys, torch.arange(4)), "target": (xt, torch.full((4,), -1), torch.arange(4))}
+    )
+    assert changed["total"] != losses[0]  # whereas source labels do matter
+
+
+def test_domain_adaptation_through_the_cli(tiny_data, tmp_path):
+    source, target = _domains(tiny_data, tmp_path)
+    args = [
+        "--config",
+        CONFIGS / "domain_adapt.yaml",
+        "--model.backbone",
+        "timm:test_efficientnet",
+        "--model.weights",
+        "none",
+        "--data.root",
+        source,
+        "--data.target_root",
+        target,
+        "--data.image_size",
+        "64",
+        "--data.batch_size",
+        "8",
+        "--data.num_workers",
+        "0",
+        "--trainer.accelerator",
+        "cpu",
+        "--model.domain_hidden",
+        "16",
+        "--trainer.log_every_n_steps",
+        "1",
+    ]
+    assert tl("fit", *args, "--trainer.max_epochs", "2") == 0
+    run = Path("runs/domain_adapt/latest")
+    header = (run / "metrics.csv").read_text().splitlines()[0]
+    assert "train/domain_acc_epoch" in header and "train/lambda" in header
+    best = run / "checkpoints" / "best.ckpt"
+    assert torch.load(best, weights_only=True)["tl"]["kind"] == "domain_adapt"
+    # test needs only the checkpoint and the two data roots; it reports both domains
+    assert (
+        tl("test", "--ckpt_path", best, "--data.root", source, "--data.target_root", target, "--data.num_workers", "0")
+        == 0
+    )
+    out = Path("runs/test/latest")
+    assert json.loads((out / "metrics.json").read_text())["n_samples"] == 12
+    assert json.loads((out / "target" / "metrics.json").read_text())["n_samples"] == 12
+    # the source-only baseline is the same config with dann off
+    assert tl("fit", *args, "--trainer.max_epochs", "1", "--model.dann", "false") == 0
+    header = (Path("runs/domain_adapt/latest") / "metrics.csv").read_text().splitlines()[0]
+    assert "train/domain_acc" not in header
+    shutil.rmtree(target)
