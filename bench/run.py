@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-BENCHES = ["feature_cache", "loader", "overhead", "startup", "linear_probe"]
+BENCHES = ["feature_cache", "loader", "overhead", "startup", "linear_probe", "domain_adapt"]
 
 
 def main() -> int:
@@ -23,7 +23,7 @@ def main() -> int:
             text=True,
         )
         for line in proc.stdout:
-            if line.startswith(("RESULT", "linear_probe:")) or f"{name}:" in line:
+            if line.startswith("RESULT") or f"{name}:" in line:
                 print(line, end="", flush=True)
             if line.startswith("RESULT") or line.startswith("linear_probe: ratio"):
                 lines.append(line.strip())
