@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import lightning.pytorch as pl
+from torch.multiprocessing.spawn import ProcessExitedException
 
 from tl_cli.data import ImageFolderData
 from tl_cli.models import TransferClassifier
@@ -33,7 +34,13 @@ def test_two_process_ddp_builds_each_cache_entry_once(tiny_data, tmp_path, monke
         enable_progress_bar=False,
         enable_checkpointing=False,
     )
-    trainer.fit(model, dm)
+    try:
+        trainer.fit(model, dm)
+    except ProcessExitedException as exc:
+        # gloo sometimes aborts a worker while tearing down after a finished run ("terminate
+        # called without an active exception"); the run's results are still checked below.
+        if "SIGABRT" not in str(exc):
+            raise
     assert sorted(spy.read_text().split("\n")[:-1]) == ["0 12", "0 24"]  # val and train, rank 0 only
     entries = list((tmp_path / "tl_cache" / "features").glob("*.pt"))
     assert len(entries) == 2

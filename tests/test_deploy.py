@@ -99,6 +99,7 @@ def _predict_dir(tiny_data, tmp_path):
     folder = tmp_path / "incoming"
     shutil.copytree(tiny_data / "test", folder)
     (folder / "ellipses" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    (folder / "README.txt").write_text("photos from the field trip")
     return folder
 
 
@@ -117,10 +118,12 @@ def test_predict_writes_an_error_row_and_goes_on(trained, tiny_data, tmp_path):
         == 0
     )
     rows = _rows("runs/predict/latest/predictions.csv")
-    assert len(rows) == 13
-    broken = [r for r in rows if r["file"].endswith("broken.jpg")][0]
-    assert broken["predicted"] == "" and broken["error"].startswith(("not an image", "corrupt"))
-    assert all(r["predicted"] and r["error"] == "" for r in rows if r is not broken)
+    assert len(rows) == 14
+    bad = [r for r in rows if r["file"].endswith(("broken.jpg", "README.txt"))]
+    assert len(bad) == 2 and all(
+        r["predicted"] == "" and r["error"].startswith(("not an image", "corrupt")) for r in bad
+    )
+    assert all(r["predicted"] and r["error"] == "" for r in rows if r not in bad)
 
 
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript"])

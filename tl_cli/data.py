@@ -69,8 +69,12 @@ def _is_ignored(path: Path) -> bool:
     return path.name.startswith(".") or path.name in IGNORED_NAMES
 
 
-def list_images(folder: Path) -> list[Path]:
-    """Image files under `folder`, recursively, sorted; other files are an error, not skipped."""
+def list_images(folder: Path, others_too: bool = False) -> list[Path]:
+    """Image files under `folder`, recursively, sorted; other files are an error, not skipped.
+
+    With `others_too` (prediction), every file is returned: the ones that are not images become
+    error rows in predictions.csv rather than stopping the run.
+    """
     images, others = [], []
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
@@ -78,7 +82,7 @@ def list_images(folder: Path) -> list[Path]:
             path = Path(dirpath) / name
             if _is_ignored(path):
                 continue
-            (images if path.suffix.lower() in IMAGE_SUFFIXES else others).append(path)
+            (images if others_too or path.suffix.lower() in IMAGE_SUFFIXES else others).append(path)
     if others:
         shown = "\n  ".join(str(p) for p in others[:10])
         more = f"\n  ... and {len(others) - 10} more" if len(others) > 10 else ""
@@ -358,7 +362,7 @@ class ImageFolderData(pl.LightningDataModule):
                 raise TLError("`tl predict` needs --data.predict_dir DIR, a folder of images to classify.")
             if not self.predict_dir.is_dir():
                 raise TLError(f"data.predict_dir={str(self.predict_dir)!r} is not a folder.")
-            paths = list_images(self.predict_dir)
+            paths = list_images(self.predict_dir, others_too=True)
             if not paths:
                 raise TLError(f"data.predict_dir={str(self.predict_dir)!r} holds no images.")
             self.datasets["predict"] = ImageFiles(

@@ -189,7 +189,7 @@ def predict_with_exported(model_path: str | Path, predict_dir: str | Path, out: 
     predict_dir = Path(predict_dir)
     if not predict_dir.is_dir():
         raise TLError(f"data.predict_dir={str(predict_dir)!r} is not a folder.")
-    paths = list_images(predict_dir)
+    paths = list_images(predict_dir, others_too=True)
     if not paths:
         raise TLError(f"data.predict_dir={str(predict_dir)!r} holds no images.")
     dataset = ImageFiles([(p, -1) for p in paths], eval_transform(exported.meta["tl_preprocessing"]), tolerant=True)
