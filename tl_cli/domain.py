@@ -109,8 +109,8 @@ class DomainAdaptation(TransferClassifier):
     def losses(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         """Label loss on source images; domain loss on both (target labels are never read)."""
         (xs, ys, _), (xt, _, _) = batch["source"], batch["target"]
-        features = self.features(torch.cat([xs, xt]))
-        logits = self.head(self.dropout(features[: len(xs)]))
+        source = self.features(xs)
+        logits = self.head(self.dropout(source))
         out = {
             "label": F.cross_entropy(logits, ys, weight=getattr(self, "loss_weight", None)),
             "acc": (logits.argmax(1) == ys).float().mean(),
@@ -118,6 +118,7 @@ class DomainAdaptation(TransferClassifier):
         out["total"] = out["label"]
         if self.hparams.dann:
             out["lambda"] = torch.tensor(self.reversal_weight())
+            features = torch.cat([source, self.features(xt)])
             domain_logits = self.domain_classifier(reverse_gradient(features, float(out["lambda"]))).squeeze(1)
             domain = torch.cat([torch.zeros(len(xs)), torch.ones(len(xt))]).to(domain_logits)
             out["domain"] = F.binary_cross_entropy_with_logits(domain_logits, domain)
