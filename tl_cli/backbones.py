@@ -332,19 +332,62 @@ def _offline_error(spec: str, cause: BaseException) -> WeightsUnavailableError:
     )
 
 
+MIRROR_ENV = "TL_TORCHVISION_MIRROR"
+
+
+def _torchvision_state_dict(name: str) -> dict[str, torch.Tensor]:
+    """torchvision's ImageNet weights from TORCH_HOME's cache, else downloaded into it.
+
+    ``$TL_TORCHVISION_MIRROR`` (a site mirror of download.pytorch.org/models/) replaces the
+    download address; the file name in the cache stays torchvision's, so a later run without
+    the variable finds it. torch.hub downloads to a temporary file and renames it only when
+    complete: a failed download leaves nothing behind.
+    """
+    import torchvision
+
+    weights = torchvision.models.get_model_weights(name).DEFAULT
+    url, check_hash = weights.url, True
+    mirror = os.environ.get(MIRROR_ENV)
+    if mirror:
+        # a mirror serves torchvision's files under their own names; hash prefixes are torchvision's
+        url, check_hash = f"{mirror.rstrip('/')}/{url.rsplit('/', 1)[1]}", False
+    file_name = weights.url.rsplit("/", 1)[1]
+    try:
+        return torch.hub.load_state_dict_from_url(
+            url, progress=False, check_hash=check_hash, file_name=file_name, weights_only=True
+        )
+    except Exception:
+        # A connection that closed early can leave a short file that torch.hub took for
+        # complete: a cache entry that does not load is removed, never kept.
+        (Path(torch.hub.get_dir()) / "checkpoints" / file_name).unlink(missing_ok=True)
+        raise
+
+
 def _load_imagenet(backbone: Backbone) -> None:
     source, name = parse_spec(backbone.spec)
     try:
         if source == "timm":
             pretrained = _timm_create(name, pretrained=True, num_classes=0)
         else:
-            pretrained = _torchvision_create(name, weights="DEFAULT")
+            pretrained = _torchvision_create(name)
+            pretrained.load_state_dict(_torchvision_state_dict(name))
             _strip_last_linear(pretrained)
     except TLError:
         raise
     except Exception as exc:  # hub clients raise many types; all mean "not available here"
         raise _offline_error(backbone.spec, exc) from exc
     backbone.module.load_state_dict(pretrained.state_dict())
+
+
+def cached_weights_path(spec: str) -> Path | None:
+    """Where `tl weights fetch` put a torchvision backbone's weights (None for timm: HF cache)."""
+    source, name = parse_spec(spec)
+    if source != "torchvision":
+        return None
+    import torchvision
+
+    url = torchvision.models.get_model_weights(name).DEFAULT.url
+    return Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[1]
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:

@@ -35,6 +35,7 @@ TL_COMMANDS = {
     "data check": "decode every image and report what would break or bias training",
     "export": "write an ONNX or TorchScript model + preprocessing JSON, checked against the checkpoint",
     "predict --model": "predict with an exported model (ONNX Runtime or TorchScript), no checkpoint needed",
+    "slurm": "render a SLURM batch script from a config (ntasks = devices, nodes = num_nodes); submit it",
     "weights fetch": "download a backbone's pretrained weights into the cache (run on a login node)",
 }
 
@@ -146,11 +147,12 @@ def _weights_command(argv: list[str]) -> int:
     )
     fetch.add_argument("spec", help="timm:<name> or torchvision:<name>")
     args = parser.parse_args(argv)
-    from tl_cli.backbones import create_backbone, load_weights
+    from tl_cli.backbones import cached_weights_path, create_backbone, load_weights
 
     backbone = create_backbone(args.spec)
     load_weights(backbone, "imagenet")
-    print(f"tl: ImageNet weights for {args.spec} are in the cache.")
+    where = cached_weights_path(args.spec)
+    print(f"tl: ImageNet weights for {args.spec} are in the cache" + (f": {where}" if where else " (HF_HOME)") + ".")
     return 0
 
 
@@ -205,6 +207,60 @@ def _predict_exported(argv: list[str]) -> int:
     return 0
 
 
+def _slurm_command(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="tl slurm",
+        description=(
+            "Render a SLURM batch script that runs `tl fit` with the given configs: --ntasks-per-node "
+            "always equals trainer.devices and --nodes trainer.num_nodes (a mismatch hangs DDP), with "
+            "--signal=SIGUSR1@90 so Lightning checkpoints and requeues before the time limit. Prints "
+            "it with --dry-run, submits it with sbatch otherwise. Arguments after -- go to `tl fit`."
+        ),
+    )
+    parser.add_argument("-c", "--config", action="append", type=Path, required=True)
+    parser.add_argument("--partition", default="gpu-shared")
+    parser.add_argument("--account", default=None)
+    parser.add_argument("--nodes", type=int, default=None, help="= trainer.num_nodes (default: the config's, else 1)")
+    parser.add_argument(
+        "--gpus-per-node",
+        "--devices",
+        dest="devices",
+        type=int,
+        default=None,
+        help="= trainer.devices (default: the config's, else 1)",
+    )
+    parser.add_argument("--cpu", action="store_true", help="CPU processes instead of GPUs (gloo DDP)")
+    parser.add_argument("--cpus-per-task", type=int, default=10)
+    parser.add_argument("--mem", default="92G")
+    parser.add_argument("--time", default="04:00:00")
+    parser.add_argument("--job-name", default="tl-fit")
+    parser.add_argument("--venv", default=".venv")
+    parser.add_argument("--dry-run", action="store_true", help="print the script instead of submitting it")
+    args, extra = parser.parse_known_args(argv)
+    extra = [a for a in extra if a != "--"]
+    from tl_cli.slurm import render, submit
+
+    script = render(
+        args.config,
+        partition=args.partition,
+        account=args.account,
+        nodes=args.nodes,
+        devices=args.devices,
+        cpu=args.cpu,
+        cpus_per_task=args.cpus_per_task,
+        mem=args.mem,
+        time_limit=args.time,
+        job_name=args.job_name,
+        venv=args.venv,
+        extra=extra,
+    )
+    if args.dry_run:
+        print(script, end="")
+    else:
+        print(f"tl: {submit(script, args.job_name)}")
+    return 0
+
+
 def _is_exported_predict(argv: list[str]) -> bool:
     if not argv or argv[0] != "predict":
         return False
@@ -224,6 +280,8 @@ def _dispatch(argv: list[str], from_sys_argv: bool = False) -> int:
         return _data_command(argv[1:])
     if argv and argv[0] == "export":
         return _export_command(argv[1:])
+    if argv and argv[0] == "slurm":
+        return _slurm_command(argv[1:])
     if _is_exported_predict(argv):
         return _predict_exported(argv[1:])
     if argv and argv[0] == "weights":

@@ -1,0 +1,124 @@
+"""`tl slurm`: a SLURM batch script rendered from a tl config, consistent by construction.
+
+DDP starts one process per device; SLURM starts ``--ntasks-per-node`` processes on each of
+``--nodes`` nodes. If the two disagree, the processes that do start wait forever for the
+others. So the script takes both numbers from one place and passes them to `tl fit` too.
+"""
+
+from __future__ import annotations
+
+import shlex
+import shutil
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from tl_cli.errors import TLError
+
+
+def _merged_trainer(configs: list[Path]) -> dict[str, Any]:
+    trainer: dict[str, Any] = {}
+    for path in configs:
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise TLError(f"Cannot read config {path}: {exc}") from None
+        trainer.update(data.get("trainer") or {})
+    return trainer
+
+
+def _resolve(name: str, configured: Any, asked: Optional[int], default: int) -> int:
+    fixed = configured if isinstance(configured, int) and configured > 0 else None
+    if fixed is not None and asked is not None and fixed != asked:
+        raise TLError(
+            f"The config sets trainer.{name}={fixed} but the job asks for {asked}: SLURM would start a "
+            "different number of processes than DDP waits for, and the job would hang. Make them equal."
+        )
+    return fixed or asked or default
+
+
+def render(
+    configs: list[Path],
+    *,
+    partition: str = "gpu-shared",
+    account: Optional[str] = None,
+    nodes: Optional[int] = None,
+    devices: Optional[int] = None,
+    cpu: bool = False,
+    cpus_per_task: int = 10,
+    mem: str = "92G",
+    time_limit: str = "04:00:00",
+    job_name: str = "tl-fit",
+    venv: str = ".venv",
+    extra: Optional[list[str]] = None,
+) -> str:
+    """The batch script text for ``tl fit --config CONFIGS [EXTRA]``."""
+    if not configs:
+        raise TLError("tl slurm needs at least one --config.")
+    trainer = _merged_trainer(configs)
+    n_nodes = _resolve("num_nodes", trainer.get("num_nodes"), nodes, 1)
+    n_devices = _resolve("devices", trainer.get("devices"), devices, 1)
+    accelerator = "cpu" if cpu else "gpu"
+    lines = [
+        "#!/usr/bin/env bash",
+        f"# Rendered by `tl slurm` on {time.strftime('%Y-%m-%d %H:%M')}: {n_nodes} node(s) x {n_devices} "
+        f"{'process(es)' if cpu else 'GPU(s)'}, one DDP process per device.",
+        f"#SBATCH --job-name={job_name}",
+    ]
+    if account:
+        lines.append(f"#SBATCH --account={account}")
+    lines += [
+        f"#SBATCH --partition={partition}",
+        f"#SBATCH --nodes={n_nodes}                    # = trainer.num_nodes",
+        f"#SBATCH --ntasks-per-node={n_devices}          # = trainer.devices",
+    ]
+    if not cpu:
+        lines.append(f"#SBATCH --gpus-per-node={n_devices}")
+    lines += [
+        f"#SBATCH --cpus-per-task={cpus_per_task}",
+        f"#SBATCH --mem={mem}",
+        f"#SBATCH --time={time_limit}",
+        "#SBATCH --signal=SIGUSR1@90          # Lightning saves hpc_ckpt_N.ckpt and requeues the job",
+        "#SBATCH --requeue",
+        "#SBATCH --output=slurm-%x-%j.out",
+        "",
+        "set -euo pipefail",
+        f"source {shlex.quote(venv)}/bin/activate",
+        "export HF_HUB_OFFLINE=1              # compute nodes: weights come from the cache (tl weights fetch)",
+    ]
+    command = ["srun", "tl", "fit"]
+    for path in configs:
+        command += ["--config", str(path)]
+    command += [
+        "--trainer.accelerator",
+        accelerator,
+        "--trainer.devices",
+        str(n_devices),
+        "--trainer.num_nodes",
+        str(n_nodes),
+    ]
+    if n_devices * n_nodes > 1:
+        command += ["--trainer.strategy", "ddp"]
+    command += list(extra or [])
+    lines.append(" ".join(shlex.quote(c) for c in command))
+    return "\n".join(lines) + "\n"
+
+
+def submit(script: str, job_name: str) -> str:
+    """Write the script under runs/slurm/ and pass it to sbatch; return sbatch's answer."""
+    sbatch = shutil.which("sbatch")
+    if sbatch is None:
+        raise TLError(
+            "sbatch is not on PATH: run `tl slurm` on a SLURM login node, or add --dry-run to print the script."
+        )
+    folder = Path("runs/slurm")
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{job_name}-{time.strftime('%Y%m%d-%H%M%S')}.sbatch"
+    path.write_text(script)
+    done = subprocess.run([sbatch, str(path)], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise TLError(f"sbatch refused {path}: {done.stderr.strip() or done.stdout.strip()}")
+    return f"{done.stdout.strip()} ({path})"
