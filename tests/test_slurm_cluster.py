@@ -15,8 +15,7 @@ import torch
 from tests.conftest import CONFIGS, TINY, tl
 
 pytestmark = pytest.mark.skipif(
-    shutil.which("sbatch") is None
-    or subprocess.run(["sinfo", "-h"], capture_output=True, timeout=20).returncode != 0,
+    shutil.which("sbatch") is None or subprocess.run(["sinfo", "-h"], capture_output=True, timeout=20).returncode != 0,
     reason="no SLURM cluster here: run scripts/slurm-local.sh start (CI does)",
 )
 
@@ -36,10 +35,36 @@ def _wait(job: str, timeout: float = 400) -> str:
 def test_two_process_cpu_ddp_job_completes_with_one_set_of_checkpoints(tiny_data, capsys):
     venv = Path(sys.executable).parent.parent
     args = [
-        "slurm", "--config", CONFIGS / "feature_extract.yaml", "--cpu", "--devices", "2", "--partition", "debug",
-        "--cpus-per-task", "1", "--mem", "3G", "--time", "00:10:00", "--job-name", "tl-test-ddp", "--venv", venv,
-        "--", *TINY, "--data.root", tiny_data, "--trainer.max_epochs", "2", "--trainer.enable_progress_bar", "false",
-        "--trainer.callbacks", "[]", "--trainer.enable_checkpointing", "true",
+        "slurm",
+        "--config",
+        CONFIGS / "feature_extract.yaml",
+        "--cpu",
+        "--devices",
+        "2",
+        "--partition",
+        "debug",
+        "--cpus-per-task",
+        "1",
+        "--mem",
+        "3G",
+        "--time",
+        "00:10:00",
+        "--job-name",
+        "tl-test-ddp",
+        "--venv",
+        venv,
+        "--",
+        *TINY,
+        "--data.root",
+        tiny_data,
+        "--trainer.max_epochs",
+        "2",
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.callbacks",
+        "[]",
+        "--trainer.enable_checkpointing",
+        "true",
     ]
     # TINY's accelerator cpu comes after tl slurm's own --trainer.accelerator cpu: same value
     assert tl(*args) == 0

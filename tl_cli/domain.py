@@ -186,15 +186,18 @@ class DomainAdaptation(TransferClassifier):
 
         outputs, self._outputs = self._outputs, []
         out_dir = self._out_dir()
+        dm = self.trainer.datamodule
+        gathered = {}
+        for idx, split in enumerate(("test", "target_test")):
+            if split in dm.datasets:  # every rank takes part in the gather
+                gathered[idx] = self._gathered(("probs", "target", "index"), [o for o in outputs if o["split"] == idx])
         if not self.trainer.is_global_zero:
             return
-        dm = self.trainer.datamodule
         summary = {}
         for idx, (name, split) in enumerate((("source", "test"), ("target", "target_test"))):
-            mine = [o for o in outputs if o["split"] == idx]
-            if not mine:
+            if idx not in gathered or not len(gathered[idx][2]):
                 continue
-            probs, target, index = (torch.cat([o[k] for o in mine]) for k in ("probs", "target", "index"))
+            probs, target, index = gathered[idx]
             paths = dm.paths(split)
             self.print(f"\n== {name} domain ==")
             metrics = write_test_reports(

@@ -487,11 +487,40 @@ class TransferClassifier(pl.LightningModule):
             }
         )
 
+    def _gathered(
+        self, keys: tuple[str, ...], outputs: Optional[list[dict[str, Any]]] = None
+    ) -> tuple[torch.Tensor, ...]:
+        """This epoch's outputs from every rank, each sample once, in dataset order.
+
+        Under DDP each rank saw a shard, and the distributed sampler pads shards to equal
+        length with repeated samples; reports need every sample exactly once.
+        """
+        if outputs is None:
+            outputs, self._outputs = self._outputs, []
+        empty = {k: torch.empty(0, dtype=torch.long) for k in keys}
+        local = {k: torch.cat([o[k] for o in outputs]) for k in keys} if outputs else empty
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            parts: list[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(parts, local)
+            local = (
+                {k: torch.cat([p[k] for p in parts if len(p["index"])]) for k in keys}
+                if any(len(p["index"]) for p in parts)
+                else empty
+            )
+        index = local["index"]
+        order = torch.argsort(index, stable=True)
+        sorted_index = index[order]
+        first = torch.ones_like(sorted_index, dtype=torch.bool)
+        first[1:] = sorted_index[1:] != sorted_index[:-1]
+        keep = order[first]
+        return tuple(local[k][keep] for k in keys)
+
     def on_test_epoch_end(self) -> None:
         from tl_cli.reports import write_test_reports
 
-        probs, target, index = (torch.cat([o[k] for o in self._outputs]) for k in ("probs", "target", "index"))
-        self._outputs = []
+        probs, target, index = self._gathered(("probs", "target", "index"))
         out_dir = self._out_dir()
         if not self.trainer.is_global_zero:
             return
@@ -519,8 +548,7 @@ class TransferClassifier(pl.LightningModule):
         from tl_cli.checks import inspect_image
         from tl_cli.reports import write_predictions
 
-        probs, index, unreadable = (torch.cat([o[k] for o in self._outputs]) for k in ("probs", "index", "unreadable"))
-        self._outputs = []
+        probs, index, unreadable = self._gathered(("probs", "index", "unreadable"))
         out = self._out_dir() / "predictions.csv"
         if not self.trainer.is_global_zero:
             return
