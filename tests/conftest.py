@@ -64,3 +64,22 @@ def tl(*args: str) -> int:
         return main([str(a) for a in args])
     except SystemExit as exc:  # argparse / jsonargparse exit on --help and on parse errors
         return int(exc.code or 0)
+
+
+def fit_tiny(data_root, epochs: int = 1, config: str = "feature_extract.yaml", *extra) -> Path:
+    """`tl fit` with a shipped config shrunk to TINY; returns the run's best.ckpt."""
+    assert (
+        tl(
+            "fit",
+            "--config",
+            CONFIGS / config,
+            *TINY,
+            "--data.root",
+            data_root,
+            "--trainer.max_epochs",
+            str(epochs),
+            *extra,
+        )
+        == 0
+    )
+    return Path("runs") / Path(config).stem / "latest" / "checkpoints" / "best.ckpt"

@@ -13,7 +13,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from tests.conftest import CONFIGS, TINY, tl
+from tests.conftest import fit_tiny, tl
 from tl_cli.data import ImageFolderData
 from tl_cli.models import TransferClassifier
 
@@ -22,25 +22,17 @@ from tl_cli.models import TransferClassifier
 def trained(tiny_data, tmp_path_factory):
     """A feature-extraction checkpoint trained through the CLI on the tiny data."""
     work = tmp_path_factory.mktemp("trained")
-    cwd = os.getcwd()
+    cwd, cache = os.getcwd(), os.environ.get("TL_CACHE_DIR")
     os.chdir(work)
     os.environ["TL_CACHE_DIR"] = str(work / "cache")
     try:
-        assert (
-            tl(
-                "fit",
-                "--config",
-                CONFIGS / "feature_extract.yaml",
-                *TINY,
-                "--data.root",
-                tiny_data,
-                "--trainer.max_epochs",
-                "3",
-            )
-            == 0
-        )
+        fit_tiny(tiny_data, 3)
     finally:
         os.chdir(cwd)
+        if cache is None:
+            os.environ.pop("TL_CACHE_DIR", None)
+        else:
+            os.environ["TL_CACHE_DIR"] = cache
     return work / "runs" / "feature_extract" / "latest"
 
 

@@ -10,7 +10,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from tests.conftest import CONFIGS, TINY, tl
+from tests.conftest import CONFIGS, TINY, fit_tiny, tl
 from tl_cli.data import ImageFolderData
 from tl_cli.models import TransferClassifier
 
@@ -225,18 +225,7 @@ def test_fit_test_predict_finetune_through_the_cli(tiny_data, tmp_path):
 
 
 def test_fine_tuning_starts_from_the_feature_extraction_weights(tiny_data, tmp_path):
-    fe = [
-        "fit",
-        "--config",
-        CONFIGS / "feature_extract.yaml",
-        *TINY,
-        "--data.root",
-        tiny_data,
-        "--trainer.max_epochs",
-        "1",
-    ]
-    assert tl(*fe) == 0
-    best = Path("runs/feature_extract/latest/checkpoints/best.ckpt")
+    best = fit_tiny(tiny_data)
     state = torch.load(best, weights_only=True)["state_dict"]
     model = TransferClassifier(backbone="timm:test_efficientnet", weights="none", init_from=str(best))
     trainer = _trainer(tmp_path, 0)
@@ -255,18 +244,7 @@ def test_clear_errors_for_bad_checkpoints_and_mismatched_classes(tiny_data, tmp_
     assert tl("test", "--ckpt_path", tmp_path / "missing.ckpt") == 2
     assert "does not exist" in capsys.readouterr().err
 
-    fe = [
-        "fit",
-        "--config",
-        CONFIGS / "feature_extract.yaml",
-        *TINY,
-        "--data.root",
-        tiny_data,
-        "--trainer.max_epochs",
-        "1",
-    ]
-    assert tl(*fe) == 0
-    best = Path("runs/feature_extract/latest/checkpoints/best.ckpt")
+    best = fit_tiny(tiny_data)
     other = tmp_path / "other"
     (other / "test" / "cats").mkdir(parents=True)
     (other / "test" / "dogs").mkdir(parents=True)

@@ -437,35 +437,18 @@ class TransferClassifier(pl.LightningModule):
         weight = getattr(self, "loss_weight", None) if split in ("train", "val") else None
         smoothing = self.hparams.label_smoothing if split == "train" else 0.0
         loss = F.cross_entropy(logits, y, weight=weight, label_smoothing=smoothing)
+        n = len(y)
+        # add_dataloader_idx=False: the names stay "val/..." with a second (target) val loader
+        log = {"batch_size": n, "add_dataloader_idx": False, "on_epoch": True}
         if split == "val":
             self.val_balanced_acc(logits, y)
             self.val_macro_f1(logits, y)
-            self.log(
-                "val/balanced_acc", self.val_balanced_acc, on_epoch=True, batch_size=len(y), add_dataloader_idx=False
-            )
-            self.log("val/macro_f1", self.val_macro_f1, on_epoch=True, batch_size=len(y), add_dataloader_idx=False)
-        acc = (logits.argmax(dim=1) == y).float().mean()
+            self.log("val/balanced_acc", self.val_balanced_acc, **log)
+            self.log("val/macro_f1", self.val_macro_f1, **log)
         on_step = split == "train"
-        self.log(
-            f"{split}/loss",
-            loss,
-            on_step=on_step,
-            on_epoch=True,
-            prog_bar=True,
-            batch_size=len(y),
-            add_dataloader_idx=False,
-            sync_dist=not on_step,
-        )
-        self.log(
-            f"{split}/acc",
-            acc,
-            on_step=False,
-            on_epoch=True,
-            prog_bar=True,
-            batch_size=len(y),
-            sync_dist=True,
-            add_dataloader_idx=False,
-        )
+        acc = (logits.argmax(dim=1) == y).float().mean()
+        self.log(f"{split}/loss", loss, on_step=on_step, prog_bar=True, sync_dist=not on_step, **log)
+        self.log(f"{split}/acc", acc, on_step=False, prog_bar=True, sync_dist=True, **log)
         return {"loss": loss, "logits": logits.detach(), "target": y, "index": index}
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
