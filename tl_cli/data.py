@@ -18,7 +18,7 @@ from typing import Any, Literal, Optional, Protocol, Union
 import lightning.pytorch as pl
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from tl_cli.cache import (
     CachedImages,
@@ -178,6 +178,35 @@ class ImageFiles(Dataset):
 
 def _as_is(item: Any) -> Any:
     return item
+
+
+class ResumableRandomSampler(Sampler[int]):
+    """A seeded permutation per epoch that can start part-way into it.
+
+    Epoch e's order is a function of (seed, e) alone, so a run resumed from a mid-epoch
+    checkpoint (a preempted SLURM job) can skip exactly the samples the interrupted run had
+    already trained on and see the rest in the same order.
+    """
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n, self.seed = n, seed
+        self.epoch, self._skip = 0, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def skip(self, count: int) -> None:
+        """Start the next iteration after `count` samples (once)."""
+        self._skip = count
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(self.n, generator=generator).tolist()
+        start, self._skip = self._skip, 0
+        return iter(order[start:])
 
 
 class _DecodeForCache(Dataset):
@@ -382,10 +411,14 @@ class ImageFolderData(pl.LightningDataModule):
 
     def _loader(self, dataset: Dataset, split: str, shuffle: bool = False, workers: Optional[int] = None) -> DataLoader:
         workers = self._workers() if workers is None else workers
+        # Shuffling with a sampler and a generator of our own: the order and the workers' seeds
+        # depend on (seed, epoch) only, never on the global RNG, so a resumed run matches.
+        seed = torch.initial_seed() % 2**31
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            shuffle=shuffle,
+            sampler=ResumableRandomSampler(len(dataset), seed) if shuffle else None,
+            generator=torch.Generator().manual_seed(seed) if shuffle else None,
             num_workers=workers,
             pin_memory=torch.cuda.is_available(),
             persistent_workers=workers > 0 and split in ("train", "val"),

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,8 +16,10 @@ from typing import Any, Optional
 from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
+from tl_cli.callbacks import PreemptionCheckpoint
 from tl_cli.cli import EPILOG, next_version
 from tl_cli.data import ImageFolderData
 from tl_cli.models import TransferClassifier, read_tl_checkpoint
@@ -37,6 +40,12 @@ def resolve_precision(precision: Any, accelerator: Any = "auto") -> Any:
     if _cuda_wanted(accelerator):
         return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
     return "32-true"
+
+
+def _as_list(value: Any) -> list:
+    if value is None:
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
 class _DropLightningAds(logging.Filter):
@@ -69,6 +78,11 @@ class TLTrainer(Trainer):
         if root and logger in (None, True):
             root = Path(root)
             version = next_version(root)
+            restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
+            latest = root / "latest"
+            if restarts > 0 and latest.is_symlink() and (root / os.readlink(latest)).is_dir():
+                # a requeued SLURM job continues its run's folder instead of starting another
+                version = int(os.readlink(latest).rsplit("_", 1)[1])
             kwargs["logger"] = [
                 TensorBoardLogger(save_dir=str(root), name="", version=version, default_hp_metric=False),
                 CSVLogger(save_dir=str(root), name="", version=version),
@@ -80,6 +94,13 @@ class TLTrainer(Trainer):
                 if latest.is_symlink() or not latest.exists():
                     latest.unlink(missing_ok=True)
                     latest.symlink_to(run_dir.name)
+        kwargs["callbacks"] = [*_as_list(kwargs.get("callbacks")), PreemptionCheckpoint()]
+        if SLURMEnvironment.detect():
+            # tl's PreemptionCheckpoint saves at a batch boundary and requeues; Lightning's own
+            # handler would save from inside the signal handler, mid-step
+            plugins = _as_list(kwargs.get("plugins"))
+            if not any(isinstance(p, SLURMEnvironment) for p in plugins):
+                kwargs["plugins"] = [*plugins, SLURMEnvironment(auto_requeue=False)]
         if kwargs.get("benchmark") is None and _cuda_wanted(kwargs.get("accelerator", "auto")):
             # fixed input size: let cuDNN pick its fastest kernels (no effect on CPU)
             kwargs["benchmark"] = not kwargs.get("deterministic")
@@ -127,6 +148,9 @@ class TLCLI(LightningCLI):
         datamodule_class: type = ImageFolderData,
         **kwargs: Any,
     ) -> None:
+        if int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) > 0:
+            # a requeued job writes the same config.yaml into the run folder it continues
+            kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("parser_kwargs", {})
         kwargs["parser_kwargs"].setdefault("description", "tl: transfer learning for image classifiers.")
         kwargs["parser_kwargs"].setdefault("epilog", EPILOG)

@@ -146,6 +146,7 @@ class TransferClassifier(pl.LightningModule):
         self._init_ckpt: Optional[dict[str, Any]] = None
         self._weights_ready = False
         self.history: list[dict[str, float]] = []
+        self._saved_rng: Optional[torch.Tensor] = None
         self._outputs: list[dict[str, torch.Tensor]] = []
 
     # -- structure ------------------------------------------------------------------------
@@ -343,6 +344,7 @@ class TransferClassifier(pl.LightningModule):
         # Restoring a tl checkpoint (resume, test, predict) brings every weight: nothing to load.
         self._weights_ready = True
         self.history = list(checkpoint.get("tl_history", []))
+        self._saved_rng = checkpoint.get("tl_rng")
 
     def _ensure_weights(self) -> None:
         """Load the starting weights (init_from or model.weights) unless a checkpoint was restored.
@@ -381,7 +383,36 @@ class TransferClassifier(pl.LightningModule):
         groups = ", ".join(f"{i}:{n}" for i, n in enumerate(self.stage_names))
         self.print(f"tl: {len(self.stage_names)} backbone stages (input -> output): {groups}")
 
+    def _position_data(self) -> None:
+        """Each epoch: the shuffling seeds; after a mid-epoch restore, also skip the samples the
+        interrupted run had trained on and restore its RNG (dropout), so the rest of the epoch
+        is what it would have been. Exact in one process; under DDP the epoch's remaining
+        steps are counted right but the order is reshuffled (Lightning's distributed sampler).
+        """
+        from tl_cli.data import ResumableRandomSampler
+
+        trainer = self.trainer
+        # checkpoints are written at batch ends (tl's preemption callback, ModelCheckpoint):
+        # `ready` batches of this epoch have been trained on
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.ready if trainer.fit_loop.restarting else 0
+        loaders = trainer.train_dataloader
+        for loader in loaders.values() if isinstance(loaders, dict) else [loaders]:
+            sampler = getattr(loader, "sampler", None)
+            if isinstance(sampler, ResumableRandomSampler):
+                sampler.set_epoch(self.current_epoch)
+                sampler.skip(done * loader.batch_size if trainer.world_size == 1 else 0)
+                if loader.generator is not None:
+                    loader.generator.manual_seed(sampler.seed + self.current_epoch)
+        if done and self._saved_rng is not None:
+            torch.set_rng_state(self._saved_rng)
+        self._saved_rng = None
+
+    def on_train_start(self) -> None:
+        # Lightning skips on_train_epoch_start when it resumes inside an epoch: set up here too.
+        self.on_train_epoch_start()
+
     def on_train_epoch_start(self) -> None:
+        self._position_data()
         count = self.stages_for_epoch(self.current_epoch)
         if count != self.trainable_stages or self.current_epoch == 0:
             if count:
@@ -412,6 +443,7 @@ class TransferClassifier(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["tl_history"] = list(self.history)
+        checkpoint["tl_rng"] = torch.get_rng_state()
         checkpoint["tl"] = {
             "format": CHECKPOINT_FORMAT,
             "version": __version__,
