@@ -60,13 +60,14 @@ def _run(root, data, workdir: Path, signal_at=None, resume=False, **model_kwargs
     return model, trainer
 
 
-def _check_same(tiny_data, tmp_path, root, **model_kwargs):
+def _check_same(tiny_data, tmp_path, root, signal_at=(1, 2), **model_kwargs):
     straight, t1 = _run(root, tiny_data, tmp_path / "a", **model_kwargs)
-    _, t2 = _run(root, tiny_data, tmp_path / "b", signal_at=(1, 2), **model_kwargs)
-    assert t2.global_step == 6 + 3 and list((tmp_path / "b").glob("hpc_ckpt_*.ckpt"))
+    _, t2 = _run(root, tiny_data, tmp_path / "b", signal_at=signal_at, **model_kwargs)
+    done = 6 * signal_at[0] + signal_at[1] + 1
+    assert t2.global_step == done and list((tmp_path / "b").glob("hpc_ckpt_*.ckpt"))
     resumed, t3 = _run(root, tiny_data, tmp_path / "b", resume=True, **model_kwargs)
     assert t3.global_step == t1.global_step == 18
-    assert t3.batches_run == 9 and t2.batches_run == 9  # the resumed run did only what was left
+    assert t2.batches_run == done and t3.batches_run == 18 - done  # the resumed run did only what was left
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values(), strict=True):
         assert torch.allclose(a.float(), b.float(), atol=1e-6), name
     # the checkpoint callback's state went through the interruption: it goes on counting
@@ -80,3 +81,9 @@ def test_feature_extraction_preempted_mid_epoch_resumes_exactly(tiny_data, tmp_p
 def test_fine_tuning_preempted_mid_epoch_resumes_exactly(tiny_data, tmp_path):
     # unfrozen stages (from epoch 1, i.e. the interrupted epoch), flip augmentation, cached images
     _check_same(tiny_data, tmp_path, {"augment": "flip"}, unfreeze={1: 2}, train_bn=True)
+
+
+def test_preempted_at_the_last_batch_of_an_epoch_resumes_after_its_validation(tiny_data, tmp_path):
+    # the signal lands in the epoch's last batch: the checkpoint waits for validation and the
+    # epoch-end callbacks, so the resumed run starts the next epoch cleanly
+    _check_same(tiny_data, tmp_path, {}, signal_at=(0, 5), unfreeze={1: 1})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import re
 import shutil
 import subprocess
@@ -72,9 +73,95 @@ def test_two_process_cpu_ddp_job_completes_with_one_set_of_checkpoints(tiny_data
     state = _wait(job)
     log = Path(f"slurm-tl-test-ddp-{job}.out").read_text()
     assert state == "COMPLETED", log[-3000:]
+    assert "max_epochs=2` reached" in log
     assert "GLOBAL_RANK: 1, MEMBER: 2/2" in log  # two DDP processes really ran
     versions = list(Path("runs/feature_extract").glob("version_*"))
     assert len(versions) == 1, versions
     ckpts = list((versions[0] / "checkpoints").glob("*.ckpt"))
     assert len(ckpts) == 1, ckpts  # rank 0 alone wrote the checkpoint
     assert torch.load(ckpts[0], weights_only=True)["tl"]["class_names"] == ["ellipses", "rectangles"]
+
+
+def _submit(capsys, data, root_dir: str, job_name: str) -> str:
+    venv = Path(sys.executable).parent.parent
+    args = [
+        "slurm",
+        "--config",
+        CONFIGS / "feature_extract.yaml",
+        "--cpu",
+        "--devices",
+        "1",
+        "--partition",
+        "debug",
+        "--cpus-per-task",
+        "2",
+        "--mem",
+        "3G",
+        "--time",
+        "00:10:00",
+        "--job-name",
+        job_name,
+        "--venv",
+        venv,
+        "--",
+        *TINY,
+        "--data.root",
+        data,
+        "--data.augment",
+        "flip",
+        "--trainer.max_epochs",
+        "12",
+        "--model.unfreeze",
+        "{3: 2}",
+        "--trainer.default_root_dir",
+        root_dir,
+    ]
+    assert tl(*args) == 0
+    return re.search(r"Submitted batch job (\d+)", capsys.readouterr().out).group(1)
+
+
+def _state(job: str) -> str:
+    shown = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True).stdout
+    match = re.search(r"JobState=(\w+)", shown)
+    return match.group(1) if match else "?"
+
+
+def test_preempted_job_requeues_and_ends_like_an_uninterrupted_one(tiny_data, capsys):
+    straight = _submit(capsys, tiny_data, "runs/straight", "tl-test-straight")
+    assert _wait(straight) == "COMPLETED", Path(f"slurm-tl-test-straight-{straight}.out").read_text()[-3000:]
+
+    job = _submit(capsys, tiny_data, "runs/preempted", "tl-test-preempt")
+    metrics = Path("runs/preempted/latest/metrics.csv")
+    deadline = time.time() + 300
+    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) > 6):
+        time.sleep(0.5)  # wait until a few epochs are logged: then it is mid-run
+    assert _state(job) == "RUNNING", "the job ended before it could be preempted"
+    # USR1 to the job's steps (not --full: that would hit the batch shell too)
+    subprocess.run(["scancel", "--signal=USR1", job], check=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and _state(job) not in ("PENDING", "REQUEUED", "COMPLETED"):
+        time.sleep(0.5)
+    assert list(Path("runs/preempted").glob("hpc_ckpt_*.ckpt")), "no checkpoint at the preemption"
+    # SLURM holds a requeued job back for a while; let it start now
+    for _ in range(30):
+        if _state(job) in ("RUNNING", "COMPLETED"):
+            break
+        subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], capture_output=True)
+        time.sleep(2)
+    assert _wait(job) == "COMPLETED", Path(f"slurm-tl-test-preempt-{job}.out").read_text()[-3000:]
+    restarts = re.search(
+        r"Restarts=(\d+)", subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True).stdout
+    )
+    assert restarts and int(restarts.group(1)) >= 1
+
+    a = torch.load("runs/straight/latest/checkpoints/last.ckpt", weights_only=True)
+    b = torch.load("runs/preempted/latest/checkpoints/last.ckpt", weights_only=True)
+    assert a["global_step"] == b["global_step"]
+    for key, value in a["state_dict"].items():
+        assert torch.allclose(value.float(), b["state_dict"][key].float(), atol=1e-6), key
+    # the requeued job continued the same run folder: one version, one config.yaml, and the
+    # CSV log holds every epoch, before and after the preemption
+    assert [p.name for p in Path("runs/preempted").glob("version_*")] == ["version_0"]
+    with open("runs/preempted/version_0/metrics.csv") as fh:
+        epochs = {int(float(r["epoch"])) for r in csv.DictReader(fh) if r.get("epoch")}
+    assert epochs == set(range(12))

@@ -45,12 +45,24 @@ class PreemptionCheckpoint(pl.Callback):
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self.on_train_end(trainer, pl_module)
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        # After an epoch's last batch, validation and the epoch-end callbacks (checkpointing,
+        # early stopping) still have to run: a checkpoint taken here would resume past them.
+        if batch_idx + 1 < trainer.num_training_batches:
+            self._maybe_preempt(trainer)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._maybe_preempt(trainer)
+
+    def _maybe_preempt(self, trainer: pl.Trainer) -> None:
         requested = self.requested
         if trainer.world_size > 1:  # every rank must take the same decision at the same batch
             requested = trainer.strategy.reduce_boolean_decision(requested, all=False)
         if not requested:
             return
+        self.requested = False  # once: Lightning still calls on_train_epoch_end after stopping
         path = trainer._checkpoint_connector.hpc_save_path(trainer.default_root_dir)
         trainer.save_checkpoint(path)
         rank_zero_info(f"tl: preemption signal: training state saved to {path}")

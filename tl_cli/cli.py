@@ -293,8 +293,21 @@ def _dispatch(argv: list[str], from_sys_argv: bool = False) -> int:
         from tl_cli.domain import DomainAdaptation, DomainAdaptationData
 
         classes = {"model_class": DomainAdaptation, "datamodule_class": DomainAdaptationData}
-    TLCLI(args=None if from_sys_argv else argv, **classes)
+    try:
+        TLCLI(args=None if from_sys_argv else argv, **classes)
+    finally:
+        _close_process_group()
     return 0
+
+
+def _close_process_group() -> None:
+    """End a DDP run's process group before exit: left to interpreter shutdown, gloo's threads
+    sometimes abort the process ("terminate called without an active exception") after a
+    finished run, and SLURM then reports the job as failed."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def user_message(exc: TLError) -> str:

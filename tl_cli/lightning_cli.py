@@ -64,6 +64,27 @@ warnings.filterwarnings("ignore", message=r"You have overridden `on_after_batch_
 warnings.filterwarnings("ignore", message=r"Be aware that when using `ckpt_path`, callbacks")
 
 
+def _keep_csv_rows(logger: CSVLogger, root: Path) -> None:
+    """Carry a requeued run's metrics.csv over: Lightning's CSV writer deletes the file it
+    finds, so the rows logged before the checkpoint the job resumes from are handed back to it."""
+    import csv
+
+    import torch
+
+    path = Path(logger.log_dir) / "metrics.csv"
+    hpc = sorted(root.glob("hpc_ckpt_*.ckpt"), key=lambda p: int(p.stem.rsplit("_", 1)[1]))
+    if not path.is_file() or not hpc:
+        return
+    step = torch.load(hpc[-1], map_location="cpu", weights_only=True, mmap=True).get("global_step", 0)
+    with open(path, newline="") as fh:
+        reader = csv.DictReader(fh)
+        keys = list(reader.fieldnames or [])
+        rows = [r for r in reader if r.get("step", "") == "" or int(float(r["step"])) < step]
+    writer = logger.experiment  # creating it removes the old file
+    writer.metrics_keys = keys + [k for k in writer.metrics_keys if k not in keys]
+    writer.metrics.extend({k: v for k, v in r.items() if v != ""} for r in rows)
+
+
 class TLTrainer(Trainer):
     """Lightning's Trainer with tl's defaults: ``precision: auto``, TensorBoard + CSV logs in
     ``default_root_dir/version_N`` and a ``default_root_dir/latest`` link to that run.
@@ -80,13 +101,17 @@ class TLTrainer(Trainer):
             version = next_version(root)
             restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
             latest = root / "latest"
-            if restarts > 0 and latest.is_symlink() and (root / os.readlink(latest)).is_dir():
+            continuing = restarts > 0 and latest.is_symlink() and (root / os.readlink(latest)).is_dir()
+            if continuing:
                 # a requeued SLURM job continues its run's folder instead of starting another
                 version = int(os.readlink(latest).rsplit("_", 1)[1])
+            csv_logger = CSVLogger(save_dir=str(root), name="", version=version)
             kwargs["logger"] = [
                 TensorBoardLogger(save_dir=str(root), name="", version=version, default_hp_metric=False),
-                CSVLogger(save_dir=str(root), name="", version=version),
+                csv_logger,
             ]
+            if continuing and rank_zero_only.rank == 0:
+                _keep_csv_rows(csv_logger, root)
             if rank_zero_only.rank == 0:
                 run_dir = root / f"version_{version}"
                 run_dir.mkdir(parents=True, exist_ok=True)

@@ -403,7 +403,7 @@ class TransferClassifier(pl.LightningModule):
                 sampler.skip(done * loader.batch_size if trainer.world_size == 1 else 0)
                 if loader.generator is not None:
                     loader.generator.manual_seed(sampler.seed + self.current_epoch)
-        if done and self._saved_rng is not None:
+        if self._saved_rng is not None:  # first epoch after restoring a checkpoint
             torch.set_rng_state(self._saved_rng)
         self._saved_rng = None
 
