@@ -147,6 +147,7 @@ class TransferClassifier(pl.LightningModule):
         self._weights_ready = False
         self.history: list[dict[str, float]] = []
         self._saved_rng: Optional[torch.Tensor] = None
+        self._announced: Optional[tuple[int, int]] = None
         self._outputs: list[dict[str, torch.Tensor]] = []
 
     # -- structure ------------------------------------------------------------------------
@@ -414,10 +415,12 @@ class TransferClassifier(pl.LightningModule):
     def on_train_epoch_start(self) -> None:
         self._position_data()
         count = self.stages_for_epoch(self.current_epoch)
-        if count != self.trainable_stages or self.current_epoch == 0:
-            if count:
-                names = ", ".join(self.stage_names[-count:])
-                self.print(f"tl: epoch {self.current_epoch}: backbone stages trainable: {names}")
+        if count and (count, self.current_epoch) != self._announced and (
+            count != self.trainable_stages or self._announced is None
+        ):
+            names = ", ".join(self.stage_names[-count:])
+            self.print(f"tl: epoch {self.current_epoch}: backbone stages trainable: {names}")
+        self._announced = (count, self.current_epoch)
         self.set_trainable_stages(count)
 
     def on_train_epoch_end(self) -> None:
