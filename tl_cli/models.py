@@ -75,7 +75,7 @@ class TransferClassifier(pl.LightningModule):
             installed Python package ships).
         init_from: a tl checkpoint whose backbone and head start this run (fine-tuning after
             feature extraction); overrides ``weights``.
-        lr: head learning rate (AdamW).
+        lr: head learning rate.
         backbone_lr_ratio: backbone learning rate = ``lr`` x this, for unfrozen stages.
         unfreeze: ``{epoch: n}``: from that epoch on, the last ``n`` backbone stages are
             trainable. Stages come from timm's group_matcher, or torchvision's top-level
@@ -83,7 +83,8 @@ class TransferClassifier(pl.LightningModule):
             frozen for the whole run (feature extraction). Example: ``{0: 2, 3: 4}``.
         train_bn: whether unfrozen BatchNorm layers update their running statistics (false
             keeps the pretrained statistics, better for small datasets).
-        weight_decay: AdamW weight decay.
+        weight_decay: weight decay.
+        optimizer: ``adamw`` or ``sgd`` (momentum 0.9, as in the DANN paper).
         dropout: dropout before the head.
         label_smoothing: label smoothing of the cross-entropy loss.
         scheduler: ``cosine`` (per-step cosine decay to 1 % after linear warmup) or ``none``.
@@ -112,6 +113,7 @@ class TransferClassifier(pl.LightningModule):
         unfreeze: Optional[dict[int, int]] = None,
         train_bn: bool = False,
         weight_decay: float = 1e-4,
+        optimizer: str = "adamw",
         dropout: float = 0.2,
         label_smoothing: float = 0.0,
         scheduler: str = "cosine",
@@ -123,6 +125,8 @@ class TransferClassifier(pl.LightningModule):
         preprocessing: Optional[dict[str, Any]] = None,
     ) -> None:
         super().__init__()
+        if optimizer not in ("adamw", "sgd"):
+            raise TLError(f"model.optimizer={optimizer!r} is not one of adamw, sgd.")
         if scheduler not in SCHEDULERS:
             raise TLError(f"model.scheduler={scheduler!r} is not one of {', '.join(SCHEDULERS)}.")
         if lr <= 0 or backbone_lr_ratio < 0:
@@ -415,8 +419,10 @@ class TransferClassifier(pl.LightningModule):
     def on_train_epoch_start(self) -> None:
         self._position_data()
         count = self.stages_for_epoch(self.current_epoch)
-        if count and (count, self.current_epoch) != self._announced and (
-            count != self.trainable_stages or self._announced is None
+        if (
+            count
+            and (count, self.current_epoch) != self._announced
+            and (count != self.trainable_stages or self._announced is None)
         ):
             names = ", ".join(self.stage_names[-count:])
             self.print(f"tl: epoch {self.current_epoch}: backbone stages trainable: {names}")
@@ -588,7 +594,10 @@ class TransferClassifier(pl.LightningModule):
             {"params": list(self.head.parameters()), "lr": hp.lr, "name": "head"},
             {"params": list(self.backbone.parameters()), "lr": hp.lr * hp.backbone_lr_ratio, "name": "backbone"},
         ]
-        optimizer = torch.optim.AdamW(groups, lr=hp.lr, weight_decay=hp.weight_decay)
+        if hp.optimizer == "sgd":
+            optimizer = torch.optim.SGD(groups, lr=hp.lr, momentum=0.9, weight_decay=hp.weight_decay)
+        else:
+            optimizer = torch.optim.AdamW(groups, lr=hp.lr, weight_decay=hp.weight_decay)
         if hp.scheduler == "none":
             return optimizer
         total = max(1, int(self.trainer.estimated_stepping_batches))
