@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import CONFIGS, tl
+from tests.conftest import CONFIGS, TINY, tl
 from tl_cli.domain import DomainAdaptation, DomainAdaptationData, annealed_lr_factor, dann_lambda, reverse_gradient
 
 
@@ -86,26 +86,13 @@ def test_domain_adaptation_through_the_cli(tiny_data, tmp_path):
     args = [
         "--config",
         CONFIGS / "domain_adapt.yaml",
-        "--model.backbone",
-        "timm:test_efficientnet",
-        "--model.weights",
-        "none",
+        *TINY,
         "--data.root",
         source,
         "--data.target_root",
         target,
-        "--data.image_size",
-        "64",
-        "--data.batch_size",
-        "8",
-        "--data.num_workers",
-        "0",
-        "--trainer.accelerator",
-        "cpu",
         "--model.domain_hidden",
         "16",
-        "--trainer.log_every_n_steps",
-        "1",
     ]
     assert tl("fit", *args, "--trainer.max_epochs", "2") == 0
     run = Path("runs/domain_adapt/latest")
