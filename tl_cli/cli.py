@@ -39,7 +39,7 @@ TL_COMMANDS = {
     "weights fetch": "download a backbone's pretrained weights into the cache (run on a login node)",
 }
 
-EPILOG = "tl's own commands:\n" + "\n".join(f"  tl {name:<14} {text}" for name, text in TL_COMMANDS.items())
+EPILOG = "tl's own commands:\n" + "\n".join(f"  tl {name:<16} {text}" for name, text in TL_COMMANDS.items())
 
 
 # --------------------------------------------------------------------------- tl's own commands
