@@ -33,7 +33,8 @@ def _wait(job: str, timeout: float = 400) -> str:
     raise AssertionError(f"job {job} did not finish in {timeout} s")
 
 
-def test_two_process_cpu_ddp_job_completes_with_one_set_of_checkpoints(tiny_data, capsys):
+def _submit(capsys, job_name: str, devices: int, *fit_args) -> str:
+    """`tl slurm --cpu` for TINY `tl fit` on the local cluster; returns the job id."""
     venv = Path(sys.executable).parent.parent
     args = [
         "slurm",
@@ -41,21 +42,32 @@ def test_two_process_cpu_ddp_job_completes_with_one_set_of_checkpoints(tiny_data
         CONFIGS / "feature_extract.yaml",
         "--cpu",
         "--devices",
-        "2",
+        str(devices),
         "--partition",
         "debug",
         "--cpus-per-task",
-        "1",
+        str(2 // devices),
         "--mem",
         "3G",
         "--time",
         "00:10:00",
         "--job-name",
-        "tl-test-ddp",
+        job_name,
         "--venv",
         venv,
         "--",
         *TINY,
+        *fit_args,
+    ]
+    assert tl(*args) == 0
+    return re.search(r"Submitted batch job (\d+)", capsys.readouterr().out).group(1)
+
+
+def test_two_process_cpu_ddp_job_completes_with_one_set_of_checkpoints(tiny_data, capsys):
+    job = _submit(
+        capsys,
+        "tl-test-ddp",
+        2,
         "--data.root",
         tiny_data,
         "--trainer.max_epochs",
@@ -66,10 +78,7 @@ def test_two_process_cpu_ddp_job_completes_with_one_set_of_checkpoints(tiny_data
         "[]",
         "--trainer.enable_checkpointing",
         "true",
-    ]
-    # TINY's accelerator cpu comes after tl slurm's own --trainer.accelerator cpu: same value
-    assert tl(*args) == 0
-    job = re.search(r"Submitted batch job (\d+)", capsys.readouterr().out).group(1)
+    )
     state = _wait(job)
     log = Path(f"slurm-tl-test-ddp-{job}.out").read_text()
     assert state == "COMPLETED", log[-3000:]
@@ -82,29 +91,11 @@ def test_two_process_cpu_ddp_job_completes_with_one_set_of_checkpoints(tiny_data
     assert torch.load(ckpts[0], weights_only=True)["tl"]["class_names"] == ["ellipses", "rectangles"]
 
 
-def _submit(capsys, data, root_dir: str, job_name: str) -> str:
-    venv = Path(sys.executable).parent.parent
-    args = [
-        "slurm",
-        "--config",
-        CONFIGS / "feature_extract.yaml",
-        "--cpu",
-        "--devices",
-        "1",
-        "--partition",
-        "debug",
-        "--cpus-per-task",
-        "2",
-        "--mem",
-        "3G",
-        "--time",
-        "00:10:00",
-        "--job-name",
+def _preemptable(capsys, data, root_dir: str, job_name: str) -> str:
+    return _submit(
+        capsys,
         job_name,
-        "--venv",
-        venv,
-        "--",
-        *TINY,
+        1,
         "--data.root",
         data,
         "--data.augment",
@@ -115,9 +106,7 @@ def _submit(capsys, data, root_dir: str, job_name: str) -> str:
         "{3: 2}",
         "--trainer.default_root_dir",
         root_dir,
-    ]
-    assert tl(*args) == 0
-    return re.search(r"Submitted batch job (\d+)", capsys.readouterr().out).group(1)
+    )
 
 
 def _state(job: str) -> str:
@@ -127,10 +116,10 @@ def _state(job: str) -> str:
 
 
 def test_preempted_job_requeues_and_ends_like_an_uninterrupted_one(tiny_data, capsys):
-    straight = _submit(capsys, tiny_data, "runs/straight", "tl-test-straight")
+    straight = _preemptable(capsys, tiny_data, "runs/straight", "tl-test-straight")
     assert _wait(straight) == "COMPLETED", Path(f"slurm-tl-test-straight-{straight}.out").read_text()[-3000:]
 
-    job = _submit(capsys, tiny_data, "runs/preempted", "tl-test-preempt")
+    job = _preemptable(capsys, tiny_data, "runs/preempted", "tl-test-preempt")
     metrics = Path("runs/preempted/latest/metrics.csv")
     deadline = time.time() + 300
     while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) > 6):
