@@ -144,3 +144,20 @@ def test_converted_efficientnet_lite0_weights_are_imagenet():
     assert top[1] == 967, top
     # The headless backbone holds the same weights: its features feed the same classifier.
     assert torch.allclose(classifier.get_classifier()(features).argmax(1), torch.tensor(top))
+
+
+def test_tl_lenet_is_the_dann_digit_network(tmp_path):
+    b = create_backbone("tl:lenet")
+    assert b.num_features == 768 and b.preprocessing["image_size"] == [32, 32]
+    assert [name for name, _ in b.stages] == ["conv1", "conv2"] and _covers_all_parameters(b)
+    with torch.no_grad():
+        for side in (28, 32, 64):  # 28 px: the paper's 48 x 4 x 4 map, no pooling needed
+            assert b.module.eval()(torch.randn(2, 3, side, side)).shape == (2, 768)
+    with pytest.raises(TLError, match="has no ImageNet weights.*--model.weights none"):
+        load_weights(b, "imagenet")
+    with pytest.raises(TLError, match="tl:lenet"):
+        create_backbone("tl:lenet5")
+    torch.save(b.module.state_dict(), tmp_path / "lenet.pth")
+    again = create_backbone("tl:lenet")
+    load_weights(again, str(tmp_path / "lenet.pth"))
+    assert all(torch.equal(v, b.module.state_dict()[k]) for k, v in again.module.state_dict().items())

@@ -81,6 +81,21 @@ def test_target_labels_never_reach_the_loss(tiny_data, tmp_path):
     assert changed["total"] != losses[0]  # whereas source labels do matter
 
 
+@pytest.mark.parametrize("dann", [True, False])
+def test_one_backbone_forward_over_both_domains(dann):
+    """DANN forwards source and target together, so batch norm normalises both domains with the
+    same statistics in training as at test time; source only never sees the target."""
+    model = DomainAdaptation(backbone="timm:test_resnet", weights="none", domain_hidden=8, dann=dann)
+    model.class_names = ["a", "b"]
+    model._build_head(2)
+    seen = []
+    model.backbone.register_forward_hook(lambda module, args, out: seen.append(len(args[0])))
+    xs, xt = torch.randn(3, 3, 32, 32), torch.randn(5, 3, 32, 32)
+    out = model.losses({"source": (xs, torch.tensor([0, 1, 0]), None), "target": (xt, torch.full((5,), -1), None)})
+    assert seen == ([8] if dann else [3])
+    assert ("domain" in out) == dann
+
+
 def test_domain_adaptation_through_the_cli(tiny_data, tmp_path):
     source, target = _domains(tiny_data, tmp_path)
     args = [

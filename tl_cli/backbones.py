@@ -1,4 +1,4 @@
-"""One factory for every backbone: ``timm:NAME`` or ``torchvision:NAME``.
+"""One factory for every backbone: ``timm:NAME``, ``torchvision:NAME`` or ``tl:NAME``.
 
 A backbone here is a network with its ImageNet classifier removed: it maps a batch of images
 to pooled features ``[B, num_features]``. It also says how its inputs must be prepared
@@ -24,7 +24,7 @@ from torch import nn
 
 from tl_cli.errors import TLError, WeightsUnavailableError
 
-SOURCES = ("timm", "torchvision")
+SOURCES = ("timm", "torchvision", "tl")
 WEIGHTS_FILE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors")
 
 
@@ -57,7 +57,9 @@ def parse_spec(spec: str) -> tuple[str, str]:
         known = [f"timm:{bare}"] if bare and _timm_has(bare) else []
         known += [f"torchvision:{bare}"] if bare and bare in _torchvision_names() else []
         hint = f" Did you mean {' or '.join(repr(k) for k in known)}?" if known else ""
-        raise TLError(f"model.backbone={spec!r} is not of the form 'timm:<name>' or 'torchvision:<name>'.{hint}")
+        raise TLError(
+            f"model.backbone={spec!r} is not of the form 'timm:<name>', 'torchvision:<name>' or 'tl:<name>'.{hint}"
+        )
     return source, name
 
 
@@ -83,6 +85,8 @@ def _unknown_name(source: str, name: str, known: list[str]) -> TLError:
             'List them with `python -c "import torchvision; '
             'print(torchvision.models.list_models(module=torchvision.models))"`.'
         )
+    if source == "tl":
+        suggestion = "tl's own backbones: " + ", ".join(f"tl:{k}" for k in known) + "."
     return TLError(f"Unknown backbone {source}:{name}. {suggestion}")
 
 
@@ -123,6 +127,34 @@ def _timm_stages(model: nn.Module) -> list[tuple[str, list[str]]] | None:
     for _, names in sorted(groups.items()):
         stages.append((_common_prefix(names), list(names)))
     return stages
+
+
+class LeNet(nn.Module):
+    """The small network of the DANN paper's digit experiments (Ganin et al. 2016, MNIST ->
+    MNIST-M), for small images trained from scratch: conv 5x5 32 - max-pool 2 - conv 5x5 48 -
+    dropout - max-pool 2, with batch norm, then the 48 x 4 x 4 map flattened to 768 features
+    (an adaptive max-pool makes 4 x 4 of any input from 28 px up). No pretrained weights."""
+
+    num_features = 48 * 4 * 4
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Sequential(nn.Conv2d(3, 32, 5), nn.BatchNorm2d(32), nn.ReLU(inplace=True), nn.MaxPool2d(2))
+        self.conv2 = nn.Sequential(
+            nn.Conv2d(32, 48, 5), nn.BatchNorm2d(48), nn.Dropout2d(0.5), nn.ReLU(inplace=True), nn.AdaptiveMaxPool2d(4)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv2(self.conv1(x)).flatten(1)
+
+
+TL_MODELS = {"lenet": LeNet}
+
+
+def _tl_create(name: str) -> nn.Module:
+    if name not in TL_MODELS:
+        raise _unknown_name("tl", name, sorted(TL_MODELS))
+    return TL_MODELS[name]()
 
 
 def _common_prefix(names: list[str]) -> str:
@@ -245,6 +277,17 @@ def create_backbone(spec: str) -> Backbone:
         num_features = int(module.num_features)
         preprocessing = _timm_preprocessing(module)
         stages = _timm_stages(module) or generic_stages(module)
+    elif source == "tl":
+        module = _tl_create(name)
+        num_features = module.num_features
+        preprocessing = {
+            "image_size": [32, 32],
+            "mean": [0.5, 0.5, 0.5],
+            "std": [0.5, 0.5, 0.5],
+            "interpolation": "bilinear",
+            "crop_pct": 1.0,
+        }
+        stages = [(child, [f"{child}.{n}" for n, _ in m.named_parameters()]) for child, m in module.named_children()]
     else:
         module = _torchvision_create(name)
         num_features = _strip_last_linear(module)
@@ -365,6 +408,11 @@ def _torchvision_state_dict(name: str) -> dict[str, torch.Tensor]:
 
 def _load_imagenet(backbone: Backbone) -> None:
     source, name = parse_spec(backbone.spec)
+    if source == "tl":
+        raise TLError(
+            f"model.backbone={backbone.spec!r} has no ImageNet weights: it trains from scratch. "
+            "Set --model.weights none (or a weights file of your own)."
+        )
     try:
         if source == "timm":
             pretrained = _timm_create(name, pretrained=True, num_classes=0)
@@ -425,7 +473,7 @@ def _load_file(backbone: Backbone, path: Path) -> None:
     """
     state = _read_state_dict(path)
     source, _ = parse_spec(backbone.spec)
-    for target in (backbone.module, None):
+    for target in (backbone.module, None) if source != "tl" else (backbone.module,):
         if target is None:
             target = _full_classifier_model(backbone)
         if _copy_state(target, state, path):

@@ -109,7 +109,14 @@ class DomainAdaptation(TransferClassifier):
     def losses(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         """Label loss on source images; domain loss on both (target labels are never read)."""
         (xs, ys, _), (xt, _, _) = batch["source"], batch["target"]
-        source = self.features(xs)
+        if self.hparams.dann:
+            # one forward over both domains: batch-norm layers normalise source and target with
+            # the same statistics in training, as their running averages will at test time
+            # (separate forwards normalise each domain by itself and fail at test time)
+            features = self.features(torch.cat([xs, xt]))
+            source = features[: len(xs)]
+        else:
+            source = self.features(xs)  # source only: the target is never seen
         logits = self.head(self.dropout(source))
         out = {
             "label": F.cross_entropy(logits, ys, weight=getattr(self, "loss_weight", None)),
@@ -118,7 +125,6 @@ class DomainAdaptation(TransferClassifier):
         out["total"] = out["label"]
         if self.hparams.dann:
             out["lambda"] = torch.tensor(self.reversal_weight())
-            features = torch.cat([source, self.features(xt)])
             domain_logits = self.domain_classifier(reverse_gradient(features, float(out["lambda"]))).squeeze(1)
             domain = torch.cat([torch.zeros(len(xs)), torch.ones(len(xt))]).to(domain_logits)
             out["domain"] = F.binary_cross_entropy_with_logits(domain_logits, domain)
