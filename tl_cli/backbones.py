@@ -136,6 +136,13 @@ class LeNet(nn.Module):
     (an adaptive max-pool makes 4 x 4 of any input from 28 px up). No pretrained weights."""
 
     num_features = 48 * 4 * 4
+    preprocessing = {
+        "image_size": [32, 32],
+        "mean": [0.5, 0.5, 0.5],
+        "std": [0.5, 0.5, 0.5],
+        "interpolation": "bilinear",
+        "crop_pct": 1.0,
+    }
 
     def __init__(self) -> None:
         super().__init__()
@@ -280,13 +287,7 @@ def create_backbone(spec: str) -> Backbone:
     elif source == "tl":
         module = _tl_create(name)
         num_features = module.num_features
-        preprocessing = {
-            "image_size": [32, 32],
-            "mean": [0.5, 0.5, 0.5],
-            "std": [0.5, 0.5, 0.5],
-            "interpolation": "bilinear",
-            "crop_pct": 1.0,
-        }
+        preprocessing = dict(module.preprocessing)
         stages = [(child, [f"{child}.{n}" for n, _ in m.named_parameters()]) for child, m in module.named_children()]
     else:
         module = _torchvision_create(name)
@@ -473,7 +474,9 @@ def _load_file(backbone: Backbone, path: Path) -> None:
     """
     state = _read_state_dict(path)
     source, _ = parse_spec(backbone.spec)
-    for target in (backbone.module, None) if source != "tl" else (backbone.module,):
+    # tl's own networks have no separate classifier model to try the file against
+    candidates = (backbone.module,) if source == "tl" else (backbone.module, None)
+    for target in candidates:
         if target is None:
             target = _full_classifier_model(backbone)
         if _copy_state(target, state, path):
