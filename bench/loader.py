@@ -24,7 +24,7 @@ BATCH = 32
 def make_jpegs():
     import numpy as np
 
-    from tl_cli.synth import CLASSES, _rng, render
+    from tl_cli.synth import CLASSES, image_rng, render
 
     root = WORK / "loader_data"
     if not (root / "train").exists():
@@ -32,10 +32,10 @@ def make_jpegs():
             folder = root / "train" / kind
             folder.mkdir(parents=True)
             for i in range(N_PER_CLASS):
-                img = render(kind, _rng(5, kind, i), 420).resize((500, 375))
+                img = render(kind, image_rng(5, kind, i), 420).resize((500, 375))
                 img.save(folder / f"{kind}.{i}.jpg", quality=90)
             (root / "val" / kind).mkdir(parents=True)
-            render(kind, _rng(6, kind, 0), 420).save(root / "val" / kind / "v.jpg")
+            render(kind, image_rng(6, kind, 0), 420).save(root / "val" / kind / "v.jpg")
         del np
     return root
 
@@ -58,7 +58,7 @@ def main() -> None:
     from torchvision import transforms as T
 
     from tl_cli.data import ImageFolderData
-    from tl_cli.transforms import RRC_SCALE, normalize_batch
+    from tl_cli.transforms import RRC_SCALE, Normalize
 
     root = make_jpegs()
     # The main process only consumes batches here: one intra-op thread, so that it does not
@@ -91,13 +91,14 @@ def main() -> None:
     os.environ["TL_CACHE_DIR"] = tempfile.mkdtemp(dir=WORK)
     try:
         dm = ImageFolderData(root=str(root), batch_size=BATCH, num_workers=WORKERS, augment="standard")
-        dm.preprocessing = prep  # standalone: no model to ask
         dm.setup("fit")
+        dm.preprocessing = prep  # standalone: no model to hand it over
         start = time.perf_counter()
         dm.served("train")  # builds the cache: the first epoch's extra cost
         build = time.perf_counter() - start
         # batches stay uint8 through the workers; normalising them is part of the pipeline
-        tl_rates = images_per_second(dm.train_dataloader(), EPOCHS, lambda x: normalize_batch(x, prep))
+        normalize = Normalize(prep["mean"], prep["std"])
+        tl_rates = images_per_second(dm.train_dataloader(), EPOCHS, normalize)
     finally:
         shutil.rmtree(os.environ["TL_CACHE_DIR"])
     n = len(plain)

@@ -21,13 +21,11 @@ BATCH = 16
 def make_model():
     import lightning.pytorch as pl
 
-    from tl_cli.models import TransferClassifier
+    from tl_cli.models import FineTune
 
     pl.seed_everything(0)
-    model = TransferClassifier(
-        backbone="timm:efficientnet_lite0", weights="none", unfreeze={0: 4}, scheduler="none", class_names=["a", "b"]
-    )
-    model.preprocessing = dict(model.spec.preprocessing)
+    model = FineTune(backbone="timm:efficientnet_lite0", weights="none", scheduler="none", class_names=["a", "b"])
+    model.set_preprocessing(dict(model.spec.preprocessing))
     return model
 
 
@@ -45,8 +43,13 @@ def plain_loop(data) -> float:
     import torch
     import torch.nn.functional as F
 
+    from tl_cli.callbacks.freezing import backbone_stages
+
     model = make_model()
-    model.set_trainable_stages(4)
+    stages = backbone_stages(model.backbone)
+    for i, (_, params) in enumerate(stages):
+        for p in params:
+            p.requires_grad_(i >= len(stages) - 4)
     model.train()
     opt = torch.optim.AdamW(
         [
@@ -70,6 +73,8 @@ def tl_loop(data) -> float:
     import lightning.pytorch as pl
     import torch
 
+    from tl_cli.callbacks import UnfreezeSchedule
+
     class StepTimer(pl.Callback):
         def on_train_batch_start(self, trainer, module, batch, batch_idx):
             if batch_idx == WARMUP:
@@ -90,7 +95,7 @@ def tl_loop(data) -> float:
         enable_model_summary=False,
         limit_val_batches=0,
         num_sanity_val_steps=0,
-        callbacks=[timer],
+        callbacks=[timer, UnfreezeSchedule({0: 4}, train_bn=True)],
     )
     loader = torch.utils.data.DataLoader([data[i % len(data)] for i in range(STEPS)], batch_size=None)
     trainer.fit(model, train_dataloaders=loader)

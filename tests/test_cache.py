@@ -1,4 +1,5 @@
-"""The feature and decoded-image caches: same results, reuse, invalidation, corruption."""
+"""The feature and decoded-image caches: same results, reuse, invalidation, corruption, and
+one decode per image on a first run."""
 
 from __future__ import annotations
 
@@ -14,26 +15,30 @@ from PIL import Image
 
 import tl_cli.cache as cache_mod
 from tl_cli.cache import ImageStore, make_key
+from tl_cli.callbacks import UnfreezeSchedule
 from tl_cli.data import ImageFolderData
+from tl_cli.datasets import CachedImages, ImageFiles
 from tl_cli.errors import TLError
-from tl_cli.models import TransferClassifier
-from tl_cli.transforms import decode_for_cache, eval_transform, load_rgb, normalize_batch, tensor_eval_transform
+from tl_cli.models import Classifier, FeatureExtraction, FineTune
+from tl_cli.transforms import Normalize, crop_pipeline, decode_resized
 
 
-def _fit(root, epochs=2, test=False, **data_kwargs):
-    pl.seed_everything(0)
-    model = TransferClassifier(
-        backbone="timm:test_efficientnet", weights="none", lr=0.01, dropout=0.0, scheduler="none"
-    )
+def _fit(
+    root, epochs=2, test=False, seed=0, precision="32-true", model_cls=FeatureExtraction, callbacks=(), **data_kwargs
+):
+    pl.seed_everything(seed)
+    model = model_cls(backbone="timm:test_efficientnet", weights="none", lr=0.01, dropout=0.0, scheduler="none")
     dm = ImageFolderData(root=str(root), batch_size=8, num_workers=0, **{"image_size": 64, **data_kwargs})
     trainer = pl.Trainer(
         max_epochs=epochs,
         accelerator="cpu",
+        precision=precision,
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,
         enable_checkpointing=False,
         default_root_dir=str(Path.cwd()),
+        callbacks=list(callbacks),
     )
     trainer.fit(model, dm)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
@@ -49,23 +54,41 @@ def data(tiny_data, tmp_path):
     return root
 
 
-def _count_extractions(monkeypatch):
-    calls = []
-    original = TransferClassifier.extract_features
+def _count_extracted(monkeypatch):
+    """How many images went through the backbone for the feature cache, per run."""
+    counts = []
+    original = Classifier.extract_features
 
-    def spy(self, loader):
-        calls.append(len(loader.dataset))
-        return original(self, loader)
+    def spy(self, images):
+        counts[-1] += len(images)
+        return original(self, images)
 
-    monkeypatch.setattr(TransferClassifier, "extract_features", spy)
-    return calls
+    monkeypatch.setattr(Classifier, "extract_features", spy)
+    return counts
+
+
+def _count_decoded(monkeypatch):
+    decoded = []
+    import tl_cli.datasets
+    import tl_cli.prepare
+
+    original = tl_cli.transforms.decode_resized
+
+    def spy(image, prep):
+        decoded.append(1)
+        return original(image, prep)
+
+    monkeypatch.setattr(tl_cli.prepare, "decode_resized", spy)
+    monkeypatch.setattr(tl_cli.datasets, "decode_resized", spy)
+    return decoded
 
 
 def test_cached_features_give_the_same_metrics_as_recomputing(data, monkeypatch):
-    calls = _count_extractions(monkeypatch)
+    counts = _count_extracted(monkeypatch)
+    counts.append(0)
     model_a, dm_a, cached = _fit(data, test=True)
     assert type(dm_a.served("train")).__name__ == "FeatureDataset"
-    assert sorted(calls) == [12, 24]  # train and val, once each, for two epochs
+    assert counts == [36]  # 24 train + 12 val images, once, for two epochs
     _, dm_b, plain = _fit(data, test=True, cache_features=False, cache_images=False)
     assert type(dm_b.served("train")).__name__ == "ImageFiles"
     for key in ("val/acc", "test/acc"):
@@ -76,41 +99,76 @@ def test_cached_features_give_the_same_metrics_as_recomputing(data, monkeypatch)
     assert any(k.startswith("backbone.") for k in model_a.state_dict())
 
 
-def test_features_are_reused_across_runs_and_invalidated_by_changes(data, monkeypatch):
-    calls = _count_extractions(monkeypatch)
-    _fit(data, epochs=1)
-    _fit(data, epochs=1)
-    assert sorted(calls) == [12, 24]  # the second run loaded both splits
+def test_features_are_reused_and_invalidated_by_every_input_they_depend_on(data, monkeypatch):
+    counts = _count_extracted(monkeypatch)
+    for _ in ("first", "again"):
+        counts.append(0)
+        _fit(data, epochs=1)
+    assert counts == [36, 0]  # the second run loaded both splits
     victim = next((data / "train" / "ellipses").iterdir())
     os.utime(victim, ns=(victim.stat().st_atime_ns, victim.stat().st_mtime_ns + 10**9))
+    counts.append(0)
     _fit(data, epochs=1)
-    assert calls[2:] == [24]  # train changed, val did not
+    assert counts[-1] == 24  # train changed, val did not
+    counts.append(0)
     _fit(data, epochs=1, image_size=None)  # other preprocessing: both recomputed
-    assert sorted(calls[3:]) == [12, 24]
+    assert counts[-1] == 36
+    counts.append(0)
+    _fit(data, epochs=1, seed=1)  # other backbone weights (another random init): recomputed
+    assert counts[-1] == 36
+    counts.append(0)
+    _fit(data, epochs=1, precision="bf16-mixed")  # other numeric precision: recomputed
+    assert counts[-1] == 36
+    counts.append(0)
+    _fit(data, epochs=1, seed=1)  # and every earlier entry is still there
+    assert counts[-1] == 0
+
+
+def test_a_second_model_with_other_weights_never_trains_on_the_first_ones_features(data):
+    """The weights hash is in the key: same everything else, different weights, different features."""
+    model_a, dm_a, _ = _fit(data, epochs=1, seed=0)
+    model_b, dm_b, _ = _fit(data, epochs=1, seed=1)
+    assert not torch.equal(dm_a.served("train").features, dm_b.served("train").features)
+    images = crop_pipeline("none", dm_b.preprocessing)(decode_resized(dm_b.paths("train")[0], dm_b.preprocessing))
+    assert torch.allclose(dm_b.served("train").features[0], model_b.extract_features(images[None])[0], atol=1e-5)
+
+
+def test_first_run_decodes_each_image_once(data, monkeypatch):
+    decoded = _count_decoded(monkeypatch)
+    _fit(data, epochs=2)  # screening and the feature cache share one pass
+    assert len(decoded) == 36
+    _fit(data, epochs=1)  # remembered: nothing decoded
+    assert len(decoded) == 36
+    _fit(data, epochs=2, augment="flip", model_cls=FineTune, callbacks=[UnfreezeSchedule({0: 1})])
+    assert len(decoded) == 36 + 36  # the image cache: one more pass (screening remembered), then no decode
+    _fit(data, epochs=1, augment="flip", model_cls=FineTune, callbacks=[UnfreezeSchedule({0: 1})])
+    assert len(decoded) == 72
 
 
 def test_corrupt_feature_cache_is_recomputed_with_a_warning(data, monkeypatch):
-    calls = _count_extractions(monkeypatch)
+    counts = _count_extracted(monkeypatch)
+    counts.append(0)
     _fit(data, epochs=1)
     for entry in (Path(os.environ["TL_CACHE_DIR"]) / "features").glob("*.pt"):
         entry.write_bytes(entry.read_bytes()[:100])
+    counts.append(0)
     with pytest.warns(UserWarning, match="unreadable"):
         _fit(data, epochs=1)
-    assert sorted(calls) == [12, 12, 24, 24]
+    assert counts == [36, 36]
 
 
 def test_feature_cache_off_when_it_cannot_be_right(data, monkeypatch):
-    calls = _count_extractions(monkeypatch)
-    _, dm, _ = _fit(data, epochs=1, augment="flip")  # auto: random augmentation -> images
-    assert calls == [] and type(dm.served("train")).__name__ == "CachedImages"
+    counts = _count_extracted(monkeypatch)
+    counts.append(0)
+    _, dm, _ = _fit(data, epochs=1, augment="flip")  # auto: train augmented -> images; val: features
+    assert type(dm.served("train")).__name__ == "CachedImages"
+    assert type(dm.served("val")).__name__ == "FeatureDataset" and counts == [12]
     with pytest.raises(TLError, match="data.augment=flip changes every training image"):
         _fit(data, epochs=1, augment="flip", cache_features=True)
-    pl.seed_everything(0)
-    model = TransferClassifier(backbone="timm:test_efficientnet", weights="none", unfreeze={0: 1})
-    dm = ImageFolderData(root=str(data), num_workers=0, image_size=64, cache_features=True)
-    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_progress_bar=False)
-    with pytest.raises(TLError, match="model.unfreeze trains backbone stages"):
-        trainer.fit(model, dm)
+    with pytest.raises(TLError, match="not frozen for the whole run"):
+        _fit(data, epochs=1, cache_features=True, model_cls=FineTune, callbacks=[UnfreezeSchedule({0: 1})])
+    _, dm, _ = _fit(data, epochs=1, model_cls=FineTune, callbacks=[UnfreezeSchedule({0: 1})])
+    assert type(dm.served("train")).__name__ == "CachedImages"  # auto: the backbone trains
 
 
 # --------------------------------------------------------------------------- decoded images
@@ -141,64 +199,102 @@ def _awkward_images(folder: Path) -> list[Path]:
     return sorted(folder.iterdir())
 
 
-def test_cached_images_give_the_same_pixels_as_decoding(tmp_path):
+def test_cached_images_give_the_pixels_of_the_classic_eval_transform(tmp_path):
+    from torchvision import transforms as T
+
+    from tl_cli.images import load_rgb
+
     paths = _awkward_images(tmp_path / "imgs")
     store = ImageStore(tmp_path / "cache", make_key("images", test=1))
-    store.build(lambda: (decode_for_cache(p, PREP) for p in paths), len(paths))
-    data, offsets, shapes = store.load(len(paths))
-    dataset = cache_mod.CachedImages(data, offsets, shapes, [0] * len(paths), tensor_eval_transform(PREP))
+    store.build(decode_resized(p, PREP).permute(1, 2, 0).numpy() for p in paths)
+    cached = CachedImages(*store.load(len(paths), 10**9), [0] * len(paths), crop_pipeline("none", PREP))
+    files = ImageFiles([(p, 0) for p in paths], PREP, crop_pipeline("none", PREP))
+    classic = T.Compose(
+        [
+            T.Resize(54, interpolation=T.InterpolationMode.BICUBIC),
+            T.CenterCrop(48),
+            T.ToTensor(),
+            T.Normalize(PREP["mean"], PREP["std"]),
+        ]
+    )
+    normalize = Normalize(PREP["mean"], PREP["std"])
     for i, path in enumerate(paths):
-        expected = eval_transform(PREP)(load_rgb(path))
-        got = normalize_batch(dataset[i][0][None], PREP)[0]
-        assert got.shape == expected.shape == (3, 48, 48)
-        assert torch.allclose(got, expected, atol=1e-5), path.name
+        assert torch.equal(cached[i][0], files[i][0]), path.name  # one pipeline: identical bytes
+        got = normalize(cached[i][0][None])[0]
+        assert torch.allclose(got, classic(load_rgb(path)), atol=1e-5), path.name
 
 
-def test_image_cache_memory_map_and_corruption(tmp_path, monkeypatch):
+def test_image_cache_memory_map_and_corruption(tmp_path):
     paths = _awkward_images(tmp_path / "imgs")
     store = ImageStore(tmp_path / "cache", make_key("images", test=2))
-    store.build(lambda: (decode_for_cache(p, PREP) for p in paths), len(paths))
-    in_ram, _, _ = store.load(len(paths))
+    store.build(decode_resized(p, PREP).permute(1, 2, 0).numpy() for p in paths)
+    in_ram, _, _ = store.load(len(paths), ram_budget=10**9)
     assert not isinstance(in_ram, np.memmap)
-    monkeypatch.setattr(cache_mod, "IMAGE_RAM_SHARE", 0.0)  # "does not fit": memory-map it
-    mapped, _, _ = store.load(len(paths))
+    mapped, _, _ = store.load(len(paths), ram_budget=0)  # "does not fit": memory-map it
     assert isinstance(mapped, np.memmap) and np.array_equal(np.asarray(mapped), in_ram)
     with open(store.data_path, "r+b") as fh:
         fh.truncate(100)
     with pytest.warns(UserWarning, match="unreadable"):
-        assert store.load(len(paths)) is None
+        assert store.load(len(paths), 10**9) is None
+
+
+def test_ram_budget_follows_the_job_memory_limit(monkeypatch):
+    monkeypatch.setattr(cache_mod, "_cgroup_room", lambda: 8 * 2**30)
+    assert cache_mod.available_memory() <= 8 * 2**30
+    assert cache_mod.image_ram_budget(4) == pytest.approx(cache_mod.available_memory() / 16, rel=0.01)
+    monkeypatch.setattr(cache_mod, "_cgroup_room", lambda: None)
+    assert cache_mod.available_memory() > 0
 
 
 def test_image_cache_serves_training_and_is_reused(data, capsys):
-    _, dm, metrics = _fit(data, epochs=1, augment="standard")
+    cb = [UnfreezeSchedule({0: 1})]
+    _, dm, metrics = _fit(data, epochs=1, augment="standard", model_cls=FineTune, callbacks=cb)
     assert type(dm.served("train")).__name__ == "CachedImages"
-    assert metrics["val/acc"] >= 0
-    assert "24 images decoded in" in capsys.readouterr().out
-    _fit(data, epochs=1, augment="standard")
-    assert "24 images loaded decoded" in capsys.readouterr().out
+    assert "train: 24 decoded images prepared in" in capsys.readouterr().out
+    _fit(data, epochs=1, augment="standard", model_cls=FineTune, callbacks=cb)
+    assert "train: 24 decoded images loaded" in capsys.readouterr().out
 
 
 # --------------------------------------------------------------------------- GPU-path code on CPU
 
 
-def test_channels_last_path_runs_on_cpu(data):
+def test_channels_last_and_true_half_precision_paths_run_on_cpu(data):
     pl.seed_everything(0)
-    model = TransferClassifier(backbone="timm:test_efficientnet", weights="none", unfreeze={0: 1}, channels_last=True)
+    model = FineTune(backbone="timm:test_efficientnet", weights="none", channels_last=True)
     dm = ImageFolderData(root=str(data), batch_size=8, num_workers=0, image_size=64)
-    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_progress_bar=False)
+    trainer = pl.Trainer(
+        max_epochs=1, accelerator="cpu", logger=False, enable_progress_bar=False, callbacks=[UnfreezeSchedule({0: 1})]
+    )
     trainer.fit(model, dm)
-    conv = model.backbone.conv_stem.weight
-    assert conv.is_contiguous(memory_format=torch.channels_last)
-    x, y, i = model.on_after_batch_transfer((torch.zeros(2, 3, 8, 8), torch.zeros(2), torch.zeros(2)), 0)
-    assert x.is_contiguous(memory_format=torch.channels_last)
+    assert model.backbone.conv_stem.weight.is_contiguous(memory_format=torch.channels_last)
+    x, y, i = model.on_after_batch_transfer(
+        (torch.zeros(2, 3, 8, 8, dtype=torch.uint8), torch.zeros(2), torch.zeros(2)), 0
+    )
+    assert x.is_contiguous(memory_format=torch.channels_last) and x.dtype == torch.float32
+    # bf16-true: uint8 batches are normalised in float32, then converted to the model's type
+    pl.seed_everything(0)
+    model = FineTune(backbone="timm:test_efficientnet", weights="none")
+    trainer = pl.Trainer(
+        max_epochs=1,
+        accelerator="cpu",
+        precision="bf16-true",
+        logger=False,
+        enable_progress_bar=False,
+        callbacks=[UnfreezeSchedule({0: 1})],
+    )
+    trainer.fit(model, ImageFolderData(root=str(data), batch_size=8, num_workers=0, image_size=64, augment="flip"))
+    assert model.backbone.conv_stem.weight.dtype == torch.bfloat16
+    assert torch.isfinite(trainer.callback_metrics["train/loss_epoch"])
 
 
 @pytest.mark.slow
 def test_compile_option_trains_on_cpu(data):
     pl.seed_everything(0)
-    model = TransferClassifier(backbone="timm:test_efficientnet", weights="none", compile=True, unfreeze={0: 1})
+    model = FineTune(backbone="timm:test_efficientnet", weights="none", compile=True)
     dm = ImageFolderData(root=str(data), batch_size=8, num_workers=0, image_size=64)
-    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_progress_bar=False)
+    trainer = pl.Trainer(
+        max_epochs=1, accelerator="cpu", logger=False, enable_progress_bar=False, callbacks=[UnfreezeSchedule({0: 1})]
+    )
     trainer.fit(model, dm)
-    assert model._compiled and trainer.callback_metrics["val/acc"] >= 0
+    assert model._compiled and torch.isfinite(trainer.callback_metrics["val/loss"])
     assert "backbone.conv_stem.weight" in model.state_dict()  # keys unchanged by compiling

@@ -1,12 +1,19 @@
-"""The command-line contract: subcommands, documented keys, configs, precision."""
+"""The command-line contract: subcommands, classes picked by class_path, documented keys,
+configs, callback sections, precision, run folders."""
 
 from __future__ import annotations
 
-import pytest
-import torch
+import subprocess
+import sys
+import time
+from pathlib import Path
 
-from tests.conftest import CONFIGS, tl
-from tl_cli.lightning_cli import TLCLI, next_version, resolve_precision, wants_domain_adaptation
+import pytest
+import yaml
+
+from tests.conftest import CONFIGS, REPO, TINY, tl
+from tl_cli.lightning_cli import TLCLI
+from tl_cli.trainer import resolve_precision
 
 CONTRACT_KEYS = [
     "data.root",
@@ -15,22 +22,40 @@ CONTRACT_KEYS = [
     "data.augment",
     "data.image_size",
     "data.predict_dir",
+    "data.target_root",
+    "data.cache_features",
+    "data.cache_images",
+    "data.cache_dir",
+    "data.on_bad_image",
     "model.backbone",
     "model.weights",
-    "model.init_from",
     "model.lr",
-    "model.backbone_lr_ratio",
-    "model.unfreeze",
-    "model.train_bn",
+    "model.optimizer",
+    "model.scheduler",
+    "model.class_weights",
+    "freeze.train_bn",
+    "unfreeze.schedule",
+    "unfreeze.train_bn",
+    "early_stopping.patience",
+    "checkpoint.monitor",
     "trainer.precision",
 ]
 
 
-def test_help_lists_subcommands(capsys):
-    assert tl("--help") == 0
-    out = capsys.readouterr().out
-    for sub in ("fit", "validate", "test", "predict", "tl data synth", "tl weights fetch"):
-        assert sub in out
+def test_top_level_help_is_fast_and_lists_commands():
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "tl_cli.cli", "--help"], capture_output=True, text=True, cwd=REPO)
+    assert done.returncode == 0
+    for sub in ("fit", "validate", "test", "predict", "tl data synth", "tl weights fetch", "tl export", "tl slurm"):
+        assert sub in done.stdout
+    imported = subprocess.run(
+        [sys.executable, "-c", "import sys, tl_cli.cli; print('torch' in sys.modules, 'lightning' in sys.modules)"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    ).stdout.split()
+    assert imported == ["False", "False"], "tl --help must not import torch or Lightning"
+    assert time.perf_counter() - start < 30  # loose: the measured figure is bench/startup.py's
 
 
 def test_fit_help_documents_every_contract_key(capsys):
@@ -38,52 +63,128 @@ def test_fit_help_documents_every_contract_key(capsys):
     out = capsys.readouterr().out
     for key in CONTRACT_KEYS:
         assert f"--{key} " in out, key
-    # docstrings become help text
-    assert "the last ``n`` backbone stages are trainable" in " ".join(out.split())
+    # docstrings become help text; the default model is FeatureExtraction
+    assert "Help for --model.help=tl_cli.models.FeatureExtraction" in out
+    assert "from that epoch on, the last ``n`` backbone stages train" in " ".join(out.split())
+
+
+def test_model_option_picks_the_class_and_its_help(capsys):
+    assert tl("fit", "--model", "FineTune", "--help") == 0
+    out = capsys.readouterr().out
+    assert "Help for --model.help=tl_cli.models.FineTune" in out
+    assert "--model.init_from " in out and "--model.backbone_lr_ratio " in out
+    assert tl("fit", "--help") == 0
+    assert "--model.backbone_lr_ratio " not in capsys.readouterr().out  # FeatureExtraction has none
+
+
+def _cli(*args):
+    return TLCLI(args=[str(a) for a in args], run=False)
 
 
 @pytest.mark.parametrize("config", sorted(p.name for p in CONFIGS.glob("*.yaml")))
-def test_every_config_instantiates(config):
+def test_every_config_instantiates_its_classes(config):
     stack = [CONFIGS / config]
     if config.startswith("demo_finetune"):
         stack = [CONFIGS / "finetune.yaml", *stack]
     elif config.startswith("demo"):
         stack = [CONFIGS / "feature_extract.yaml", *stack]
-    args = [a for c in stack for a in ("--config", str(c))]
-    classes = {}
-    if wants_domain_adaptation(args):
-        from tl_cli.domain import DomainAdaptation, DomainAdaptationData
-
-        classes = {"model_class": DomainAdaptation, "datamodule_class": DomainAdaptationData}
-    cli = TLCLI(args=args, run=False, **classes)
-    assert cli.model.spec.num_features > 0
-    assert cli.datamodule.augment in ("none", "flip", "standard", "randaugment")
+    cli = _cli(*[a for c in stack for a in ("--config", c)])
+    expected = {"feature_extract": "FeatureExtraction", "finetune": "FineTune", "domain_adapt": "DomainAdaptation"}
+    kind = next(v for k, v in expected.items() if k in config or (config == "demo.yaml" and k == "feature_extract"))
+    assert type(cli.model).__name__ == kind
+    assert type(cli.datamodule).__name__ == "ImageFolderData"
+    names = {type(c).__name__ for c in cli.trainer.callbacks}
+    assert ("FreezeBackbone" in names) == (kind == "FeatureExtraction")
+    assert ("UnfreezeSchedule" in names) == (kind != "FeatureExtraction")
+    assert {"ModelCheckpoint", "PreemptionCheckpoint", "ExactResume"} <= names
+    assert type(cli.trainer.callbacks[0]).__name__ == "SyncEpochMetrics"
     assert cli.trainer.precision == "32-true"  # auto on a CPU-only machine
     assert str(cli.trainer.default_root_dir).startswith("runs")
 
 
-def test_precision_auto(monkeypatch):
-    assert resolve_precision("auto", "auto") in ("32-true",) or torch.cuda.is_available()
-    assert resolve_precision("16-mixed", "cpu") == "16-mixed"
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
-    assert resolve_precision("auto", "auto") == "bf16-mixed"
-    assert resolve_precision("auto", "gpu") == "bf16-mixed"
-    assert resolve_precision("auto", "cpu") == "32-true"
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
-    assert resolve_precision("auto", "cuda") == "16-mixed"
+def test_configs_read_as_the_contract():
+    """model.class_path / data.class_path pick the classes; freezing is a visible callback."""
+    fe = yaml.safe_load((CONFIGS / "feature_extract.yaml").read_text())
+    ft = yaml.safe_load((CONFIGS / "finetune.yaml").read_text())
+    assert fe["model"]["class_path"] == "tl_cli.models.FeatureExtraction" and "freeze" in fe
+    assert ft["model"]["class_path"] == "tl_cli.models.FineTune" and ft["unfreeze"]["schedule"]
+    assert fe["data"]["class_path"] == ft["data"]["class_path"] == "tl_cli.data.ImageFolderData"
+    assert "early_stopping" in fe and "checkpoint" in fe
 
 
-def test_next_version_reuses_only_an_empty_newest(tmp_path):
-    assert next_version(tmp_path / "none") == 0
-    (tmp_path / "version_0").mkdir()
-    assert next_version(tmp_path) == 0
-    (tmp_path / "version_0" / "metrics.csv").write_text("x")
-    assert next_version(tmp_path) == 1
+def test_callback_sections_are_one_short_flag_away():
+    cli = _cli("--config", CONFIGS / "finetune.yaml", "--unfreeze.schedule", "{0: 4}", "--early_stopping.patience", "7")
+    by_name = {type(c).__name__: c for c in cli.trainer.callbacks}
+    assert by_name["UnfreezeSchedule"].schedule == {0: 4}
+    assert by_name["EarlyStopping"].patience == 7
+    cli = _cli(
+        "--config", CONFIGS / "finetune.yaml", "--early_stopping", "null", "--trainer.enable_progress_bar", "false"
+    )
+    names = {type(c).__name__ for c in cli.trainer.callbacks}
+    assert "EarlyStopping" not in names and not any("Progress" in n for n in names)
 
 
-def test_user_errors_exit_2_without_traceback(capsys, tmp_path):
+def test_model_switch_on_the_command_line():
+    cli = _cli("--config", CONFIGS / "feature_extract.yaml", "--model", "FineTune", "--model.backbone_lr_ratio", "0.5")
+    assert type(cli.model).__name__ == "FineTune" and cli.model.hparams.backbone_lr_ratio == 0.5
+    assert cli.model.hparams.backbone == "timm:mobilenetv2_100"  # kept from the config
+
+
+def test_configs_stack_later_one_wins(tmp_path):
+    overlay = tmp_path / "overlay.yaml"
+    overlay.write_text("model:\n  init_args:\n    lr: 0.5\ndata:\n  init_args:\n    batch_size: 3\n")
+    cli = _cli("--config", CONFIGS / "feature_extract.yaml", "--config", overlay)
+    assert cli.model.hparams.lr == 0.5 and cli.datamodule.batch_size == 3
+    cli = _cli("--config", CONFIGS / "feature_extract.yaml", "--config", overlay, "--model.lr", "0.25")
+    assert cli.model.hparams.lr == 0.25  # the command line after the configs wins
+
+
+def test_freeze_and_unfreeze_together_are_refused(capsys):
+    assert tl("fit", "--config", CONFIGS / "finetune.yaml", "--freeze.train_bn", "false", *TINY) == 2
+    assert "both freeze" in capsys.readouterr().err
+
+
+def test_target_root_needs_domain_adaptation(tiny_data, capsys):
+    args = ["fit", "--config", CONFIGS / "feature_extract.yaml", *TINY, "--data.root", tiny_data]
+    assert tl(*args, "--data.target_root", tiny_data) == 2
+    assert "data.target_root is for domain adaptation" in capsys.readouterr().err
+
+
+def test_precision_auto_asks_the_driver_not_cuda(monkeypatch):
+    import torch
+
+    import tl_cli.trainer as trainer_mod
+
+    assert resolve_precision("16-mixed", "cpu")[0] == "16-mixed"
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: pytest.fail("initialised CUDA"))
+    monkeypatch.setattr(trainer_mod, "gpu_capabilities", lambda: [(8, 0), (9, 0)])
+    assert resolve_precision("auto", "auto")[0] == "bf16-mixed"
+    assert resolve_precision("auto", "gpu")[0] == "bf16-mixed"
+    assert resolve_precision("auto", "cpu")[0] == "32-true"
+    monkeypatch.setattr(trainer_mod, "gpu_capabilities", lambda: [(7, 0), (8, 0)])  # a V100 among them
+    assert resolve_precision("auto", "cuda") == ("16-mixed", "GPU compute capability 7.0")
+
+
+def test_gpu_capabilities_parse_nvidia_smi(monkeypatch, tmp_path):
+    import tl_cli.trainer as trainer_mod
+
+    smi = tmp_path / "nvidia-smi"
+    smi.write_text("#!/bin/sh\necho '0, GPU-aaa, 7.0'\necho '1, GPU-bbb, 8.0'\n")
+    smi.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{Path(sys.executable).parent}")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert trainer_mod.gpu_capabilities() == [(7, 0), (8, 0)]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
+    assert trainer_mod.gpu_capabilities() == [(8, 0)]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-aaa")
+    assert trainer_mod.gpu_capabilities() == [(7, 0)]
+
+
+def test_user_errors_exit_2_without_traceback(capsys):
     assert tl("fit", "--config", CONFIGS / "feature_extract.yaml", "--model.backbone", "timm:resnet5O") == 2
     err = capsys.readouterr().err
     assert "Unknown backbone timm:resnet5O" in err and "timm:resnet50" in err
     assert "Traceback" not in err
+    assert tl("frobnicate") == 2
+    assert "Unknown command 'frobnicate'" in capsys.readouterr().err

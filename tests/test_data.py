@@ -7,38 +7,25 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
-from tl_cli.data import ImageFolderData, scan_split
+from tl_cli.data import ImageFolderData
 from tl_cli.errors import TLError
+from tl_cli.folders import scan_split
 from tl_cli.synth import synthesize
-from tl_cli.transforms import eval_transform, load_rgb, train_transform
+from tl_cli.transforms import AUGMENTS, Normalize, crop_pipeline, decode_resized, load_rgb
 
 PREP = {"image_size": [32, 32], "mean": [0.5] * 3, "std": [0.25] * 3, "interpolation": "bicubic", "crop_pct": 0.875}
 
 
-class FakeModel:
-    """The two things a DataModule asks its model (see ClassifierProtocol)."""
-
-    frozen_for_whole_run = False  # fine-tuning: images, not cached features
-
-    def __init__(self, class_names=None):
-        self.class_names = class_names
-
-    def adopt_classes(self, found, stage):
-        self.class_names = self.class_names or found
-        return self.class_names
-
-    def resolve_preprocessing(self, image_size, stage):
-        return dict(PREP, image_size=[image_size] * 2) if image_size else PREP
-
-
-def _dm(root, model=None, **kwargs):
-    dm = ImageFolderData(root=str(root), num_workers=0, **kwargs)
-    strategy = type("S", (), {"barrier": lambda self, name=None: None})()
-    dm.trainer = type(
-        "T", (), {"lightning_module": model or FakeModel(), "is_global_zero": True, "strategy": strategy}
-    )()
+def _dm(root, stage="fit", classes=None, image_size=None, **kwargs):
+    """A DataModule set up as a model would: classes (its own order, if any), preprocessing."""
+    dm = ImageFolderData(root=str(root), num_workers=0, image_size=image_size, **kwargs)
+    if classes is not None:
+        dm.class_names = classes
+    dm.setup(stage)
+    dm.preprocessing = dict(PREP, image_size=[image_size] * 2) if image_size else PREP
     return dm
 
 
@@ -51,17 +38,17 @@ def data(tiny_data, tmp_path):
 
 def test_setup_fit_labels_and_batches(data):
     dm = _dm(data, image_size=48)
-    dm.setup("fit")
     assert dm.class_names == ["ellipses", "rectangles"]
     x, y, index = next(iter(dm.train_dataloader()))
-    assert x.shape[1:] == (3, 48, 48) and set(y.tolist()) <= {0, 1} and len(index) == len(y)
-    assert len(dm.datasets["train"]) == 24 and len(dm.datasets["val"]) == 12
+    assert x.dtype == torch.uint8 and x.shape[1:] == (3, 48, 48)  # normalised on the device, later
+    assert set(y.tolist()) <= {0, 1} and len(index) == len(y)
+    assert len(dm.served("train")) == 24 and len(dm.served("val")) == 12
+    assert dm.class_counts("train") == [12, 12]
 
 
 def test_checkpoint_class_order_wins_for_test(data):
-    dm = _dm(data, model=FakeModel(["rectangles", "ellipses"]))
-    dm.setup("test")
-    labels = {p.parent.name: y for p, y in dm.datasets["test"].samples}
+    dm = _dm(data, stage="test", classes=["rectangles", "ellipses"])
+    labels = {p.parent.name: y for p, y in dm.samples("test")}
     assert labels == {"rectangles": 0, "ellipses": 1}
 
 
@@ -85,15 +72,16 @@ def test_checkpoint_class_order_wins_for_test(data):
 def test_layout_errors_name_the_problem(data, damage, message):
     damage(data)
     with pytest.raises(TLError) as info:
-        _dm(data).setup("fit")
+        _dm(data).train_dataloader()
+        _dm(data).val_dataloader()
     assert message in str(info.value)
 
 
 def test_missing_root_and_predict_dir(tmp_path):
     with pytest.raises(TLError, match="does not exist"):
-        _dm(tmp_path / "nowhere").setup("fit")
+        _dm(tmp_path / "nowhere")
     with pytest.raises(TLError, match="predict_dir"):
-        _dm(tmp_path, model=FakeModel(["a", "b"])).setup("predict")
+        _dm(tmp_path, stage="predict", classes=["a", "b"]).predict_dataloader()
 
 
 def test_hidden_files_are_not_images(data):
@@ -102,13 +90,13 @@ def test_hidden_files_are_not_images(data):
 
 
 def test_file_going_bad_after_the_check_is_named(data):
-    dm = _dm(data)
-    dm.setup("fit")
+    dm = _dm(data, cache_images=False)
+    dataset = dm.served("train")
     bad = data / "train" / "ellipses" / "ellipses.0.jpg"
     bad.write_bytes(bad.read_bytes()[:100])
-    index = [i for i, (p, _) in enumerate(dm.datasets["train"].samples) if p == bad][0]
+    index = [i for i, (p, _) in enumerate(dm.samples("train")) if p == bad][0]
     with pytest.raises(TLError, match="ellipses.0.jpg"):
-        dm.datasets["train"][index]
+        dataset[index]
 
 
 def _break_files(root):
@@ -119,10 +107,10 @@ def _break_files(root):
     return {truncated, root / "train" / "rectangles" / "empty.jpg", root / "val" / "ellipses" / "fake.png"}
 
 
-def test_bad_images_stop_setup_with_the_full_list(data):
+def test_bad_images_stop_before_training_with_the_full_list(data):
     names = _break_files(data)
     with pytest.raises(TLError) as info:
-        _dm(data).setup("fit")
+        _dm(data).train_dataloader()
     msg = str(info.value)
     in_train = [str(p) for p in names if "train" in p.parts]
     assert all(p in msg for p in in_train) and "on_bad_image skip" in msg and "tl data check" in msg
@@ -132,17 +120,18 @@ def test_bad_images_stop_setup_with_the_full_list(data):
 def test_bad_images_skipped_with_a_warning_each(data, capsys):
     names = _break_files(data)
     dm = _dm(data, on_bad_image="skip")
-    dm.setup("fit")
+    assert len(dm.served("train")) == 23 and len(dm.served("val")) == 12  # 24 + empty.jpg - 2; 12 + fake.png - 1
     warned = capsys.readouterr().err
     assert all(str(p) in warned for p in names)
-    kept = {p for p, _ in dm.datasets["train"].samples + dm.datasets["val"].samples}
+    kept = {p for p, _ in dm.samples("train") + dm.samples("val")}
     assert not kept & names
-    assert len(dm.datasets["train"]) == 23 and len(dm.datasets["val"]) == 12  # 24 + empty.jpg - 2; 12 + fake.png - 1
 
 
-def test_bad_augment_is_rejected():
-    with pytest.raises(TLError, match="randaugment"):
-        ImageFolderData(augment="mixup")
+def test_bad_augment_is_rejected_by_the_parser(tiny_data, capsys):
+    from tests.conftest import tl
+
+    assert tl("fit", "--data.root", tiny_data, "--data.augment", "mixup") == 2
+    assert "randaugment" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------- decoding
@@ -170,12 +159,16 @@ def test_rgb_conversion_of_awkward_modes(tmp_path):
     assert load_rgb(tmp_path / "e.jpg").size == (2, 6)
 
 
-def test_transforms_follow_preprocessing():
+def test_one_pipeline_follows_preprocessing():
     img = Image.new("RGB", (80, 60), (128, 128, 128))
-    assert eval_transform(PREP)(img).shape == (3, 32, 32)
-    assert float(eval_transform(PREP)(img).mean()) == pytest.approx((128 / 255 - 0.5) / 0.25, abs=1e-3)
-    for augment in ("none", "flip", "standard", "randaugment"):
-        assert train_transform(augment, PREP)(img).shape == (3, 32, 32)
+    decoded = decode_resized(img, PREP)
+    assert decoded.dtype == torch.uint8 and decoded.shape == (3, 36, 48)  # short side 32 / 0.875
+    x = Normalize(PREP["mean"], PREP["std"])(crop_pipeline("none", PREP)(decoded)[None])
+    assert x.shape == (1, 3, 32, 32)
+    assert float(x.mean()) == pytest.approx((128 / 255 - 0.5) / 0.25, abs=1e-3)
+    for augment in AUGMENTS:
+        out = crop_pipeline(augment, PREP)(decoded)
+        assert out.dtype == torch.uint8 and out.shape == (3, 32, 32)
 
 
 # --------------------------------------------------------------------------- synth

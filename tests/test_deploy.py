@@ -15,7 +15,7 @@ import torch
 
 from tests.conftest import fit_tiny, tl
 from tl_cli.data import ImageFolderData
-from tl_cli.models import TransferClassifier
+from tl_cli.models import FeatureExtraction
 
 
 @pytest.fixture(scope="module")
@@ -122,20 +122,22 @@ def test_predict_writes_an_error_row_and_goes_on(trained, tiny_data, tmp_path):
 def test_export_is_checked_and_predicts_like_the_checkpoint(trained, tiny_data, tmp_path, fmt, capsys):
     best = trained / "checkpoints" / "best.ckpt"
     out = tmp_path / f"model.{'onnx' if fmt == 'onnx' else 'pt'}"
-    assert tl("export", "--ckpt_path", best, "--format", fmt, "--out", out, "--images", tiny_data / "val") == 0
+    assert tl("export", "--ckpt_path", best, "--format", fmt, "-o", out, "--images", tiny_data / "val") == 0
     said = capsys.readouterr().out
-    assert "max |difference| of probabilities" in said and "<= 1e-4" in said
+    diff = float(said.split("max |difference| of probabilities ")[1].split()[0])
+    assert diff <= 1e-4
     meta = json.loads(out.with_name(out.name + ".json").read_text())
     assert meta["class_names"] == ["ellipses", "rectangles"]
     assert meta["preprocessing"]["center_crop"] == [64, 64] and len(meta["preprocessing"]["mean"]) == 3
-    assert tl("export", "--ckpt_path", best, "--format", fmt, "--out", out) == 2  # never overwrites
+    assert tl("export", "--ckpt_path", best, "--format", fmt, "-o", out) == 2  # never overwrites
     assert "already exists" in capsys.readouterr().err
 
     folder = _predict_dir(tiny_data, tmp_path)
-    assert tl("predict", "--model", out, "--data.predict_dir", folder, "--output", tmp_path / "exported.csv") == 0
-    assert tl("predict", "--ckpt_path", best, "--data.predict_dir", folder, "--data.num_workers", "0") == 0
-    exported = {r["file"]: r for r in _rows(tmp_path / "exported.csv")}
-    reference = {r["file"]: r for r in _rows("runs/predict/latest/predictions.csv")}
+    # one vocabulary: -o DIR is where results go, for both kinds of prediction
+    assert tl("predict", "--model", out, "--data.predict_dir", folder, "-o", tmp_path / "exported") == 0
+    assert tl("predict", "--ckpt_path", best, "--data.predict_dir", folder, "--data.num_workers", "0", "-o", "ref") == 0
+    exported = {r["file"]: r for r in _rows(tmp_path / "exported" / "latest" / "predictions.csv")}
+    reference = {r["file"]: r for r in _rows("ref/latest/predictions.csv")}
     assert exported.keys() == reference.keys()
     for file, ref in reference.items():
         got = exported[file]
@@ -150,7 +152,7 @@ def test_class_weights_auto_is_inverse_frequency(tiny_data, tmp_path):
     for extra in list((root / "train" / "rectangles").iterdir())[:8]:
         extra.unlink()  # 12 ellipses, 4 rectangles
     pl.seed_everything(0)
-    model = TransferClassifier(backbone="timm:test_efficientnet", weights="none", class_weights="auto")
+    model = FeatureExtraction(backbone="timm:test_efficientnet", weights="none", class_weights="auto")
     trainer = pl.Trainer(
         max_epochs=1, accelerator="cpu", logger=False, enable_progress_bar=False, enable_checkpointing=False
     )
@@ -158,16 +160,35 @@ def test_class_weights_auto_is_inverse_frequency(tiny_data, tmp_path):
     assert model.loss_weight.tolist() == pytest.approx([16 / (2 * 12), 16 / (2 * 4)])
     assert "val/balanced_acc" in trainer.callback_metrics and "val/macro_f1" in trainer.callback_metrics
     with pytest.raises(Exception, match="class_weights has 3 values"):
-        bad = TransferClassifier(backbone="timm:test_efficientnet", weights="none", class_weights=[1.0, 2.0, 3.0])
+        bad = FeatureExtraction(backbone="timm:test_efficientnet", weights="none", class_weights=[1.0, 2.0, 3.0])
         pl.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_progress_bar=False).fit(
             bad, ImageFolderData(root=str(root), num_workers=0, image_size=64)
         )
 
 
-def test_weighted_loss_matches_the_formula():
+def test_class_weights_change_the_training_loss():
+    """tl's loss weights each sample by its class's weight, as CrossEntropy(weight=...) defines."""
+    model = FeatureExtraction(backbone="timm:test_efficientnet", weights="none", class_names=["a", "b"], dropout=0.0)
     logits = torch.tensor([[2.0, 0.0], [0.0, 1.0], [1.0, 0.0]])
     y = torch.tensor([0, 1, 1])
-    w = torch.tensor([0.5, 2.0])
+    model.register_buffer("loss_weight", None, persistent=False)
+    plain = model.loss(logits, y, train=True)
+    model.register_buffer("loss_weight", torch.tensor([0.5, 2.0]), persistent=False)
+    weighted = model.loss(logits, y, train=True)
     per = torch.nn.functional.cross_entropy(logits, y, reduction="none")
-    expected = (per * w[y]).sum() / w[y].sum()
-    assert torch.nn.functional.cross_entropy(logits, y, weight=w) == pytest.approx(float(expected))
+    w = torch.tensor([0.5, 2.0])[y]
+    assert float(plain) == pytest.approx(float(per.mean()))
+    assert float(weighted) == pytest.approx(float((per * w).sum() / w.sum()))
+    assert float(weighted) != pytest.approx(float(plain))
+
+
+def test_export_refuses_and_deletes_a_model_that_disagrees(trained, tmp_path, monkeypatch, capsys):
+    import tl_cli.export as export_mod
+
+    real = export_mod.ExportedModel.__call__
+    monkeypatch.setattr(export_mod.ExportedModel, "__call__", lambda self, x: real(self, x) * 0.9)
+    out = tmp_path / "bad.onnx"
+    assert tl("export", "--ckpt_path", trained / "checkpoints" / "best.ckpt", "-o", out) == 2
+    err = capsys.readouterr().err
+    assert "disagrees with the checkpoint" in err and "Nothing was kept" in err
+    assert not out.exists() and not out.with_name("bad.onnx.json").exists()

@@ -14,7 +14,10 @@ import torch
 from PIL import Image
 
 from tests.conftest import CONFIGS, TINY, tl
-from tl_cli.domain import DomainAdaptation, DomainAdaptationData, annealed_lr_factor, dann_lambda, reverse_gradient
+from tl_cli.callbacks import UnfreezeSchedule
+from tl_cli.data import ImageFolderData
+from tl_cli.models import DomainAdaptation
+from tl_cli.models.domain import annealed_lr_factor, dann_lambda, reverse_gradient
 
 
 def test_gradient_reversal_flips_and_scales_gradients():
@@ -61,12 +64,17 @@ def test_target_labels_never_reach_the_loss(tiny_data, tmp_path):
     source, target = _domains(tiny_data, tmp_path)
     pl.seed_everything(0)
     model = DomainAdaptation(backbone="timm:test_efficientnet", weights="none", dropout=0.0, domain_hidden=16)
-    dm = DomainAdaptationData(root=str(source), target_root=str(target), num_workers=0, image_size=64, batch_size=4)
+    dm = ImageFolderData(root=str(source), target_root=str(target), num_workers=0, image_size=64, batch_size=4)
     trainer = pl.Trainer(
-        max_epochs=1, accelerator="cpu", logger=False, enable_progress_bar=False, enable_checkpointing=False
+        max_epochs=1,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        callbacks=[UnfreezeSchedule({0: 100})],
     )
     trainer.fit(model, dm)
-    assert {label for _, label in dm.datasets["target_train"].samples} == {-1}
+    assert {label for _, label in dm.samples("target_train")} == {-1}
     model.eval()  # no dropout anywhere: the loss is a function of the batch alone
     xs, ys = torch.randn(4, 3, 64, 64), torch.tensor([0, 1, 0, 1])
     xt = torch.randn(4, 3, 64, 64)
@@ -87,7 +95,7 @@ def test_one_backbone_forward_over_both_domains(dann):
     same statistics in training as at test time; source only never sees the target."""
     model = DomainAdaptation(backbone="timm:test_resnet", weights="none", domain_hidden=8, dann=dann)
     model.class_names = ["a", "b"]
-    model._build_head(2)
+    model.build_head(2)
     seen = []
     model.backbone.register_forward_hook(lambda module, args, out: seen.append(len(args[0])))
     xs, xt = torch.randn(3, 3, 32, 32), torch.randn(5, 3, 32, 32)
@@ -114,7 +122,7 @@ def test_domain_adaptation_through_the_cli(tiny_data, tmp_path):
     header = (run / "metrics.csv").read_text().splitlines()[0]
     assert "train/domain_acc_epoch" in header and "train/lambda" in header
     best = run / "checkpoints" / "best.ckpt"
-    assert torch.load(best, weights_only=True)["tl"]["kind"] == "domain_adapt"
+    assert torch.load(best, weights_only=True)["hyper_parameters"]["_class_path"] == "tl_cli.models.DomainAdaptation"
     # test needs only the checkpoint and the two data roots; it reports both domains
     assert (
         tl("test", "--ckpt_path", best, "--data.root", source, "--data.target_root", target, "--data.num_workers", "0")
@@ -123,6 +131,11 @@ def test_domain_adaptation_through_the_cli(tiny_data, tmp_path):
     out = Path("runs/test/latest")
     assert json.loads((out / "metrics.json").read_text())["n_samples"] == 12
     assert json.loads((out / "target" / "metrics.json").read_text())["n_samples"] == 12
+    # ... and like any classifier with the data root alone (no target report)
+    assert tl("test", "--ckpt_path", best, "--data.root", source, "--data.num_workers", "0", "-o", "plain") == 0
+    assert json.loads(Path("plain/latest/metrics.json").read_text())["n_samples"] == 12
+    assert not Path("plain/latest/target").exists()
+    assert tl("export", "--ckpt_path", best, "-o", "dann.onnx") == 0
     # the source-only baseline is the same config with dann off
     assert tl("fit", *args, "--trainer.max_epochs", "1", "--model.dann", "false") == 0
     header = (Path("runs/domain_adapt/latest") / "metrics.csv").read_text().splitlines()[0]

@@ -1,4 +1,5 @@
-"""A run interrupted by SIGUSR1 mid-epoch and resumed ends exactly like an uninterrupted one."""
+"""A run interrupted by SIGUSR1 mid-epoch and resumed ends exactly like an uninterrupted one,
+DataLoader workers included (SLURM signals every process of the job step)."""
 
 from __future__ import annotations
 
@@ -7,21 +8,35 @@ import signal
 from pathlib import Path
 
 import lightning.pytorch as pl
+import pytest
 import torch
 
-from tl_cli.callbacks import PreemptionCheckpoint
+from tl_cli.callbacks import UnfreezeSchedule
 from tl_cli.data import ImageFolderData
-from tl_cli.models import TransferClassifier
+from tl_cli.models import FeatureExtraction, FineTune
+from tl_cli.trainer import TLTrainer
+
+
+def _children() -> list[int]:
+    pids = []
+    for task in Path("/proc/self/task").iterdir():
+        pids += [int(p) for p in (task / "children").read_text().split()]
+    return pids
 
 
 class SignalAt(pl.Callback):
-    """Sends this process SIGUSR1 during a given batch, as `scancel --signal=USR1` would."""
+    """Sends SIGUSR1 during a given batch to this process and its DataLoader workers, as
+    `scancel --signal=USR1` does to every process of a job step."""
 
     def __init__(self, epoch: int, batch: int) -> None:
         self.at = (epoch, batch)
+        self.workers_hit = 0
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx):
         if (trainer.current_epoch, batch_idx) == self.at:
+            for pid in _children():
+                os.kill(pid, signal.SIGUSR1)
+                self.workers_hit += 1
             os.kill(os.getpid(), signal.SIGUSR1)
 
 
@@ -33,19 +48,19 @@ class CountBatches(pl.Callback):
         self.n += 1
 
 
-def _run(root, data, workdir: Path, signal_at=None, resume=False, **model_kwargs):
+def _run(data, workdir: Path, signal_at=None, resume=False, finetune=False, workers=0, **data_kwargs):
     pl.seed_everything(7)
-    model = TransferClassifier(backbone="timm:test_efficientnet", weights="none", lr=0.01, dropout=0.3, **model_kwargs)
-    dm = ImageFolderData(root=str(data), batch_size=4, num_workers=0, image_size=64, **root)
+    cls = FineTune if finetune else FeatureExtraction
+    model = cls(backbone="timm:test_efficientnet", weights="none", lr=0.01, dropout=0.3)
+    dm = ImageFolderData(root=str(data), batch_size=4, num_workers=workers, image_size=64, **data_kwargs)
     counter = CountBatches()
-    callbacks = [
-        PreemptionCheckpoint(),
-        pl.callbacks.ModelCheckpoint(dirpath=workdir / "ckpt", monitor="val/loss"),
-        counter,
-    ]
-    if signal_at:
-        callbacks.append(SignalAt(*signal_at))
-    trainer = pl.Trainer(
+    callbacks = [pl.callbacks.ModelCheckpoint(dirpath=workdir / "ckpt", monitor="val/loss"), counter]
+    if finetune:
+        callbacks.append(UnfreezeSchedule({1: 2}, train_bn=True))
+    signaller = SignalAt(*signal_at) if signal_at else None
+    if signaller:
+        callbacks.append(signaller)
+    trainer = TLTrainer(
         max_epochs=3,
         accelerator="cpu",
         logger=False,
@@ -57,15 +72,18 @@ def _run(root, data, workdir: Path, signal_at=None, resume=False, **model_kwargs
     # under SLURM a requeued job finds hpc_ckpt_*.ckpt by itself (ckpt_path None); here, say "hpc"
     trainer.fit(model, dm, ckpt_path="hpc" if resume else None)
     trainer.batches_run = counter.n
+    trainer.workers_hit = signaller.workers_hit if signaller else 0
     return model, trainer
 
 
-def _check_same(tiny_data, tmp_path, root, signal_at=(1, 2), **model_kwargs):
-    straight, t1 = _run(root, tiny_data, tmp_path / "a", **model_kwargs)
-    _, t2 = _run(root, tiny_data, tmp_path / "b", signal_at=signal_at, **model_kwargs)
+def _check_same(tiny_data, tmp_path, signal_at=(1, 2), **kwargs):
+    straight, t1 = _run(tiny_data, tmp_path / "a", **kwargs)
+    _, t2 = _run(tiny_data, tmp_path / "b", signal_at=signal_at, **kwargs)
     done = 6 * signal_at[0] + signal_at[1] + 1
     assert t2.global_step == done and list((tmp_path / "b").glob("hpc_ckpt_*.ckpt"))
-    resumed, t3 = _run(root, tiny_data, tmp_path / "b", resume=True, **model_kwargs)
+    if kwargs.get("workers"):
+        assert t2.workers_hit >= kwargs["workers"]  # the workers got the signal too, and lived
+    resumed, t3 = _run(tiny_data, tmp_path / "b", resume=True, **kwargs)
     assert t3.global_step == t1.global_step == 18
     assert t2.batches_run == done and t3.batches_run == 18 - done  # the resumed run did only what was left
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values(), strict=True):
@@ -75,15 +93,17 @@ def _check_same(tiny_data, tmp_path, root, signal_at=(1, 2), **model_kwargs):
 
 
 def test_feature_extraction_preempted_mid_epoch_resumes_exactly(tiny_data, tmp_path):
-    _check_same(tiny_data, tmp_path, {})  # cached features, head with dropout
+    _check_same(tiny_data, tmp_path)  # cached features, head with dropout
 
 
-def test_fine_tuning_preempted_mid_epoch_resumes_exactly(tiny_data, tmp_path):
-    # unfrozen stages (from epoch 1, i.e. the interrupted epoch), flip augmentation, cached images
-    _check_same(tiny_data, tmp_path, {"augment": "flip"}, unfreeze={1: 2}, train_bn=True)
+@pytest.mark.parametrize("workers", [0, 2])
+def test_fine_tuning_preempted_mid_epoch_resumes_exactly(tiny_data, tmp_path, workers):
+    # a stage unfrozen from epoch 1 (the interrupted epoch), flip augmentation drawn in the
+    # workers, cached images, train_bn
+    _check_same(tiny_data, tmp_path, finetune=True, workers=workers, augment="flip")
 
 
 def test_preempted_at_the_last_batch_of_an_epoch_resumes_after_its_validation(tiny_data, tmp_path):
     # the signal lands in the epoch's last batch: the checkpoint waits for validation and the
     # epoch-end callbacks, so the resumed run starts the next epoch cleanly
-    _check_same(tiny_data, tmp_path, {}, signal_at=(0, 5), unfreeze={1: 1})
+    _check_same(tiny_data, tmp_path, signal_at=(0, 5), finetune=True)

@@ -30,6 +30,7 @@ def test_dry_run_matches_tasks_to_devices_and_nodes(capsys):
     )
     assert "#SBATCH --signal=SIGUSR1@90" in script and "#SBATCH --account=abc123" in script
     srun = [line for line in script.splitlines() if line.startswith("srun")][0]
+    assert srun.startswith("srun --cpus-per-task=10 --kill-on-bad-exit=1 tl fit")
     assert "--trainer.devices 4 --trainer.num_nodes 2 --trainer.strategy ddp" in srun and srun.endswith(
         "--data.root /data/cats"
     )
@@ -44,6 +45,24 @@ def test_config_and_job_must_agree(tmp_path, capsys):
     assert "#SBATCH --ntasks-per-node=2" in script and "gpus" not in script and "--trainer.accelerator cpu" in script
     assert tl("slurm", "--config", cfg, "--gpus-per-node", "4", "--dry-run") == 2
     assert "trainer.devices=2 but the job asks for 4" in capsys.readouterr().err
+    # arguments for `tl fit` cannot contradict the task count either: they set it, or are refused
+    assert tl("slurm", "--config", CONFIGS / "finetune.yaml", "--dry-run", "--", "--trainer.devices", "3") == 0
+    script = capsys.readouterr().out
+    assert "#SBATCH --ntasks-per-node=3" in script and script.count("--trainer.devices") == 1
+    assert (
+        tl(
+            "slurm",
+            "--config",
+            CONFIGS / "finetune.yaml",
+            "--gpus-per-node",
+            "4",
+            "--dry-run",
+            "--",
+            "--trainer.devices=2",
+        )
+        == 2
+    )
+    assert "trainer.devices=2 but the job asks for 4" in capsys.readouterr().err
 
 
 def test_submit_uses_sbatch_and_keeps_the_script(tmp_path, monkeypatch, capsys):
@@ -56,7 +75,7 @@ def test_submit_uses_sbatch_and_keeps_the_script(tmp_path, monkeypatch, capsys):
     assert tl("slurm", "--config", CONFIGS / "feature_extract.yaml") == 0
     assert "Submitted batch job 42" in capsys.readouterr().out
     submitted = (bin_dir / "submitted").read_text().strip()
-    assert submitted.startswith("runs/slurm/") and "srun tl fit" in open(submitted).read()
+    assert submitted.startswith("runs/slurm/") and "--kill-on-bad-exit=1 tl fit" in open(submitted).read()
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
     assert tl("slurm", "--config", CONFIGS / "feature_extract.yaml") == 2
     assert "sbatch is not on PATH" in capsys.readouterr().err
@@ -65,5 +84,6 @@ def test_submit_uses_sbatch_and_keeps_the_script(tmp_path, monkeypatch, capsys):
 def test_shipped_templates_are_valid_bash_with_the_signal():
     for template in (REPO / "slurm").glob("*.sbatch"):
         text = template.read_text()
-        assert "--signal=SIGUSR1@90" in text and "srun tl fit" in text and "CHANGE" in text
+        assert "--signal=SIGUSR1@90" in text and "CHANGE" in text
+        assert 'srun --cpus-per-task="$SLURM_CPUS_PER_TASK" --kill-on-bad-exit=1 tl fit' in text
         assert subprocess.run(["bash", "-n", str(template)]).returncode == 0

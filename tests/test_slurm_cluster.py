@@ -13,11 +13,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import CONFIGS, TINY, tl
+from tests.conftest import CONFIGS, REPO, TINY, fit_tiny, tl
+from tests.test_ddp import compare_ranks
 
-pytestmark = pytest.mark.skipif(
-    shutil.which("sbatch") is None or subprocess.run(["sinfo", "-h"], capture_output=True, timeout=20).returncode != 0,
-    reason="no SLURM cluster here: run scripts/slurm-local.sh start (CI does)",
+pytestmark = [pytest.mark.slow]
+pytestmark.append(
+    pytest.mark.skipif(
+        shutil.which("sbatch") is None
+        or subprocess.run(["sinfo", "-h"], capture_output=True, timeout=20).returncode != 0,
+        reason="no SLURM cluster here: run scripts/slurm-local.sh start (CI does)",
+    )
 )
 
 
@@ -33,13 +38,18 @@ def _wait(job: str, timeout: float = 400) -> str:
     raise AssertionError(f"job {job} did not finish in {timeout} s")
 
 
-def _submit(capsys, job_name: str, devices: int, *fit_args) -> str:
+@pytest.fixture(autouse=True)
+def importable_helpers(monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", str(REPO))  # jobs load tests.helpers callbacks
+
+
+def _submit(capsys, job_name: str, devices: int, *fit_args, config: str = "feature_extract.yaml") -> str:
     """`tl slurm --cpu` for TINY `tl fit` on the local cluster; returns the job id."""
     venv = Path(sys.executable).parent.parent
     args = [
         "slurm",
         "--config",
-        CONFIGS / "feature_extract.yaml",
+        CONFIGS / config,
         "--cpu",
         "--devices",
         str(devices),
@@ -63,49 +73,67 @@ def _submit(capsys, job_name: str, devices: int, *fit_args) -> str:
     return re.search(r"Submitted batch job (\d+)", capsys.readouterr().out).group(1)
 
 
-def test_two_process_cpu_ddp_job_completes_with_one_set_of_checkpoints(tiny_data, capsys):
+def test_two_task_ddp_fine_tuning_job_ranks_agree(tiny_data, capsys):
+    """The shipped fine-tuning config as a 2-task srun job (callbacks, progress output and all),
+    DataLoader workers on, more stages unfrozen mid-run: the ranks end bit-identical."""
+    best = fit_tiny(tiny_data, 2)
     job = _submit(
         capsys,
         "tl-test-ddp",
         2,
         "--data.root",
         tiny_data,
-        "--trainer.max_epochs",
+        "--data.num_workers",
         "2",
-        "--trainer.enable_progress_bar",
-        "false",
-        "--trainer.callbacks",
-        "[]",
-        "--trainer.enable_checkpointing",
-        "true",
+        "--trainer.max_epochs",
+        "3",
+        "--model.init_from",
+        best,
+        "--unfreeze.schedule",
+        "{0: 1, 1: 3}",
+        "--trainer.callbacks+",
+        "tests.helpers.SaveRankState",
+        config="finetune.yaml",
     )
     state = _wait(job)
     log = Path(f"slurm-tl-test-ddp-{job}.out").read_text()
     assert state == "COMPLETED", log[-3000:]
-    assert "max_epochs=2` reached" in log
+    assert "max_epochs=3` reached" in log
     assert "GLOBAL_RANK: 1, MEMBER: 2/2" in log  # two DDP processes really ran
-    versions = list(Path("runs/feature_extract").glob("version_*"))
+    assert "tl: epoch 1/3 done in" in log  # plain progress lines in the batch log
+    differ, trained = compare_ranks(Path("rankstate"))
+    assert differ == 0 and trained > 0
+    versions = list(Path("runs/finetune").glob("version_*"))
     assert len(versions) == 1, versions
-    ckpts = list((versions[0] / "checkpoints").glob("*.ckpt"))
-    assert len(ckpts) == 1, ckpts  # rank 0 alone wrote the checkpoint
-    assert torch.load(ckpts[0], weights_only=True)["tl"]["class_names"] == ["ellipses", "rectangles"]
+    ckpts = sorted(p.name for p in (versions[0] / "checkpoints").glob("*.ckpt"))
+    assert ckpts == ["best.ckpt", "last.ckpt"]  # one set, written by rank 0
+    assert torch.load(versions[0] / "checkpoints" / "best.ckpt", weights_only=True)["tl"]["class_names"] == [
+        "ellipses",
+        "rectangles",
+    ]
 
 
-def _preemptable(capsys, data, root_dir: str, job_name: str) -> str:
+EPOCHS = 40
+
+
+def _preemptable(capsys, data, root_dir: str, job_name: str, tasks: int) -> str:
     return _submit(
         capsys,
         job_name,
-        1,
+        tasks,
         "--data.root",
         data,
         "--data.augment",
         "flip",
+        "--data.num_workers",
+        "2",
         "--trainer.max_epochs",
-        "12",
-        "--model.unfreeze",
+        str(EPOCHS),
+        "--unfreeze.schedule",
         "{3: 2}",
         "--trainer.default_root_dir",
         root_dir,
+        config="finetune.yaml",
     )
 
 
@@ -115,15 +143,17 @@ def _state(job: str) -> str:
     return match.group(1) if match else "?"
 
 
-def test_preempted_job_requeues_and_ends_like_an_uninterrupted_one(tiny_data, capsys):
-    straight = _preemptable(capsys, tiny_data, "runs/straight", "tl-test-straight")
+@pytest.mark.parametrize("tasks", [1, 2])
+def test_preempted_job_requeues_and_ends_like_an_uninterrupted_one(tiny_data, capsys, tasks):
+    """SIGUSR1 to every process of the step (workers too), mid-run; single task and 2-task DDP."""
+    straight = _preemptable(capsys, tiny_data, "runs/straight", "tl-test-straight", tasks)
     assert _wait(straight) == "COMPLETED", Path(f"slurm-tl-test-straight-{straight}.out").read_text()[-3000:]
 
-    job = _preemptable(capsys, tiny_data, "runs/preempted", "tl-test-preempt")
-    metrics = Path("runs/preempted/latest/metrics.csv")
+    job = _preemptable(capsys, tiny_data, "runs/preempted", "tl-test-preempt", tasks)
+    log = Path(f"slurm-tl-test-preempt-{job}.out")
     deadline = time.time() + 300
-    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) > 6):
-        time.sleep(0.5)  # wait until a few epochs are logged: then it is mid-run
+    while time.time() < deadline and not (log.exists() and f"epoch 4/{EPOCHS} done" in log.read_text()):
+        time.sleep(0.1)  # wait until a few epochs are done (plain progress lines): then it is mid-run
     assert _state(job) == "RUNNING", "the job ended before it could be preempted"
     # USR1 to the job's steps (not --full: that would hit the batch shell too)
     subprocess.run(["scancel", "--signal=USR1", job], check=True)
@@ -142,6 +172,9 @@ def test_preempted_job_requeues_and_ends_like_an_uninterrupted_one(tiny_data, ca
         r"Restarts=(\d+)", subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True).stdout
     )
     assert restarts and int(restarts.group(1)) >= 1
+    text = Path(f"slurm-tl-test-preempt-{job}.out").read_text()
+    assert "tl: preemption signal: training state saved" in text and "Restored all states from the checkpoint" in text
+    assert "User defined signal" not in text  # no process (worker or rank) died of the signal
 
     a = torch.load("runs/straight/latest/checkpoints/last.ckpt", weights_only=True)
     b = torch.load("runs/preempted/latest/checkpoints/last.ckpt", weights_only=True)
@@ -151,6 +184,7 @@ def test_preempted_job_requeues_and_ends_like_an_uninterrupted_one(tiny_data, ca
     # the requeued job continued the same run folder: one version, one config.yaml, and the
     # CSV log holds every epoch, before and after the preemption
     assert [p.name for p in Path("runs/preempted").glob("version_*")] == ["version_0"]
+    assert Path("runs/preempted/latest").resolve().name == "version_0"
     with open("runs/preempted/version_0/metrics.csv") as fh:
         epochs = {int(float(r["epoch"])) for r in csv.DictReader(fh) if r.get("epoch")}
-    assert epochs == set(range(12))
+    assert epochs == set(range(EPOCHS))

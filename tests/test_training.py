@@ -11,8 +11,11 @@ import pytest
 import torch
 
 from tests.conftest import CONFIGS, TINY, fit_tiny, tl
+from tl_cli.callbacks import FreezeBackbone, UnfreezeSchedule
+from tl_cli.callbacks.freezing import backbone_stages
 from tl_cli.data import ImageFolderData
-from tl_cli.models import TransferClassifier
+from tl_cli.errors import TLError
+from tl_cli.models import FeatureExtraction, FineTune
 
 
 def _trainer(tmp_path, epochs, **kwargs):
@@ -35,9 +38,11 @@ def _snapshot(module):
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
-def test_feature_extraction_freezes_weights_and_bn_statistics(tiny_data, tmp_path):
+@pytest.mark.parametrize("listed", [True, False])
+def test_feature_extraction_freezes_weights_and_bn_statistics(tiny_data, tmp_path, listed):
+    """With FreezeBackbone in the callbacks, or without it (FeatureExtraction adds it)."""
     pl.seed_everything(0)
-    model = TransferClassifier(
+    model = FeatureExtraction(
         backbone="timm:test_efficientnet",
         weights="none",
         lr=0.01,
@@ -46,16 +51,32 @@ def test_feature_extraction_freezes_weights_and_bn_statistics(tiny_data, tmp_pat
     )
     before = _snapshot(model.backbone)
     head_before = model.head.weight.detach().clone()
-    trainer = _trainer(tmp_path, 2)
+    trainer = _trainer(tmp_path, 2, callbacks=[FreezeBackbone()] if listed else [])
     trainer.fit(model, _data(tiny_data, augment="flip"))
+    assert sum(isinstance(c, FreezeBackbone) for c in trainer.callbacks) == 1
     assert any("running_mean" in k for k in before)
     after = model.backbone.state_dict()
     for key, value in before.items():
         assert torch.equal(value, after[key]), f"{key} changed during feature extraction"
     assert all(not p.requires_grad and p.grad is None for p in model.backbone.parameters())
     assert not torch.equal(head_before, model.head.weight)  # while the head trains
-    model.train()
     assert not any(m.training for m in model.backbone.modules())  # frozen backbone pinned in eval
+
+
+def test_freeze_backbone_train_bn_moves_only_bn_statistics(tiny_data, tmp_path):
+    pl.seed_everything(0)
+    model = FeatureExtraction(backbone="timm:test_efficientnet", weights="none", class_names=["ellipses", "rectangles"])
+    before = _snapshot(model.backbone)
+    _trainer(tmp_path, 1, callbacks=[FreezeBackbone(train_bn=True)]).fit(model, _data(tiny_data))
+    after = model.backbone.state_dict()
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    assert moved and all(k.endswith(("running_mean", "running_var", "num_batches_tracked")) for k in moved)
+
+
+def test_feature_extraction_refuses_an_unfreeze_schedule(tiny_data, tmp_path):
+    model = FeatureExtraction(backbone="timm:test_efficientnet", weights="none")
+    with pytest.raises(TLError, match="never trains its backbone.*FineTune"):
+        _trainer(tmp_path, 1, callbacks=[UnfreezeSchedule({0: 2})]).fit(model, _data(tiny_data))
 
 
 class Recorder(pl.Callback):
@@ -69,7 +90,7 @@ class Recorder(pl.Callback):
             return
         bn = [m for m in model.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)]
         self.epochs[trainer.current_epoch] = {
-            "trainable": [all(p.requires_grad for p in params) for params in model._stage_params],
+            "trainable": [all(p.requires_grad for p in params) for _, params in backbone_stages(model.backbone)],
             "lrs": [g["lr"] for g in trainer.optimizers[0].param_groups],
             "bn_training": [m.training for m in bn],
         }
@@ -77,18 +98,13 @@ class Recorder(pl.Callback):
 
 def test_unfreeze_schedule_learning_rates_and_train_bn(tiny_data, tmp_path):
     pl.seed_everything(0)
-    model = TransferClassifier(
-        backbone="timm:test_efficientnet",
-        weights="none",
-        lr=0.01,
-        backbone_lr_ratio=0.1,
-        unfreeze={1: 1, 2: 3},
-        scheduler="none",
+    model = FineTune(
+        backbone="timm:test_efficientnet", weights="none", lr=0.01, backbone_lr_ratio=0.1, scheduler="none"
     )
-    n = len(model.stage_names)
+    n = len(model.spec.stages)
     before = _snapshot(model.backbone)
     rec = Recorder()
-    _trainer(tmp_path, 3, callbacks=[rec]).fit(model, _data(tiny_data))
+    _trainer(tmp_path, 3, callbacks=[rec, UnfreezeSchedule({1: 1, 2: 3})]).fit(model, _data(tiny_data))
     assert rec.epochs[0]["trainable"] == [False] * n
     assert rec.epochs[1]["trainable"] == [False] * (n - 1) + [True]
     assert rec.epochs[2]["trainable"] == [False] * (n - 3) + [True] * 3
@@ -104,9 +120,9 @@ def test_unfreeze_schedule_learning_rates_and_train_bn(tiny_data, tmp_path):
 
 def test_train_bn_updates_statistics_of_unfrozen_layers_only(tiny_data, tmp_path):
     pl.seed_everything(0)
-    model = TransferClassifier(backbone="timm:test_efficientnet", weights="none", unfreeze={0: 1}, train_bn=True)
+    model = FineTune(backbone="timm:test_efficientnet", weights="none")
     before = _snapshot(model.backbone)
-    _trainer(tmp_path, 1).fit(model, _data(tiny_data))
+    _trainer(tmp_path, 1, callbacks=[UnfreezeSchedule({0: 1}, train_bn=True)]).fit(model, _data(tiny_data))
     after = model.backbone.state_dict()
     last = {k.rsplit(".", 1)[0] for k in model.spec.stages[-1][1]}
     stats = [k for k in before if k.endswith("running_mean")]
@@ -127,16 +143,11 @@ class StopAfter(pl.Callback):
 
 def _fit_ckpt(tmp_path, tiny_data, epochs, ckpt_path=None, rec=None, stop_after=None):
     pl.seed_everything(0)
-    model = TransferClassifier(
-        backbone="timm:test_efficientnet",
-        weights="none",
-        lr=0.01,
-        backbone_lr_ratio=0.2,
-        unfreeze={1: 2},
-        warmup_epochs=0.5,
+    model = FineTune(
+        backbone="timm:test_efficientnet", weights="none", lr=0.01, backbone_lr_ratio=0.2, warmup_epochs=0.5
     )
     ckpt = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
-    callbacks = [ckpt, rec or Recorder()] + ([StopAfter(stop_after)] if stop_after else [])
+    callbacks = [ckpt, rec or Recorder(), UnfreezeSchedule({1: 2})] + ([StopAfter(stop_after)] if stop_after else [])
     trainer = _trainer(tmp_path, epochs, callbacks=callbacks, deterministic=True)
     trainer.fit(model, _data(tiny_data), ckpt_path=ckpt_path)
     return model, trainer
@@ -227,7 +238,7 @@ def test_fit_test_predict_finetune_through_the_cli(tiny_data, tmp_path):
 def test_fine_tuning_starts_from_the_feature_extraction_weights(tiny_data, tmp_path):
     best = fit_tiny(tiny_data)
     state = torch.load(best, weights_only=True)["state_dict"]
-    model = TransferClassifier(backbone="timm:test_efficientnet", weights="none", init_from=str(best))
+    model = FineTune(backbone="timm:test_efficientnet", weights="none", init_from=str(best))
     trainer = _trainer(tmp_path, 0)
     trainer.fit(model, _data(tiny_data))  # max_epochs=0: only the start hooks run
     for key, value in model.state_dict().items():
@@ -267,3 +278,19 @@ def test_corrupt_image_in_a_worker_is_named_without_traceback(tiny_data, tmp_pat
     assert tl(*args, "--trainer.max_epochs", "1", "--data.num_workers", "1") == 2
     err = capsys.readouterr().err
     assert "rectangles.3.jpg" in err and "Traceback" not in err
+
+
+def test_batch_logs_are_plain_lines_and_the_bar_can_be_switched_off(tiny_data, capsys):
+    """A SLURM .out file gets a line per interval (step, loss, images/s, time left) and one per
+    epoch; `--trainer.enable_progress_bar false` (what batch users type first) just works."""
+    args = ["fit", "--config", CONFIGS / "feature_extract.yaml", *TINY, "--data.root", tiny_data]
+    plain = ["--trainer.callbacks+", "tl_cli.callbacks.PlainProgress", "--trainer.callbacks.every_seconds", "0"]
+    assert tl(*args, "--trainer.max_epochs", "2", *plain) == 0
+    out = capsys.readouterr().out
+    steps = [line for line in out.splitlines() if line.startswith("tl: epoch 1/2 step ")]
+    assert len(steps) == 3  # 24 images / 8
+    assert "loss " in steps[0] and "images/s" in steps[0] and "left" in steps[0]
+    assert any(line.startswith("tl: epoch 2/2 done in") and "val/acc" in line for line in out.splitlines())
+    assert "\x1b[" not in out  # no terminal control codes in a log file
+    assert tl(*args, "--trainer.max_epochs", "1", "--trainer.enable_progress_bar", "false") == 0
+    assert "epoch 1/1 done" not in capsys.readouterr().out

@@ -6,13 +6,14 @@
 - **Decoded images**: every image decoded, converted to RGB and resized once (short side =
   the eval resize, ``image_size / crop_pct``), kept as uint8; random augmentations then run on
   tensors (fine-tuning, augmented feature extraction).
+- **Screening results**: which files of a file set cannot be decoded.
 
-Both are keyed by a hash of everything that determines their content: the files (path, size,
-modification time, label), the preprocessing, and for features the backbone, its weights (a
-weights file by content hash) and the numeric precision. Change any of it and the entry is
-rebuilt. Files are written to a temporary name and renamed, so a crash never leaves a
-half-written entry under a valid name; an entry that is truncated or corrupt anyway is
-rebuilt with a warning, never used.
+Entries are keyed by a hash of everything that determines their content: the files (path,
+size, modification time, label), the preprocessing, and for features the backbone, a hash
+of its weight tensors and the numeric precision. Change any of it and the entry is rebuilt.
+Files are written to a temporary name and renamed, so a crash never leaves a half-written
+entry under a valid name; an entry that is truncated or corrupt anyway is rebuilt with a
+warning, never used. Under DDP each rank writes its share as a part; rank 0 joins them.
 
 The cache folder is ``data.cache_dir``, else ``$TL_CACHE_DIR``, else ``~/.cache/tl``.
 """
@@ -24,17 +25,16 @@ import json
 import os
 import tempfile
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 
-CACHE_FORMAT = 1
-# In-memory if the decoded images take at most this share of the memory available now;
-# otherwise memory-mapped from the cache file (the OS page cache keeps what fits).
+CACHE_FORMAT = 2
+# In-memory if the decoded images take at most this share of the memory this process may
+# use; otherwise memory-mapped from the cache file (the OS page cache keeps what fits).
 IMAGE_RAM_SHARE = 0.25
 
 
@@ -57,7 +57,7 @@ def make_key(kind: str, **parts: Any) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
@@ -69,22 +69,71 @@ def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
             os.unlink(tmp)
 
 
+def _cgroup_room() -> Optional[int]:
+    """Bytes this process's cgroup (a SLURM job's memory limit) still allows, if limited."""
+    for limit_file, usage_file in (
+        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),  # cgroup v2
+        ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"),  # v1
+    ):
+        try:
+            limit = Path(limit_file).read_text().strip()
+            usage = int(Path(usage_file).read_text().strip())
+        except (OSError, ValueError):
+            continue
+        if limit.isdigit() and int(limit) < 2**60:
+            return max(0, int(limit) - usage)
+    return None
+
+
 def available_memory() -> int:
+    """Memory available now: the host's MemAvailable, or less where a cgroup limits the job."""
+    host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
     try:
         with open("/proc/meminfo") as fh:
             for line in fh:
                 if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+                    host = int(line.split()[1]) * 1024
+                    break
     except OSError:
         pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    room = _cgroup_room()
+    return host if room is None else min(host, room)
+
+
+def image_ram_budget(processes_on_node: int = 1) -> int:
+    """Bytes of decoded images one training process may hold in RAM: a share of what the job
+    may still use, divided among the training processes of this node."""
+    return int(IMAGE_RAM_SHARE * available_memory() / max(1, processes_on_node))
+
+
+def _part(path: Path, rank: int) -> Path:
+    return path.with_name(f"{path.name}.part{rank}")
+
+
+# --------------------------------------------------------------------------- screening
+
+
+class ScreenStore:
+    """The files of a file set that cannot be used, with why: ``[{"path", "problem"}]``."""
+
+    def __init__(self, root: Path, key: str) -> None:
+        self.path = root / "checks" / f"{key}.json"
+
+    def load(self) -> Optional[list[dict[str, str]]]:
+        try:
+            return json.loads(self.path.read_text())["bad"]
+        except (OSError, ValueError, KeyError):
+            return None
+
+    def save(self, bad: list[dict[str, str]]) -> None:
+        atomic_write(self.path, lambda tmp: tmp.write_text(json.dumps({"bad": bad})))
 
 
 # --------------------------------------------------------------------------- features
 
 
 class FeatureStore:
-    """Bottleneck features of one split: ``features [N, F]`` and ``labels [N]``."""
+    """Bottleneck features of one split: ``features [N, F]``."""
 
     def __init__(self, root: Path, key: str) -> None:
         self.path = root / "features" / f"{key}.pt"
@@ -104,26 +153,25 @@ class FeatureStore:
             warnings.warn(f"tl: feature cache {self.path} is unreadable ({exc}); recomputing it.", stacklevel=2)
             return None
 
-    def save(self, features: torch.Tensor) -> None:
-        _atomic_write(self.path, lambda tmp: torch.save({"format": CACHE_FORMAT, "features": features}, tmp))
+    def save(self, features: torch.Tensor, part: Optional[int] = None) -> None:
+        path = self.path if part is None else _part(self.path, part)
+        atomic_write(path, lambda tmp: torch.save({"format": CACHE_FORMAT, "features": features}, tmp))
 
+    def move_to(self, other: FeatureStore) -> None:
+        os.replace(self.path, other.path)
 
-class FeatureDataset(Dataset):
-    """Cached features with labels; items ``(features, label, index)`` like `ImageFiles`."""
-
-    def __init__(self, features: torch.Tensor, labels: Sequence[int]) -> None:
-        self.features = features
-        self.labels = torch.as_tensor(list(labels), dtype=torch.long)
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-        return self.features[index], self.labels[index], index
-
-    def __getitems__(self, indices: list[int]) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
-        feats, labels = self.features[indices], self.labels[indices]
-        return [(feats[i], labels[i], idx) for i, idx in enumerate(indices)]
+    def join_into(self, target: FeatureStore, world: int, drop: set[int]) -> None:
+        """Interleave the ranks' parts (rank r holds samples r, r + world, ...) into `target`,
+        leaving out the samples at `drop`."""
+        parts = [torch.load(_part(self.path, r), weights_only=True)["features"] for r in range(world)]
+        total = sum(len(p) for p in parts)
+        out = torch.empty(total, parts[0].shape[1], dtype=parts[0].dtype)
+        for r, part in enumerate(parts):
+            out[r::world] = part
+        keep = [i for i in range(total) if i not in drop]
+        target.save(out[keep] if drop else out)
+        for r in range(world):
+            _part(self.path, r).unlink(missing_ok=True)
 
 
 # --------------------------------------------------------------------------- decoded images
@@ -140,7 +188,7 @@ class ImageStore:
         self.data_path = root / "images" / f"{key}.u8"
         self.index_path = root / "images" / f"{key}.json"
 
-    def load(self, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    def load(self, n: int, ram_budget: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
         if not self.index_path.exists():
             return None
         try:
@@ -152,7 +200,7 @@ class ImageStore:
                 raise ValueError(
                     f"{len(shapes)} images / {self.data_path.stat().st_size} bytes, expected {n} / {total}"
                 )
-            if total <= IMAGE_RAM_SHARE * available_memory():
+            if total <= ram_budget:
                 data = np.fromfile(self.data_path, dtype=np.uint8)
             else:
                 data = np.memmap(self.data_path, dtype=np.uint8, mode="r")
@@ -161,45 +209,51 @@ class ImageStore:
             warnings.warn(f"tl: image cache {self.data_path} is unreadable ({exc}); rebuilding it.", stacklevel=2)
             return None
 
-    def build(self, arrays: Callable[[], Any], n: int) -> None:
-        """Write the images yielded by `arrays()` (HWC uint8, in sample order)."""
+    def build(self, arrays: Iterable[np.ndarray], part: Optional[int] = None) -> int:
+        """Write the HWC uint8 `arrays` (in sample order); return how many were written."""
+        data_path = self.data_path if part is None else _part(self.data_path, part)
         offsets, shapes, total = [], [], 0
 
         def write(tmp: Path) -> None:
             nonlocal total
             with open(tmp, "wb") as fh:
-                for arr in arrays():
+                for arr in arrays:
                     arr = np.ascontiguousarray(arr, dtype=np.uint8)
                     offsets.append(total)
                     shapes.append(list(arr.shape))
                     fh.write(arr.tobytes())
                     total += arr.nbytes
 
-        _atomic_write(self.data_path, write)
-        if len(shapes) != n:
-            raise RuntimeError(f"image cache got {len(shapes)} images, expected {n}")
+        atomic_write(data_path, write)
         index = {"format": CACHE_FORMAT, "offsets": offsets, "shapes": shapes, "total": total}
-        _atomic_write(self.index_path, lambda tmp: tmp.write_text(json.dumps(index)))
+        index_path = self.index_path if part is None else _part(self.index_path, part)
+        atomic_write(index_path, lambda tmp: tmp.write_text(json.dumps(index)))
+        return len(shapes)
 
+    def move_to(self, other: ImageStore) -> None:
+        os.replace(self.data_path, other.data_path)
+        os.replace(self.index_path, other.index_path)
 
-class CachedImages(Dataset):
-    """Decoded images from an `ImageStore`; items ``(transform(uint8 CHW tensor), label, index)``."""
+    def join_into(self, target: ImageStore, world: int, drop: set[int]) -> None:
+        """Interleave the ranks' parts (rank r holds samples r, r + world, ...) into `target`,
+        leaving out the samples at `drop`."""
+        parts = []
+        for r in range(world):
+            index = json.loads(_part(self.index_path, r).read_text())
+            data = np.memmap(_part(self.data_path, r), dtype=np.uint8, mode="r") if index["total"] else None
+            parts.append((data, index["offsets"], index["shapes"]))
+        n = sum(len(p[2]) for p in parts)
 
-    def __init__(
-        self, data: np.ndarray, offsets: np.ndarray, shapes: np.ndarray, labels: Sequence[int], transform: Any
-    ):
-        self.data, self.offsets, self.shapes = data, offsets, shapes
-        self.labels = list(labels)
-        self.transform = transform
+        def ordered() -> Iterable[np.ndarray]:
+            for i in range(n):
+                if i in drop:
+                    continue
+                data, offsets, shapes = parts[i % world]
+                j = i // world
+                size = int(np.prod(shapes[j]))
+                yield np.asarray(data[offsets[j] : offsets[j] + size]).reshape(shapes[j])
 
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def image(self, index: int) -> torch.Tensor:
-        h, w, c = (int(v) for v in self.shapes[index])
-        start = int(self.offsets[index])
-        arr = np.asarray(self.data[start : start + h * w * c]).reshape(h, w, c)
-        return torch.from_numpy(arr.copy()).permute(2, 0, 1)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
-        return self.transform(self.image(index)), self.labels[index], index
+        target.build(ordered())
+        for r in range(world):
+            _part(self.data_path, r).unlink(missing_ok=True)
+            _part(self.index_path, r).unlink(missing_ok=True)

@@ -8,33 +8,39 @@ images, duplicates) is reported but does not stop anything.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
+import signal
 import sys
 import time
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from tl_cli.errors import TLError
+from tl_cli.folders import IMAGE_SUFFIXES, is_ignored
+from tl_cli.images import to_rgb
 
-SPLITS = ("train", "val", "test")
+SPLITS = ("train", "val", "test")  # the splits `tl data check` reports on
 HIGH_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I", "F"}
 
 
-def inspect_image(path: str | Path, image_suffixes: frozenset[str] | None = None) -> dict[str, Any]:
+def inspect_image(
+    path: str | Path, image_suffixes: frozenset[str] | None = None, *, digest: bool = True, keep: bool = False
+) -> dict[str, Any]:
     """Decode one file fully; return what tl needs to know about it.
 
-    Keys: ``path``, ``bytes``, ``sha256``, ``error`` (None if the file is usable),
-    ``width``, ``height``, ``mode``, ``converted`` (list of: grayscale, palette, alpha, cmyk,
-    16-bit), ``exif_rotated``.
+    Keys: ``path``, ``bytes``, ``sha256`` (with `digest`), ``error`` (None if the file is
+    usable), ``width``, ``height``, ``mode``, ``converted`` (list of: grayscale, palette, alpha,
+    cmyk, 16-bit), ``exif_rotated``, and with `keep` ``image``: the RGB image as training sees
+    it (so the screening pass and the cache build share one decode).
     """
-    from tl_cli.transforms import to_rgb
-
     path = Path(path)
     info: dict[str, Any] = {"path": str(path), "error": None, "converted": [], "exif_rotated": False}
     try:
@@ -43,7 +49,8 @@ def inspect_image(path: str | Path, image_suffixes: frozenset[str] | None = None
         info["error"] = f"cannot be read: {exc.strerror or exc}"
         return info
     info["bytes"] = len(data)
-    info["sha256"] = hashlib.sha256(data).hexdigest()
+    if digest:
+        info["sha256"] = hashlib.sha256(data).hexdigest()
     if image_suffixes is not None and path.suffix.lower() not in image_suffixes:
         info["error"] = f"not an image (extension {path.suffix or 'none'})"
         return info
@@ -69,6 +76,8 @@ def inspect_image(path: str | Path, image_suffixes: frozenset[str] | None = None
                 info["converted"].append("16-bit")
             rgb = to_rgb(ImageOps.exif_transpose(img))
             info["width"], info["height"] = rgb.size
+            if keep:
+                info["image"] = rgb
     except UnidentifiedImageError:
         info["error"] = "not an image (no image format recognises it)"
     except Exception as exc:  # truncated data, bad huffman tables, decompression bombs...
@@ -76,66 +85,52 @@ def inspect_image(path: str | Path, image_suffixes: frozenset[str] | None = None
     return info
 
 
-class _Inspect:
-    def __init__(self, paths: Sequence[Path], suffixes: frozenset[str] | None) -> None:
-        self.paths, self.suffixes = paths, suffixes
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        return inspect_image(self.paths[i], self.suffixes)
-
-
-def _as_is(item: Any) -> Any:
-    return item
+def _ignore_preemption_signal() -> None:
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
 
 def inspect_all(
     paths: Sequence[Path], workers: int, suffixes: frozenset[str] | None = None, progress: bool = False
 ) -> Iterator[dict[str, Any]]:
-    """`inspect_image` over `paths` in `workers` processes, in order, optionally with progress."""
-    from torch.utils.data import DataLoader
+    """`inspect_image` over `paths` in `workers` processes, in order, optionally with progress.
 
-    loader = DataLoader(
-        _Inspect(list(paths), suffixes),
-        batch_size=None,
-        num_workers=workers,
-        collate_fn=_as_is,
-        prefetch_factor=16 if workers else None,
-    )
+    A process pool of the standard library rather than a DataLoader: `tl data check` then
+    starts without importing torch.
+    """
     total, last = len(paths), 0.0
     tty = sys.stderr.isatty()
-    for done, info in enumerate(loader, 1):
-        if progress and (time.monotonic() - last > (0.5 if tty else 5.0) or done == total):
-            last = time.monotonic()
-            text = f"tl: checked {done}/{total} files ({100 * done // max(total, 1)} %)"
-            print(
-                f"\r{text}" if tty else text, end="\n" if done == total or not tty else "", file=sys.stderr, flush=True
-            )
-        yield info
+    inspect = functools.partial(inspect_image, image_suffixes=suffixes)
+    pool = ProcessPoolExecutor(workers, initializer=_ignore_preemption_signal) if workers > 0 else None
+    try:
+        results = pool.map(inspect, paths, chunksize=8) if pool else map(inspect, paths)
+        for done, info in enumerate(results, 1):
+            if progress and (time.monotonic() - last > (0.5 if tty else 5.0) or done == total):
+                last = time.monotonic()
+                text = f"tl: checked {done}/{total} files ({100 * done // max(total, 1)} %)"
+                end = "\n" if done == total or not tty else ""
+                print(f"\r{text}" if tty else text, end=end, file=sys.stderr, flush=True)
+            yield info
+    finally:
+        if pool:
+            pool.shutdown(cancel_futures=True)
 
 
 # --------------------------------------------------------------------------- tl data check
 
 
 def _split_files(root: Path, split: str) -> dict[str, list[Path]]:
-    from tl_cli.data import _is_ignored
-
     classes: dict[str, list[Path]] = {}
-    for class_dir in sorted(p for p in (root / split).iterdir() if p.is_dir() and not _is_ignored(p)):
+    for class_dir in sorted(p for p in (root / split).iterdir() if p.is_dir() and not is_ignored(p)):
         classes[class_dir.name] = sorted(
             p
             for p in class_dir.rglob("*")
-            if p.is_file() and not any(_is_ignored(Path(part)) for part in p.relative_to(class_dir).parts)
+            if p.is_file() and not any(is_ignored(Path(part)) for part in p.relative_to(class_dir).parts)
         )
     return classes
 
 
 def check_dataset(root: str | Path, workers: int = 2, min_size: int = 32, progress: bool = False) -> dict[str, Any]:
     """Inspect every file under ``root/{train,val,test}/<class>/``; return the report as a dict."""
-    from tl_cli.data import IMAGE_SUFFIXES
-
     root = Path(root)
     if not root.is_dir():
         raise TLError(f"{root} is not a folder. Pass the data root that holds train/, val/ and test/.")

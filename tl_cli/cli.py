@@ -1,264 +1,45 @@
 """``tl``: Lightning's fit/validate/test/predict plus tl's own commands.
 
-Lightning's subcommands go through `TLCLI` (a thin `LightningCLI`). tl's own commands
-(``tl data ...``, ``tl weights ...``) are dispatched before Lightning is imported, so they
-start fast. User mistakes (`TLError`) are printed as one paragraph, without a traceback.
+Lightning's subcommands go through `TLCLI` (a thin `LightningCLI`, imported only for them).
+``tl --help`` and tl's own commands (`tl_cli.commands`) start without importing torch or
+Lightning. User mistakes (`TLError`) are printed as one paragraph, without a traceback.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
-import re
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Optional
 
+from tl_cli import __version__
+from tl_cli.commands import COMMANDS, TL_COMMANDS, predict_exported
 from tl_cli.errors import TLError
 
-
-def next_version(root: Path) -> int:
-    """The next free ``version_N`` under `root`; an empty newest one (a run that died at start) is reused."""
-    if not root.is_dir():
-        return 0
-    found = [int(m.group(1)) for p in root.iterdir() if (m := re.fullmatch(r"version_(\d+)", p.name))]
-    if not found:
-        return 0
-    newest = max(found)
-    return newest if not any((root / f"version_{newest}").iterdir()) else newest + 1
-
-
-TL_COMMANDS = {
-    "data synth": "write the generated demo dataset (the embedded default)",
-    "data split": "make train/val/test class folders from a folder of images (stratified, seeded)",
-    "data check": "decode every image and report what would break or bias training",
-    "export": "write an ONNX or TorchScript model + preprocessing JSON, checked against the checkpoint",
-    "predict --model": "predict with an exported model (ONNX Runtime or TorchScript), no checkpoint needed",
-    "slurm": "render a SLURM batch script from a config (ntasks = devices, nodes = num_nodes); submit it",
-    "weights fetch": "download a backbone's pretrained weights into the cache (run on a login node)",
+LIGHTNING_COMMANDS = {
+    "fit": "train a model (feature extraction, fine-tuning, domain adaptation: the config picks)",
+    "validate": "evaluate a checkpoint on data.root/val",
+    "test": "evaluate a checkpoint on data.root/test: metrics, confusion matrix, reports",
+    "predict": "classify the images of data.predict_dir: predictions.csv",
 }
 
-EPILOG = "tl's own commands:\n" + "\n".join(f"  tl {name:<16} {text}" for name, text in TL_COMMANDS.items())
 
-
-# --------------------------------------------------------------------------- tl's own commands
-
-
-def _data_command(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="tl data", description="Dataset tools.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    synth = sub.add_parser(
-        "synth",
-        help=TL_COMMANDS["data synth"],
-        description=(
-            "Write a small generated dataset in the ImageFolder layout (OUT/{train,val,test}/<class>/), "
-            "deterministic for a given seed. Classes differ by the shape drawn, not by colour or "
-            "brightness, so a classifier has to look at the image."
-        ),
-    )
-    synth.add_argument("out_dir", type=Path)
-    synth.add_argument("--seed", type=int, default=0)
-    synth.add_argument("--classes", type=int, default=2, help="number of classes (2-4)")
-    synth.add_argument("--train", type=int, default=120, help="images per class in train/")
-    synth.add_argument("--val", type=int, default=40, help="images per class in val/")
-    synth.add_argument("--test", type=int, default=40, help="images per class in test/")
-    synth.add_argument("--size", type=int, default=256, help="image side in pixels")
-    synth.add_argument("--force", action="store_true", help="write into an existing non-empty folder")
-    split = sub.add_parser(
-        "split",
-        help=TL_COMMANDS["data split"],
-        description=(
-            "Write OUT/{train,val,test}/<class>/ with N images per class per split, drawn at random "
-            "(seeded) from SRC: a folder of class sub-folders, or a flat folder of files named "
-            "<class>.<number>.<ext> like Kaggle's dogs-vs-cats train/ (cat.123.jpg -> cats/). "
-            "Originals are hard-linked (copied where that is impossible, or with --copy), never moved."
-        ),
-    )
-    split.add_argument("src", type=Path)
-    split.add_argument("out", type=Path)
-    split.add_argument("--train", type=int, required=True, help="images per class in train/")
-    split.add_argument("--val", type=int, required=True, help="images per class in val/")
-    split.add_argument("--test", type=int, default=0, help="images per class in test/")
-    split.add_argument("--seed", type=int, default=0)
-    split.add_argument("--copy", action="store_true", help="copy files instead of hard-linking them")
-    check = sub.add_parser(
-        "check",
-        help=TL_COMMANDS["data check"],
-        description=(
-            "Decode every file under ROOT/{train,val,test}/<class>/ and report per split and class: "
-            "counts and imbalance; corrupt, truncated, zero-byte and non-image files; grayscale, "
-            "palette, alpha, CMYK and 16-bit images (converted by tl); EXIF-rotated and very small "
-            "images; identical files within and across splits. Exit status 1 when something would "
-            "stop training."
-        ),
-    )
-    check.add_argument("root", type=Path)
-    check.add_argument("--json", action="store_true", help="print the report as JSON")
-    check.add_argument("--min-size", type=int, default=32, help="smaller sides are reported as very small")
-    check.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
-    check.add_argument("--strict", action="store_true", help="also fail on duplicates across splits")
-    args = parser.parse_args(argv)
-    if args.command == "split":
-        from tl_cli.split import split_dataset
-
-        counts = {"train": args.train, "val": args.val}
-        if args.test:
-            counts["test"] = args.test
-        written = split_dataset(args.src, args.out, counts, seed=args.seed, copy=args.copy)
-        for split_name, classes in written.items():
-            print(f"tl: {args.out / split_name}: " + ", ".join(f"{c} {n}" for c, n in classes.items()))
-        return 0
-    if args.command == "check":
-        from tl_cli.checks import check_dataset, format_report, write_json
-
-        workers = args.workers if args.workers is not None else (os.cpu_count() or 1)
-        report = check_dataset(args.root, workers=workers, min_size=args.min_size, progress=not args.json)
-        print(write_json(report) if args.json else format_report(report))
-        leaks = bool(report["duplicates"]["across_splits"])
-        return 0 if report["ok"] and not (args.strict and leaks) else 1
-    from tl_cli.synth import synthesize
-
-    counts = synthesize(
-        args.out_dir,
-        seed=args.seed,
-        num_classes=args.classes,
-        per_split={"train": args.train, "val": args.val, "test": args.test},
-        size=args.size,
-        force=args.force,
-    )
-    total = sum(sum(c.values()) for c in counts.values())
-    print(
-        f"tl: wrote {total} images to {args.out_dir} ({', '.join(f'{s}: {sum(c.values())}' for s, c in counts.items())})"
-    )
-    return 0
-
-
-def _weights_command(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="tl weights", description="Pretrained weights.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    fetch = sub.add_parser(
-        "fetch",
-        help=TL_COMMANDS["weights fetch"],
-        description=(
-            "Download the ImageNet weights of a backbone into the standard cache (HF_HOME for timm, "
-            "TORCH_HOME for torchvision), so runs on compute nodes without internet find them."
-        ),
-    )
-    fetch.add_argument("spec", help="timm:<name> or torchvision:<name>")
-    args = parser.parse_args(argv)
-    from tl_cli.backbones import cached_weights_path, create_backbone, load_weights
-
-    backbone = create_backbone(args.spec)
-    load_weights(backbone, "imagenet")
-    where = cached_weights_path(args.spec)
-    print(f"tl: ImageNet weights for {args.spec} are in the cache" + (f": {where}" if where else " (HF_HOME)") + ".")
-    return 0
-
-
-def _export_command(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="tl export",
-        description=(
-            "Write the model of a tl checkpoint as ONNX or TorchScript, with a JSON beside it that "
-            "holds the preprocessing (input size, resize, crop, interpolation, mean, std) and the "
-            "class names; then check the export against the checkpoint on real images (max |difference| "
-            "of probabilities <= 1e-4) and say so."
-        ),
-    )
-    parser.add_argument("--ckpt_path", required=True, type=Path)
-    parser.add_argument("--format", choices=["onnx", "torchscript"], default="onnx")
-    parser.add_argument("--out", type=Path, default=None, help="model path (default: beside the checkpoint)")
-    parser.add_argument(
-        "--images", type=Path, default=None, help="images to check the export on (default: generated ones)"
-    )
-    args = parser.parse_args(argv)
-    from tl_cli.export import export
-
-    path, diff = export(args.ckpt_path, args.format, args.out, args.images)
-    from tl_cli.export import metadata_path
-
-    print(f"tl: wrote {path} and {metadata_path(path)}")
-    print(f"tl: checked against the checkpoint: max |difference| of probabilities {diff:.2e} (<= 1e-4)")
-    return 0
-
-
-def _predict_exported(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="tl predict --model", description="Predict with a model written by `tl export`."
-    )
-    parser.add_argument("--model", required=True, type=Path, help="an .onnx or TorchScript .pt file from `tl export`")
-    parser.add_argument("--data.predict_dir", dest="predict_dir", required=True, type=Path)
-    parser.add_argument("--data.batch_size", dest="batch_size", type=int, default=32)
-    parser.add_argument(
-        "--output", type=Path, default=None, help="CSV path (default: runs/predict/version_N/predictions.csv)"
-    )
-    args = parser.parse_args(argv)
-    from tl_cli.export import predict_with_exported
-
-    out = args.output
-    if out is None:
-        root = Path("runs/predict")
-        out = root / f"version_{next_version(root)}" / "predictions.csv"
-    elif out.exists():
-        raise TLError(f"{out} already exists; tl does not overwrite it. Choose another --output.")
-    n = predict_with_exported(args.model, args.predict_dir, out, args.batch_size)
-    print(f"tl: predictions for {n} images written to {out}")
-    return 0
-
-
-def _slurm_command(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="tl slurm",
-        description=(
-            "Render a SLURM batch script that runs `tl fit` with the given configs: --ntasks-per-node "
-            "always equals trainer.devices and --nodes trainer.num_nodes (a mismatch hangs DDP), with "
-            "--signal=SIGUSR1@90 so Lightning checkpoints and requeues before the time limit. Prints "
-            "it with --dry-run, submits it with sbatch otherwise. Arguments after -- go to `tl fit`."
-        ),
-    )
-    parser.add_argument("-c", "--config", action="append", type=Path, required=True)
-    parser.add_argument("--partition", default="gpu-shared")
-    parser.add_argument("--account", default=None)
-    parser.add_argument("--nodes", type=int, default=None, help="= trainer.num_nodes (default: the config's, else 1)")
-    parser.add_argument(
-        "--gpus-per-node",
-        "--devices",
-        dest="devices",
-        type=int,
-        default=None,
-        help="= trainer.devices (default: the config's, else 1)",
-    )
-    parser.add_argument("--cpu", action="store_true", help="CPU processes instead of GPUs (gloo DDP)")
-    parser.add_argument("--cpus-per-task", type=int, default=10)
-    parser.add_argument("--mem", default="92G")
-    parser.add_argument("--time", default="04:00:00")
-    parser.add_argument("--job-name", default="tl-fit")
-    parser.add_argument("--venv", default=".venv")
-    parser.add_argument("--dry-run", action="store_true", help="print the script instead of submitting it")
-    args, extra = parser.parse_known_args(argv)
-    extra = [a for a in extra if a != "--"]
-    from tl_cli.slurm import render, submit
-
-    script = render(
-        args.config,
-        partition=args.partition,
-        account=args.account,
-        nodes=args.nodes,
-        devices=args.devices,
-        cpu=args.cpu,
-        cpus_per_task=args.cpus_per_task,
-        mem=args.mem,
-        time_limit=args.time,
-        job_name=args.job_name,
-        venv=args.venv,
-        extra=extra,
-    )
-    if args.dry_run:
-        print(script, end="")
-    else:
-        print(f"tl: {submit(script, args.job_name)}")
-    return 0
+def usage() -> str:
+    lines = [
+        f"usage: tl COMMAND [options]      (tl {__version__}: transfer learning for image classifiers)",
+        "",
+        "Lightning's commands (`tl COMMAND --help` lists every option; --config FILE picks a config):",
+    ]
+    lines += [f"  tl {name:<16} {text}" for name, text in LIGHTNING_COMMANDS.items()]
+    lines += ["", "tl's own commands:"]
+    lines += [f"  tl {name:<16} {text}" for name, text in TL_COMMANDS.items()]
+    lines += [
+        "",
+        "Start:  tl data synth data/synth && tl fit --config configs/feature_extract.yaml --config configs/demo.yaml",
+        "Models: --model FeatureExtraction | FineTune | DomainAdaptation (`tl fit --model FineTune --help`).",
+        "Results go to runs/<config>/version_N/ (runs/<config>/latest: the newest complete run); -o DIR for another.",
+    ]
+    return "\n".join(lines)
 
 
 def _is_exported_predict(argv: list[str]) -> bool:
@@ -275,26 +56,42 @@ def _is_exported_predict(argv: list[str]) -> bool:
     return False
 
 
-def _dispatch(argv: list[str], from_sys_argv: bool = False) -> int:
-    if argv and argv[0] == "data":
-        return _data_command(argv[1:])
-    if argv and argv[0] == "export":
-        return _export_command(argv[1:])
-    if argv and argv[0] == "slurm":
-        return _slurm_command(argv[1:])
+def lightning_args(argv: list[str]) -> list[str]:
+    """tl's vocabulary on Lightning's commands: ``-o/--output DIR`` is where results go
+    (``--trainer.default_root_dir``)."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg in ("-o", "--output") and i + 1 < len(argv):
+            out += ["--trainer.default_root_dir", argv[i + 1]]
+            i += 2
+            continue
+        if arg.startswith("--output="):
+            out += ["--trainer.default_root_dir", arg.split("=", 1)[1]]
+        else:
+            out.append(arg)
+        i += 1
+    return out
+
+
+def _dispatch(argv: list[str]) -> int:
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        print(f"tl {__version__}")
+        return 0
+    if argv[0] in COMMANDS:
+        return COMMANDS[argv[0]](argv[1:])
     if _is_exported_predict(argv):
-        return _predict_exported(argv[1:])
-    if argv and argv[0] == "weights":
-        return _weights_command(argv[1:])
-    from tl_cli.lightning_cli import TLCLI, wants_domain_adaptation
+        return predict_exported(argv[1:])
+    if argv[0] not in LIGHTNING_COMMANDS:
+        raise TLError(f"Unknown command {argv[0]!r}.\n\n{usage()}")
+    from tl_cli.lightning_cli import TLCLI
 
-    classes = {}
-    if wants_domain_adaptation(argv):
-        from tl_cli.domain import DomainAdaptation, DomainAdaptationData
-
-        classes = {"model_class": DomainAdaptation, "datamodule_class": DomainAdaptationData}
     try:
-        TLCLI(args=None if from_sys_argv else argv, **classes)
+        TLCLI(args=lightning_args(argv))
     finally:
         _close_process_group()
     return 0
@@ -306,7 +103,10 @@ def _close_process_group() -> None:
     finished run, and SLURM then reports the job as failed."""
     import torch.distributed as dist
 
+    from tl_cli import distributed
+
     if dist.is_available() and dist.is_initialized():
+        distributed.reset()
         dist.destroy_process_group()
 
 
@@ -323,14 +123,41 @@ def user_message(exc: TLError) -> str:
     return text
 
 
+def _rank() -> int:
+    for key in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
+        if os.environ.get(key, "").isdigit():
+            return int(os.environ[key])
+    return 0
+
+
+def _tl_error(exc: BaseException) -> Optional[TLError]:
+    """The user mistake behind `exc`, if any (jsonargparse wraps errors raised while it
+    instantiates a class into its own)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, TLError):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``tl`` console script."""
-    from_sys_argv = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        return _dispatch(argv, from_sys_argv)
+        try:
+            return _dispatch(argv)
+        except Exception as wrapped:
+            cause = _tl_error(wrapped)
+            if cause is None or cause is wrapped:
+                raise
+            raise cause from None
     except TLError as exc:
-        print(f"tl: error: {user_message(exc)}", file=sys.stderr)
+        # under DDP, an error every rank meets (or one rank's, passed on) is printed by rank 0
+        if not getattr(exc, "quiet", False):
+            where = f" (rank {_rank()})" if _rank() else ""
+            print(f"tl: error{where}: {user_message(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("tl: interrupted", file=sys.stderr)

@@ -23,46 +23,39 @@ TOLERANCE = 1e-4
 
 
 class Probabilities(nn.Module):
-    """Backbone + head + softmax as a plain module (no LightningModule in the exported graph)."""
+    """The model's logits -> class probabilities, as the exported graph."""
 
-    def __init__(self, backbone: nn.Module, head: nn.Module) -> None:
+    def __init__(self, model: nn.Module) -> None:
         super().__init__()
-        self.backbone, self.head = backbone, head
+        self.model = model
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.backbone(x)).softmax(dim=1)
+        return self.model(x).softmax(dim=1)
 
 
 def load_classifier(ckpt_path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
-    """The trained model of a tl checkpoint (eval mode) and its metadata (classes, preprocessing)."""
-    from tl_cli.models import TransferClassifier, read_tl_checkpoint
+    """The trained model of a tl checkpoint (any tl model class, eval mode) and its metadata."""
+    from tl_cli.models import load_model, read_tl_checkpoint
 
-    ckpt = read_tl_checkpoint(ckpt_path, what="--ckpt_path checkpoint")
-    hparams = {k: v for k, v in ckpt.get("hyper_parameters", {}).items() if not k.startswith("_")}
-    hparams.update(weights="none", init_from=None, compile=False, channels_last=False)
-    model = TransferClassifier(**hparams)
-    model.load_state_dict(ckpt["state_dict"])
-    meta = ckpt["tl"]
+    meta = read_tl_checkpoint(ckpt_path, what="--ckpt_path checkpoint")["tl"]
     if not meta.get("class_names") or not meta.get("preprocessing"):
         raise TLError(f"{ckpt_path} has no class names or preprocessing; was it written by `tl fit`?")
-    return model.eval(), meta
+    return load_model(ckpt_path), meta
 
 
 def sample_images(preprocessing: dict[str, Any], images: str | Path | None, count: int = 8) -> torch.Tensor:
     """A batch of real decoded images, preprocessed: from `images` or, without it, generated ones."""
-    from tl_cli.data import list_images
-    from tl_cli.synth import CLASSES, _rng, render
-    from tl_cli.transforms import eval_transform, load_rgb
+    from tl_cli.folders import list_images
+    from tl_cli.synth import CLASSES, image_rng, render
+    from tl_cli.transforms import preprocess
 
-    transform = eval_transform(preprocessing)
     if images is not None:
-        paths = list_images(Path(images))[:count]
-        if not paths:
+        pictures = list_images(Path(images))[:count]
+        if not pictures:
             raise TLError(f"--images {images} holds no images to check the export with.")
-        pictures = [load_rgb(p) for p in paths]
     else:
-        pictures = [render(CLASSES[i % len(CLASSES)], _rng(99, i), 256) for i in range(count)]
-    return torch.stack([transform(p) for p in pictures])
+        pictures = [render(CLASSES[i % len(CLASSES)], image_rng(99, i), 256) for i in range(count)]
+    return torch.stack([preprocess(p, preprocessing) for p in pictures])
 
 
 def metadata(meta: dict[str, Any], fmt: str, source: str) -> dict[str, Any]:
@@ -131,13 +124,16 @@ def export(
     if fmt not in FORMATS:
         raise TLError(f"--format {fmt}: choose one of {', '.join(FORMATS)}.")
     model, meta = load_classifier(ckpt_path)
-    path = Path(out) if out else Path(ckpt_path).with_suffix(FORMATS[fmt])
+    path = Path(ckpt_path).with_suffix(FORMATS[fmt])
+    if out is not None:
+        out = Path(out)
+        path = out if out.suffix in (".onnx", ".pt") else out / path.name
     meta_path = metadata_path(path)
     for existing in (path, meta_path):
         if existing.exists():
-            raise TLError(f"{existing} already exists; tl does not overwrite it. Pass --out NEW_PATH.")
+            raise TLError(f"{existing} already exists; tl does not overwrite it. Pass -o NEW_PATH.")
     path.parent.mkdir(parents=True, exist_ok=True)
-    wrapped = Probabilities(model.backbone, model.head).eval()
+    wrapped = Probabilities(model.logits_module()).eval()
     batch = sample_images(meta["preprocessing"], images)
     with torch.no_grad():
         expected = wrapped(batch)
@@ -181,9 +177,10 @@ def _export_onnx(module: nn.Module, batch: torch.Tensor, path: Path) -> None:
 def predict_with_exported(model_path: str | Path, predict_dir: str | Path, out: Path, batch_size: int = 32) -> int:
     """`tl predict --model M --data.predict_dir DIR`: predictions.csv like the checkpoint's."""
     from tl_cli.checks import inspect_image
-    from tl_cli.data import UNREADABLE, ImageFiles, list_images
+    from tl_cli.datasets import UNREADABLE, ImageFiles
+    from tl_cli.folders import list_images
     from tl_cli.reports import write_predictions
-    from tl_cli.transforms import eval_transform
+    from tl_cli.transforms import Normalize, crop_pipeline
 
     exported = ExportedModel(model_path)
     predict_dir = Path(predict_dir)
@@ -192,11 +189,13 @@ def predict_with_exported(model_path: str | Path, predict_dir: str | Path, out: 
     paths = list_images(predict_dir, others_too=True)
     if not paths:
         raise TLError(f"data.predict_dir={str(predict_dir)!r} holds no images.")
-    dataset = ImageFiles([(p, -1) for p in paths], eval_transform(exported.meta["tl_preprocessing"]), tolerant=True)
+    prep = exported.meta["tl_preprocessing"]
+    dataset = ImageFiles([(p, -1) for p in paths], prep, crop_pipeline("none", prep), tolerant=True)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size)
+    normalize = Normalize(prep["mean"], prep["std"])
     probs, bad = [], []
     for x, label, index in loader:
-        probs.append(exported(x))
+        probs.append(exported(normalize(x)))
         bad += index[label == UNREADABLE].tolist()
     errors = {i: inspect_image(paths[i])["error"] or "unreadable" for i in bad}
     write_predictions(out, exported.meta["class_names"], paths, torch.cat(probs), errors=errors)

@@ -1,6 +1,10 @@
-"""Lightning's side of ``tl``: the Trainer and LightningCLI subclasses.
+"""`TLCLI`: Lightning's CLI for tl's models and data.
 
-Imported only for Lightning's subcommands, so ``tl data ...`` starts without Lightning.
+A thin `LightningCLI`: ``model.class_path`` picks the LightningModule (`FeatureExtraction` by
+default, ``--model FineTune`` on the command line), ``data.class_path`` the DataModule; the
+callbacks every run has get short sections of their own (``--freeze.train_bn``,
+``--unfreeze.schedule "{0: 4}"``, ``--early_stopping.patience 5``, ``--checkpoint.monitor``);
+a ``--ckpt_path`` of ``test``/``validate``/``predict`` rebuilds the model it names.
 """
 
 from __future__ import annotations
@@ -8,44 +12,37 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Optional
 
-from lightning.pytorch import Trainer
-from lightning.pytorch.cli import LightningCLI
-from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
-from lightning.pytorch.plugins.environments import SLURMEnvironment
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from tl_cli.callbacks import PreemptionCheckpoint
-from tl_cli.cli import EPILOG, next_version
+from tl_cli.callbacks import FreezeBackbone, UnfreezeSchedule
 from tl_cli.data import ImageFolderData
-from tl_cli.models import TransferClassifier, read_tl_checkpoint
+from tl_cli.errors import TLError
+from tl_cli.models import Classifier, DomainAdaptation
+from tl_cli.models.checkpoints import model_arguments, model_class_path, read_tl_checkpoint, resolve_class
+from tl_cli.trainer import TLTrainer
 
-
-def _cuda_wanted(accelerator: Any) -> bool:
-    import torch
-
-    return (accelerator in ("auto", "gpu", "cuda") or accelerator is None) and torch.cuda.is_available()
-
-
-def resolve_precision(precision: Any, accelerator: Any = "auto") -> Any:
-    """``auto``: bf16-mixed on CUDA GPUs that support it, 16-mixed on older ones, 32-true otherwise."""
-    if precision != "auto":
-        return precision
-    import torch
-
-    if _cuda_wanted(accelerator):
-        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
-    return "32-true"
-
-
-def _as_list(value: Any) -> list:
-    if value is None:
-        return []
-    return list(value) if isinstance(value, (list, tuple)) else [value]
+#: callback sections: (key, class, help)
+SECTIONS = (
+    (
+        "freeze",
+        FreezeBackbone,
+        "feature extraction: the backbone frozen for the whole run (tl_cli.callbacks.FreezeBackbone)",
+    ),
+    (
+        "unfreeze",
+        UnfreezeSchedule,
+        "fine-tuning: backbone stages unfreeze on a schedule (tl_cli.callbacks.UnfreezeSchedule)",
+    ),
+    ("early_stopping", EarlyStopping, "stop when the monitored metric stops improving (Lightning's EarlyStopping)"),
+    ("checkpoint", ModelCheckpoint, "best.ckpt and last.ckpt (Lightning's ModelCheckpoint)"),
+)
 
 
 class _DropLightningAds(logging.Filter):
@@ -55,143 +52,97 @@ class _DropLightningAds(logging.Filter):
 
 for _handler in logging.getLogger("lightning.pytorch").handlers:
     _handler.addFilter(_DropLightningAds())
-# tl creates the run folder before the CSV logger does (config.yaml lands first): not a conflict.
+# tl claims the run folder before the loggers write (config.yaml lands first): not a conflict.
 warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
 warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
-# tl's model moves image batches to channels-last there, whatever the datamodule.
+# tl's model normalises uint8 batches and sets their memory format there, whatever the datamodule.
 warnings.filterwarnings("ignore", message=r"You have overridden `on_after_batch_transfer`")
 # `tl test --ckpt_path` needs no training callbacks.
 warnings.filterwarnings("ignore", message=r"Be aware that when using `ckpt_path`, callbacks")
+# frozen backbone layers are pinned in eval mode on purpose (tl_cli.callbacks.freezing)
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
 
 
-def _keep_csv_rows(logger: CSVLogger, root: Path) -> None:
-    """Carry a requeued run's metrics.csv over: Lightning's CSV writer deletes the file it
-    finds, so the rows logged before the checkpoint the job resumes from are handed back to it."""
-    import csv
-
-    import torch
-
-    path = Path(logger.log_dir) / "metrics.csv"
-    hpc = sorted(root.glob("hpc_ckpt_*.ckpt"), key=lambda p: int(p.stem.rsplit("_", 1)[1]))
-    if not path.is_file() or not hpc:
-        return
-    step = torch.load(hpc[-1], map_location="cpu", weights_only=True, mmap=True).get("global_step", 0)
-    with open(path, newline="") as fh:
-        reader = csv.DictReader(fh)
-        keys = list(reader.fieldnames or [])
-        rows = [r for r in reader if r.get("step", "") == "" or int(float(r["step"])) < step]
-    writer = logger.experiment  # creating it removes the old file
-    writer.metrics_keys = keys + [k for k in writer.metrics_keys if k not in keys]
-    writer.metrics.extend({k: v for k, v in r.items() if v != ""} for r in rows)
-
-
-class TLTrainer(Trainer):
-    """Lightning's Trainer with tl's defaults: ``precision: auto``, TensorBoard + CSV logs in
-    ``default_root_dir/version_N`` and a ``default_root_dir/latest`` link to that run.
-    """
-
-    def __init__(self, *args: Any, precision: Any = "auto", **kwargs: Any) -> None:
-        chosen = resolve_precision(precision, kwargs.get("accelerator", "auto"))
-        if precision == "auto":
-            rank_zero_info(f"tl: trainer.precision=auto -> {chosen}")
-        logger = kwargs.get("logger")
-        root = kwargs.get("default_root_dir")
-        if root and logger in (None, True):
-            root = Path(root)
-            version = next_version(root)
-            restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
-            latest = root / "latest"
-            continuing = restarts > 0 and latest.is_symlink() and (root / os.readlink(latest)).is_dir()
-            if continuing:
-                # a requeued SLURM job continues its run's folder instead of starting another
-                version = int(os.readlink(latest).rsplit("_", 1)[1])
-            csv_logger = CSVLogger(save_dir=str(root), name="", version=version)
-            kwargs["logger"] = [
-                TensorBoardLogger(save_dir=str(root), name="", version=version, default_hp_metric=False),
-                csv_logger,
-            ]
-            if continuing and rank_zero_only.rank == 0:
-                _keep_csv_rows(csv_logger, root)
-            if rank_zero_only.rank == 0:
-                run_dir = root / f"version_{version}"
-                run_dir.mkdir(parents=True, exist_ok=True)
-                latest = root / "latest"
-                if latest.is_symlink() or not latest.exists():
-                    latest.unlink(missing_ok=True)
-                    latest.symlink_to(run_dir.name)
-        kwargs["callbacks"] = [*_as_list(kwargs.get("callbacks")), PreemptionCheckpoint()]
-        if SLURMEnvironment.detect():
-            # tl's PreemptionCheckpoint saves at a batch boundary and requeues; Lightning's own
-            # handler would save from inside the signal handler, mid-step
-            plugins = _as_list(kwargs.get("plugins"))
-            if not any(isinstance(p, SLURMEnvironment) for p in plugins):
-                kwargs["plugins"] = [*plugins, SLURMEnvironment(auto_requeue=False)]
-        if kwargs.get("benchmark") is None and _cuda_wanted(kwargs.get("accelerator", "auto")):
-            # fixed input size: let cuDNN pick its fastest kernels (no effect on CPU)
-            kwargs["benchmark"] = not kwargs.get("deterministic")
-        super().__init__(*args, precision=chosen, **kwargs)
-
-
-def wants_domain_adaptation(argv: Sequence[str]) -> bool:
-    """Domain adaptation is asked for by a ``data.target_root`` (argument or config) or by a
-    DANN checkpoint; everything else is the classifier."""
+def _configured_model(args: list[str]) -> str:
+    """The model class a help request is about: ``--model NAME``, else the last config's, else
+    FeatureExtraction."""
     import yaml
 
-    args = list(argv)
-    if any(a == "--data.target_root" or a.startswith("--data.target_root=") for a in args):
-        return True
-    for i, arg in enumerate(args):
-        value = arg.split("=", 1)[1] if "=" in arg else (args[i + 1] if i + 1 < len(args) else "")
-        if arg.split("=", 1)[0] in ("--config", "-c"):
+    name = "FeatureExtraction"
+    for i, arg in enumerate(args[:-1]):
+        if arg in ("--config", "-c"):
             try:
-                config = yaml.safe_load(Path(value).read_text()) or {}
+                model = (yaml.safe_load(Path(args[i + 1]).read_text()) or {}).get("model") or {}
             except (OSError, yaml.YAMLError):
-                continue  # the parser reports it properly
-            data = config.get("data") or {}
-            if isinstance(data, dict) and (data.get("target_root") or data.get("init_args", {}).get("target_root")):
-                return True
-        if arg.split("=", 1)[0] == "--ckpt_path" and Path(value).is_file():
-            try:
-                import torch
+                continue
+            if isinstance(model, dict) and model.get("class_path"):
+                name = model["class_path"].rpartition(".")[2]
+        if arg == "--model" and not args[i + 1].startswith("-"):
+            return args[i + 1]
+    return name
 
-                ckpt = torch.load(value, map_location="cpu", weights_only=True, mmap=True)
-                if isinstance(ckpt, dict) and ckpt.get("tl", {}).get("kind") == "domain_adapt":
-                    return True
-            except Exception:
-                continue  # read_tl_checkpoint explains a bad file
-    return False
+
+def full_help(parser: LightningArgumentParser, args: list[str]) -> None:
+    """``tl fit --help``: Lightning's help, then every key of the model class (``--model NAME`` or
+    the config's), of the data module and of the callback sections, as ``--model.lr`` etc."""
+    sub = args[0]
+    topics = [[sub, "--help"], [sub, "--model.help", _configured_model(args)], [sub, "--data.help", "ImageFolderData"]]
+    if sub == "fit":
+        topics += [[sub, f"--{key}.help", cls.__name__] for key, cls, _ in SECTIONS]
+    for topic in topics:
+        try:
+            parser.parse_args(topic)
+        except SystemExit:
+            pass
+        print()
+    raise SystemExit(0)
 
 
 class TLCLI(LightningCLI):
-    """LightningCLI for tl: model and data fixed, checkpoint-driven test/predict."""
+    """LightningCLI for tl: model and data classes by ``class_path``, callback sections."""
 
-    def __init__(
-        self,
-        args: Optional[Sequence[str]] = None,
-        run: bool = True,
-        model_class: type = TransferClassifier,
-        datamodule_class: type = ImageFolderData,
-        **kwargs: Any,
-    ) -> None:
+    def __init__(self, args: Optional[Sequence[str]] = None, run: bool = True, **kwargs: Any) -> None:
         if int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) > 0:
             # a requeued job writes the same config.yaml into the run folder it continues
             kwargs.setdefault("save_config_kwargs", {"overwrite": True})
-        kwargs.setdefault("parser_kwargs", {})
-        kwargs["parser_kwargs"].setdefault("description", "tl: transfer learning for image classifiers.")
-        kwargs["parser_kwargs"].setdefault("epilog", EPILOG)
-        kwargs["parser_kwargs"].setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        parser_kwargs = kwargs.setdefault("parser_kwargs", {})
+        parser_kwargs.setdefault("description", "tl: transfer learning for image classifiers.")
+        parser_kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
         super().__init__(
-            model_class,
-            datamodule_class,
+            Classifier,
+            ImageFolderData,
             trainer_class=TLTrainer,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
             auto_configure_optimizers=False,
             args=args,
             run=run,
             **kwargs,
         )
 
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        args = list(sys.argv[1:] if args is None else args)
+        if args and ("-h" in args or "--help" in args) and not any(a.endswith(".help") for a in args):
+            full_help(parser, args)
+        super().parse_arguments(parser, args)
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.set_defaults(
+            {
+                "model": {"class_path": "tl_cli.models.FeatureExtraction"},
+                "data": {"class_path": "tl_cli.data.ImageFolderData"},
+            }
+        )
+        for key, cls, text in SECTIONS:
+            parser.add_argument(f"--{key}", type=Optional[cls], default=None, help=f"{text}; null: none")
+            parser.callback_keys.append(key)
+
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Any]) -> Any:
+        return super()._instantiate_trainer(config, [c for c in callbacks if c is not None])
+
     def _parse_ckpt_path(self) -> None:
-        """A checkpoint rebuilds the model: its hyperparameters replace the config's model."""
+        """A checkpoint given to test/validate/predict rebuilds the model class it names, with
+        its own hyperparameters; ``fit --ckpt_path`` resumes the configured model."""
         sub = self.config.get("subcommand")
         if not sub:
             return
@@ -199,13 +150,22 @@ class TLCLI(LightningCLI):
         if not ckpt_path or ckpt_path in ("last", "best", "hpc", "registry"):
             return
         ckpt = read_tl_checkpoint(ckpt_path, what="--ckpt_path checkpoint")
-        hparams = {k: v for k, v in ckpt.get("hyper_parameters", {}).items() if not k.startswith("_")}
-        hparams["init_from"] = None  # the checkpoint itself holds the weights
-        self.config = self.parser.parse_object({sub: {"model": hparams}}, self.config)
-
-    def before_fit(self) -> None:
-        if self.config.fit.get("ckpt_path"):
-            self.model._weights_ready = True  # resuming: the checkpoint brings every weight
+        class_path = model_class_path(ckpt)
+        cls = resolve_class(class_path)
+        configured = self.config[sub].model.class_path
+        if sub == "fit":
+            if resolve_class(configured) is not cls:
+                raise TLError(
+                    f"--ckpt_path {ckpt_path} was written by {class_path}, but this run configures "
+                    f"{configured}. Resume with the config that wrote the checkpoint."
+                )
+            return
+        names = cls.argument_names()
+        init_args = {k: v for k, v in model_arguments(ckpt).items() if k in names}
+        model = {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": init_args}
+        if int(os.environ.get("LOCAL_RANK", "0") or 0) == 0:
+            print(f"tl: {ckpt_path}: a {cls.__name__} checkpoint ({ckpt.get('tl', {}).get('backbone')})")
+        self.config = self.parser.parse_object({sub: {"model": model}}, self.config)
 
     def before_instantiate_classes(self) -> None:
         sub = self.config.get("subcommand")
@@ -214,3 +174,19 @@ class TLCLI(LightningCLI):
             configs = cfg.get("config") or []
             name = Path(str(configs[-1])).stem if configs else (sub or "run")
             cfg.trainer.default_root_dir = str(Path("runs") / name)
+        if cfg.get("freeze") is not None and cfg.get("unfreeze") is not None:
+            raise TLError(
+                "The config sets both freeze (the backbone frozen for the whole run) and unfreeze (stages "
+                "unfreeze on a schedule). Keep one: --freeze null or --unfreeze null."
+            )
+        model_cls = resolve_class(cfg.model.class_path)
+        target = cfg.data.init_args.get("target_root") if "init_args" in cfg.data else None
+        if sub == "fit" and target and not issubclass(model_cls, DomainAdaptation):
+            raise TLError(
+                f"data.target_root is for domain adaptation, but the model is {model_cls.__name__}. Use "
+                "configs/domain_adapt.yaml (--model DomainAdaptation), or drop --data.target_root."
+            )
+
+    def before_fit(self) -> None:
+        if self.config.fit.get("ckpt_path"):
+            self.model._weights_ready = True  # resuming: the checkpoint brings every weight

@@ -30,11 +30,46 @@ def _merged_trainer(configs: list[Path]) -> dict[str, Any]:
     return trainer
 
 
+def _given(args: list[str], names: tuple[str, ...]) -> dict[str, int]:
+    """trainer.<name> values among `tl fit` arguments (``--trainer.devices 4`` or ``=4``)."""
+    found: dict[str, int] = {}
+    for i, arg in enumerate(args):
+        for name in names:
+            key = f"--trainer.{name}"
+            value = (
+                arg.split("=", 1)[1]
+                if arg.startswith(key + "=")
+                else (args[i + 1] if arg == key and i + 1 < len(args) else None)
+            )
+            if value is not None:
+                try:
+                    found[name] = int(value)
+                except ValueError:
+                    raise TLError(f"{key} {value}: tl slurm needs a number of devices/nodes here.") from None
+    return found
+
+
+def _without(args: list[str], names: tuple[str, ...]) -> list[str]:
+    """`args` minus the trainer.<name> options (the script passes them itself, consistently)."""
+    out, skip = [], False
+    for arg in args:
+        if skip:
+            skip = False
+            continue
+        if any(arg == f"--trainer.{n}" for n in names):
+            skip = True
+            continue
+        if any(arg.startswith(f"--trainer.{n}=") for n in names):
+            continue
+        out.append(arg)
+    return out
+
+
 def _resolve(name: str, configured: Any, asked: Optional[int], default: int) -> int:
     fixed = configured if isinstance(configured, int) and configured > 0 else None
     if fixed is not None and asked is not None and fixed != asked:
         raise TLError(
-            f"The config sets trainer.{name}={fixed} but the job asks for {asked}: SLURM would start a "
+            f"The config (or the arguments after --) sets trainer.{name}={fixed} but the job asks for {asked}: SLURM would start a "
             "different number of processes than DDP waits for, and the job would hang. Make them equal."
         )
     return fixed or asked or default
@@ -59,6 +94,7 @@ def render(
     if not configs:
         raise TLError("tl slurm needs at least one --config.")
     trainer = _merged_trainer(configs)
+    trainer.update(_given(extra or [], ("devices", "num_nodes")))  # `-- --trainer.devices 4` wins over configs
     n_nodes = _resolve("num_nodes", trainer.get("num_nodes"), nodes, 1)
     n_devices = _resolve("devices", trainer.get("devices"), devices, 1)
     accelerator = "cpu" if cpu else "gpu"
@@ -84,12 +120,16 @@ def render(
         "#SBATCH --signal=SIGUSR1@90          # Lightning saves hpc_ckpt_N.ckpt and requeues the job",
         "#SBATCH --requeue",
         "#SBATCH --output=slurm-%x-%j.out",
+        "#SBATCH --open-mode=append           # a requeued job's log continues the first one's",
         "",
         "set -euo pipefail",
         f"source {shlex.quote(venv)}/bin/activate",
         "export HF_HUB_OFFLINE=1              # compute nodes: weights come from the cache (tl weights fetch)",
     ]
-    command = ["srun", "tl", "fit"]
+    # srun does not inherit sbatch's --cpus-per-task (Slurm >= 22.05): DataLoader workers
+    # would share one core; --kill-on-bad-exit: a rank that dies takes the others with it
+    # instead of leaving them waiting in a collective until the time limit
+    command = ["srun", f"--cpus-per-task={cpus_per_task}", "--kill-on-bad-exit=1", "tl", "fit"]
     for path in configs:
         command += ["--config", str(path)]
     command += [
@@ -102,7 +142,7 @@ def render(
     ]
     if n_devices * n_nodes > 1:
         command += ["--trainer.strategy", "ddp"]
-    command += list(extra or [])
+    command += [a for a in _without(extra or [], ("devices", "num_nodes"))]
     lines.append(" ".join(shlex.quote(c) for c in command))
     return "\n".join(lines) + "\n"
 

@@ -21,14 +21,14 @@ FLAT_NAME = re.compile(r"^([A-Za-z][A-Za-z_-]*)\.\d+\.[A-Za-z0-9]+$")
 
 
 def _images(folder: Path) -> list[Path]:
-    from tl_cli.data import IMAGE_SUFFIXES, _is_ignored
+    from tl_cli.folders import IMAGE_SUFFIXES, is_ignored
 
     return sorted(
         p
         for p in folder.rglob("*")
         if p.is_file()
         and p.suffix.lower() in IMAGE_SUFFIXES
-        and not any(_is_ignored(Path(x)) for x in p.relative_to(folder).parts)
+        and not any(is_ignored(Path(x)) for x in p.relative_to(folder).parts)
     )
 
 

@@ -21,7 +21,7 @@ from tl_cli.errors import TLError
 CLASSES = ("ellipses", "rectangles", "triangles", "stars")
 
 
-def _rng(seed: int, *key: object) -> np.random.Generator:
+def image_rng(seed: int, *key: object) -> np.random.Generator:
     digest = hashlib.sha256(repr((seed, *key)).encode()).digest()
     return np.random.default_rng(int.from_bytes(digest[:8], "little"))
 
@@ -108,6 +108,6 @@ def synthesize(
             folder = out / split / kind
             folder.mkdir(parents=True, exist_ok=True)
             for i in range(n):
-                render(kind, _rng(seed, split, kind, i), size).save(folder / f"{kind}.{i}.jpg", quality=90)
+                render(kind, image_rng(seed, split, kind, i), size).save(folder / f"{kind}.{i}.jpg", quality=90)
             counts[split][kind] = n
     return counts

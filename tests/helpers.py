@@ -1,0 +1,35 @@
+"""Callbacks the multi-process tests load by class path (``--trainer.callbacks+``)."""
+
+from __future__ import annotations
+
+import os
+
+import lightning.pytorch as pl
+import torch
+
+
+def _state(module: pl.LightningModule) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+
+
+class SaveRankState(pl.Callback):
+    """Every rank saves the model it starts and ends training with, to compare the ranks."""
+
+    def __init__(self, folder: str = "rankstate") -> None:
+        self.folder = folder
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        os.makedirs(self.folder, exist_ok=True)
+        torch.save(_state(pl_module), f"{self.folder}/start{trainer.global_rank}.pt")
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        torch.save(_state(pl_module), f"{self.folder}/end{trainer.global_rank}.pt")
+
+
+class CollectiveAtEpochEnd(pl.Callback):
+    """A collective on the default process group at every train epoch end, without reading
+    metrics first (as tl's preemption check once did): with a progress bar that syncs metrics
+    on rank 0 alone (Lightning issue 21264), the ranks' collectives no longer pair up."""
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        trainer.strategy.reduce_boolean_decision(False, all=False)

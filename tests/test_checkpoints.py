@@ -1,0 +1,62 @@
+"""A checkpoint names its class: test/validate/predict/export rebuild it from the file alone,
+and checkpoints written before the classes existed (tl 0.1.0 at commit 7dd34d2, in
+tests/data_legacy/, optimizer states stripped) still load."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import CONFIGS, TINY, fit_tiny, tl
+from tl_cli.models import load_model
+
+LEGACY = Path(__file__).parent / "data_legacy"
+KINDS = {"feature_extract": "FeatureExtraction", "finetune": "FineTune", "domain_adapt": "DomainAdaptation"}
+
+
+@pytest.mark.parametrize("name", sorted(KINDS))
+def test_legacy_checkpoints_load_as_their_class_and_evaluate(name, tiny_data, capsys):
+    ckpt = LEGACY / f"{name}.ckpt"
+    assert "_class_path" not in torch.load(ckpt, weights_only=True)["hyper_parameters"]
+    model = load_model(ckpt)
+    assert type(model).__name__ == KINDS[name]
+    assert tl("test", "--ckpt_path", ckpt, "--data.root", tiny_data, "--data.num_workers", "0", "-o", name) == 0
+    assert f"a {KINDS[name]} checkpoint" in capsys.readouterr().out
+    metrics = json.loads(Path(f"{name}/latest/metrics.json").read_text())
+    assert metrics["n_samples"] == 12 and metrics["classes"] == ["ellipses", "rectangles"]
+    # the rebuilt model is the one that was trained: same logits as its own state dict gives
+    state = torch.load(ckpt, weights_only=True)["state_dict"]
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert tl("export", "--ckpt_path", ckpt, "-o", f"{name}.onnx") == 0
+
+
+def test_each_class_round_trips_through_its_checkpoint(tiny_data, tmp_path, capsys):
+    fe = fit_tiny(tiny_data, 1)
+    ft = fit_tiny(tiny_data, 1, "finetune.yaml", "--model.init_from", fe)
+    for path, kind in ((fe, "FeatureExtraction"), (ft, "FineTune")):
+        ckpt = torch.load(path, weights_only=True)
+        assert ckpt["hyper_parameters"]["_class_path"].endswith(kind) and ckpt["tl"]["class_path"].endswith(kind)
+        assert type(load_model(path)).__name__ == kind
+        assert tl("validate", "--ckpt_path", path, "--data.root", tiny_data, "--data.num_workers", "0") == 0
+        assert f"a {kind} checkpoint" in capsys.readouterr().out
+    # predict needs nothing but the checkpoint and a folder
+    assert tl("predict", "--ckpt_path", ft, "--data.predict_dir", tiny_data / "val", "--data.num_workers", "0") == 0
+
+
+def test_resuming_with_another_class_is_refused(tiny_data, capsys):
+    fe = fit_tiny(tiny_data, 1)
+    last = fe.with_name("last.ckpt")
+    args = ["fit", "--config", CONFIGS / "finetune.yaml", *TINY, "--data.root", tiny_data, "--ckpt_path", last]
+    assert tl(*args) == 2
+    assert "Resume with the config that wrote the checkpoint" in capsys.readouterr().err
+
+
+def test_a_class_path_in_a_file_never_imports_code(tiny_data, tmp_path, capsys):
+    ckpt = torch.load(LEGACY / "feature_extract.ckpt", weights_only=True)
+    ckpt["hyper_parameters"]["_class_path"] = "evil_module_that_does_not_exist.Model"
+    torch.save(ckpt, tmp_path / "odd.ckpt")
+    assert tl("test", "--ckpt_path", tmp_path / "odd.ckpt", "--data.root", tiny_data) == 2
+    assert "tl does not import code named by a file" in capsys.readouterr().err

@@ -1,0 +1,238 @@
+"""Distributed training, run as users run it: 2 CPU processes (gloo) through Lightning's own
+launcher and through torchrun, DataLoader workers on; what every rank ends with is compared.
+(srun on a real cluster: tests/test_slurm_cluster.py.)"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import CONFIGS, REPO
+
+TINY = [
+    "--model.backbone",
+    "timm:test_efficientnet",
+    "--model.weights",
+    "none",
+    "--data.image_size",
+    "64",
+    "--data.batch_size",
+    "4",
+    "--trainer.accelerator",
+    "cpu",
+    "--trainer.log_every_n_steps",
+    "1",
+]
+DDP = ["--trainer.devices", "2", "--trainer.strategy", "ddp"]
+TL = [sys.executable, "-m", "tl_cli.cli"]
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    for key in [k for k in env if k.startswith(("SLURM_", "TORCHELASTIC", "LOCAL_RANK", "WORLD_SIZE"))]:
+        env.pop(key)
+    return env
+
+
+def run(args: list, timeout: float = 420, launcher: list | None = None) -> subprocess.CompletedProcess:
+    command = [*(launcher or TL), *[str(a) for a in args]]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=_env())
+    return done
+
+
+def _ok(done: subprocess.CompletedProcess) -> str:
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    return done.stdout + done.stderr
+
+
+def compare_ranks(folder: Path) -> tuple[int, int]:
+    """(tensors that differ between the ranks, backbone tensors that trained)."""
+    ends = [torch.load(folder / f"end{r}.pt", weights_only=True) for r in (0, 1)]
+    start = torch.load(folder / "start0.pt", weights_only=True)
+    differ = sum(not torch.equal(ends[0][k], ends[1][k]) for k in ends[0])
+    trained = sum(k.startswith("backbone.") and not torch.equal(ends[0][k], start[k]) for k in start)
+    return differ, trained
+
+
+@pytest.fixture
+def data(tiny_data, tmp_path):
+    root = tmp_path / "data"
+    shutil.copytree(tiny_data, root)
+    return root
+
+
+def _fe(data: Path, *extra: str) -> Path:
+    args = [
+        "fit",
+        "--config",
+        CONFIGS / "feature_extract.yaml",
+        *TINY,
+        "--data.root",
+        data,
+        "--trainer.max_epochs",
+        "2",
+    ]
+    _ok(run([*args, *extra]))
+    return Path("runs/feature_extract/latest/checkpoints/best.ckpt")
+
+
+def test_lightning_launcher_feature_extraction_then_fine_tuning_ranks_agree(data, tmp_path):
+    """The shipped configs under `--trainer.devices 2 --trainer.strategy ddp`, a Rich progress
+    bar, 2 workers per rank; fine-tuning unfreezes more stages mid-run."""
+    rich = ["--trainer.callbacks+", "RichProgressBar"]
+    save = ["--trainer.callbacks+", "tests.helpers.SaveRankState", "--trainer.callbacks.folder"]
+    out = _fe(data, *DDP, "--data.num_workers", "2", *rich, *save, "fe_state")
+    folders = list(Path("runs/feature_extract").glob("version_*"))
+    assert len(folders) == 1 and sorted(p.name for p in (folders[0] / "checkpoints").iterdir()) == [
+        "best.ckpt",
+        "last.ckpt",
+    ]
+    assert compare_ranks(Path("fe_state"))[0] == 0
+    # the feature cache: one entry per split, built from both ranks' shares, no parts left
+    entries = sorted(p.name for p in (Path(os.environ["TL_CACHE_DIR"]) / "features").iterdir())
+    assert len(entries) == 2 and all(e.endswith(".pt") for e in entries), entries
+    done = run(
+        [
+            "fit",
+            "--config",
+            CONFIGS / "finetune.yaml",
+            *TINY,
+            *DDP,
+            "--data.root",
+            data,
+            "--data.num_workers",
+            "2",
+            "--trainer.max_epochs",
+            "3",
+            "--model.init_from",
+            out,
+            "--unfreeze.schedule",
+            "{0: 1, 1: 3}",
+            *rich,
+            *save,
+            "ft_state",
+        ]
+    )
+    log = _ok(done)
+    assert "GLOBAL_RANK: 1" in log and "epoch 1: backbone stages trainable" in log
+    differ, trained = compare_ranks(Path("ft_state"))
+    assert differ == 0, f"{differ} tensors differ between the ranks"
+    assert trained > 0, "the backbone did not train"
+    assert len(list(Path("runs/finetune").glob("version_*"))) == 1
+
+
+@pytest.mark.slow
+def test_torchrun_fine_tuning_ranks_agree(data):
+    best = _fe(data, "--data.num_workers", "0")
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "tl_cli.cli",
+    ]
+    args = [
+        "fit",
+        "--config",
+        CONFIGS / "finetune.yaml",
+        *TINY,
+        "--trainer.devices",
+        "2",
+        "--trainer.strategy",
+        "ddp",
+        "--data.root",
+        data,
+        "--data.num_workers",
+        "2",
+        "--trainer.max_epochs",
+        "2",
+        "--model.init_from",
+        best,
+        "--unfreeze.schedule",
+        "{1: 2}",
+        "--trainer.callbacks+",
+        "tests.helpers.SaveRankState",
+    ]
+    _ok(run(args, launcher=torchrun))
+    differ, trained = compare_ranks(Path("rankstate"))
+    assert differ == 0 and trained > 0
+    assert len(list(Path("runs/finetune").glob("version_*"))) == 1
+    assert (Path("runs/finetune/latest/checkpoints/last.ckpt")).is_file()
+
+
+def test_test_reports_count_every_image_once_and_a_rank0_failure_stops_all(data):
+    best = _fe(data, "--data.num_workers", "0")
+    next((data / "test" / "rectangles").iterdir()).unlink()  # 11 test images: the sampler pads one
+    _ok(
+        run(
+            [
+                "test",
+                "--ckpt_path",
+                best,
+                "--data.root",
+                data,
+                "--data.num_workers",
+                "0",
+                *DDP[:2],
+                *DDP[2:],
+                "--trainer.accelerator",
+                "cpu",
+                "-o",
+                "t",
+            ]
+        )
+    )
+    metrics = json.loads(Path("t/latest/metrics.json").read_text())
+    assert metrics["n_samples"] == 11 and sum(map(sum, metrics["confusion_matrix"])) == 11
+    rows = Path("t/latest/predictions.csv").read_text().splitlines()[1:]
+    assert len(rows) == 11 and len({r.split(",")[0] for r in rows}) == 11
+    # a broken image: every rank stops before training, the paragraph printed once, no hang
+    bad = next((data / "train" / "ellipses").iterdir())
+    bad.write_bytes(bad.read_bytes()[:150])
+    done = run(
+        ["fit", "--config", CONFIGS / "finetune.yaml", *TINY, *DDP, "--data.root", data, "--model.init_from", best],
+        timeout=300,
+    )
+    assert done.returncode != 0
+    assert done.stderr.count(f"{bad.name}: corrupt or truncated") == 1, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr
+
+
+@pytest.mark.slow
+def test_a_collective_at_epoch_end_no_longer_mismatches_the_progress_bar(data):
+    """Lightning issue 21264's trap, sprung on purpose: tl's trainer syncs the epoch metrics on
+    every rank first, so a collective in any epoch-end hook pairs up."""
+    args = ["--trainer.callbacks+", "RichProgressBar", "--trainer.callbacks+", "tests.helpers.CollectiveAtEpochEnd"]
+    _fe(data, *DDP, "--data.num_workers", "0", *args)
+
+
+@pytest.mark.slow
+def test_many_runs_at_once_into_one_folder(data):
+    """A job array or a shell loop: 4 `tl fit` started together, each its own run folder."""
+    args = ["fit", "--config", CONFIGS / "feature_extract.yaml", *TINY, "--data.root", data, "--data.num_workers", "0"]
+    args += ["--trainer.max_epochs", "1"]
+    procs = [
+        subprocess.Popen(
+            [*TL, *map(str, args)], env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        for _ in range(4)
+    ]
+    outs = [p.communicate(timeout=400)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0] * 4, "\n".join(o[-1500:] for o in outs)
+    folders = sorted(p.name for p in Path("runs/feature_extract").glob("version_*"))
+    assert folders == ["version_0", "version_1", "version_2", "version_3"]
+    for f in folders:
+        assert (Path("runs/feature_extract") / f / "config.yaml").is_file()
+        assert (Path("runs/feature_extract") / f / "checkpoints" / "best.ckpt").is_file()
+    latest = Path("runs/feature_extract/latest").resolve()
+    assert latest.name in folders and (latest / "curves.png").is_file()

@@ -1,0 +1,199 @@
+"""Freezing and unfreezing the backbone: `FreezeBackbone` (feature extraction) and
+`UnfreezeSchedule` (fine-tuning).
+
+They have the shape of Lightning's `BaseFinetuning` (freeze in ``setup``, change at each
+epoch start, state in ``state_dict``) without its traps:
+
+- Which stages train is a pure function of the epoch, re-applied at every epoch start and at
+  ``on_train_start`` (Lightning skips ``on_train_epoch_start`` when it resumes inside an
+  epoch), so a resumed run trains what an uninterrupted one would (``BaseFinetuning``
+  forgets unfrozen stages on resume: Lightning issue 21901).
+- Frozen layers, and unless ``train_bn`` every BatchNorm layer of the backbone, are pinned in
+  eval mode, so their statistics never move (issue 15062: ``freeze(train_bn=False)`` kept
+  updating them), and re-pinned before every step in case anything called ``.train()``.
+- Under DDP, torch registers only the parameters that require grad when it wraps the model,
+  so stages unfrozen later would never be all-reduced and every rank would fine-tune its own
+  backbone. When the trainable set changes, the model is wrapped again (which also
+  broadcasts rank 0's weights and buffers).
+
+They meet the model through one attribute, ``model.backbone``; its stages, from input to
+output, are ``model.backbone.tl_stages`` (tl's models set it from timm's ``group_matcher``
+or torchvision's top-level children), else the backbone's top-level children.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import lightning.pytorch as pl
+from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
+
+from tl_cli.errors import TLError
+
+BN_TYPES = (nn.modules.batchnorm._BatchNorm,)
+
+
+def backbone_stages(backbone: nn.Module) -> list[tuple[str, list[nn.Parameter]]]:
+    """``(name, parameters)`` per stage, from the input to the output."""
+    stages = getattr(backbone, "tl_stages", None)
+    if stages is None:
+        stages = [(n, [f"{n}.{p}" for p, _ in m.named_parameters()]) for n, m in backbone.named_children()]
+    return [(name, [backbone.get_parameter(p) for p in names]) for name, names in stages if names]
+
+
+class BackboneFreezing(pl.Callback):
+    """The shared machinery of `FreezeBackbone` and `UnfreezeSchedule`.
+
+    Args:
+        schedule: ``{epoch: n}``: from that epoch on, the last ``n`` backbone stages train.
+        train_bn: whether BatchNorm layers of unfrozen stages update their running statistics
+            (false keeps the pretrained statistics, better for small data sets).
+    """
+
+    #: with ``train_bn``, BatchNorm layers of frozen stages update their statistics too
+    frozen_bn_trains = False
+
+    def __init__(self, schedule: Optional[dict[int, int]] = None, train_bn: bool = False) -> None:
+        self.schedule = {int(k): int(v) for k, v in (schedule or {}).items()}
+        if any(k < 0 or v < 0 for k, v in self.schedule.items()):
+            raise TLError(f"unfreeze.schedule={schedule}: epochs and stage counts must be >= 0.")
+        self.train_bn = train_bn
+        self.trainable_stages = 0
+        self._stages: list[tuple[str, list[nn.Parameter]]] = []
+        self._pinned: list[nn.Module] = []
+        self._registered: Optional[frozenset[int]] = None
+
+    @property
+    def unfreezes(self) -> bool:
+        """Whether some backbone stage trains at some epoch."""
+        return any(self.schedule.values())
+
+    @property
+    def output_fixed(self) -> bool:
+        """The backbone's output for an image never changes this run: it can be cached."""
+        return not self.unfreezes and not (self.train_bn and self.frozen_bn_trains)
+
+    def stages_for_epoch(self, epoch: int) -> int:
+        """How many trailing backbone stages train at `epoch` under the schedule."""
+        applicable = [k for k in self.schedule if k <= epoch]
+        return min(self.schedule[max(applicable)], len(self._stages)) if applicable else 0
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        backbone = getattr(pl_module, "backbone", None)
+        if not isinstance(backbone, nn.Module):
+            raise TLError(
+                f"{type(self).__name__} needs the model's backbone at `model.backbone`; {type(pl_module).__name__} has none."
+            )
+        if self.unfreezes and not getattr(pl_module, "trains_backbone", True):
+            raise TLError(
+                f"unfreeze.schedule={self.schedule} unfreezes backbone stages, but {type(pl_module).__name__} never "
+                "trains its backbone. Fine-tune with --model FineTune (configs/finetune.yaml)."
+            )
+        self._stages = backbone_stages(backbone)
+        names = ", ".join(f"{i}:{name}" for i, (name, _) in enumerate(self._stages))
+        rank_zero_info(f"tl: {len(self._stages)} backbone stages (input -> output): {names}")
+        self.apply(trainer, pl_module, 0)  # before DDP wraps the model: it registers what trains now
+        if self.output_fixed and getattr(pl_module, "supports_feature_cache", False):
+            offer = getattr(trainer.datamodule, "offer_features", None)
+            if offer is not None:
+                from tl_cli.prepare import Extractor
+
+                offer(Extractor(pl_module.extract_features, pl_module.feature_identity, pl_module.num_features))
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.apply(trainer, pl_module, trainer.current_epoch)  # resumed runs, inside an epoch too
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.apply(trainer, pl_module, trainer.current_epoch)
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        for module in self._pinned:
+            module.training = False
+
+    def apply(self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int) -> None:
+        """Make the schedule's stages for `epoch` trainable, everything else frozen and pinned."""
+        count = self.stages_for_epoch(epoch)
+        if count and count != self.trainable_stages:
+            names = ", ".join(name for name, _ in self._stages[-count:])
+            rank_zero_info(f"tl: epoch {epoch}: backbone stages trainable: {names}")
+        self.trainable_stages = count
+        first = len(self._stages) - count
+        for i, (_, params) in enumerate(self._stages):
+            for p in params:
+                p.requires_grad_(i >= first)
+        self._pinned = self._pin(pl_module.backbone, pl_module.training)
+        self._sync_ddp(trainer, pl_module)
+
+    def _pin(self, backbone: nn.Module, training: bool) -> list[nn.Module]:
+        # A module is frozen when all its parameters are; a module without parameters
+        # (dropout, drop-path, activations) follows its parent.
+        frozen: dict[str, bool] = {}
+        pinned = []
+        for name, module in backbone.named_modules():
+            params = list(module.parameters())
+            is_frozen = (
+                not any(p.requires_grad for p in params) if params else frozen.get(name.rpartition(".")[0], True)
+            )
+            frozen[name] = is_frozen
+            if isinstance(module, BN_TYPES):
+                pin = not self.train_bn or (is_frozen and not self.frozen_bn_trains)
+            else:
+                pin = is_frozen
+            module.training = training and not pin
+            if pin:
+                pinned.append(module)
+        return pinned
+
+    def _sync_ddp(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        from torch.nn.parallel import DistributedDataParallel
+
+        trainable = frozenset(id(p) for p in pl_module.backbone.parameters() if p.requires_grad)
+        strategy = trainer.strategy
+        wrapped = getattr(strategy, "model", None)
+        if not isinstance(wrapped, DistributedDataParallel) or self._registered is None:
+            self._registered = trainable  # what DDP registers when it wraps the model
+            return
+        if trainable != self._registered:
+            strategy.model = strategy._setup_model(pl_module)
+            strategy._register_ddp_hooks()
+            self._registered = trainable
+
+    def state_dict(self) -> dict[str, Any]:
+        # informational: the trainable stages are a function of the epoch, restored from it
+        return {"schedule": self.schedule, "train_bn": self.train_bn, "trainable_stages": self.trainable_stages}
+
+
+class FreezeBackbone(BackboneFreezing):
+    """Feature extraction: the whole backbone frozen, weights and BatchNorm statistics, for
+    the whole run; its output is then cached (``data.cache_features``).
+
+    Args:
+        train_bn: let the frozen backbone's BatchNorm layers update their running statistics
+            on the new images (their weights stay frozen; adapts the normalisation to a data set
+            far from ImageNet, at the price of the feature cache: the features then change).
+    """
+
+    frozen_bn_trains = True
+
+    def __init__(self, train_bn: bool = False) -> None:
+        super().__init__(schedule=None, train_bn=train_bn)
+
+
+class UnfreezeSchedule(BackboneFreezing):
+    """Fine-tuning: the last backbone stages unfreeze on a schedule.
+
+    Args:
+        schedule: ``{epoch: n}``: from that epoch on, the last ``n`` backbone stages train
+            (``tl fit`` prints the backbone's stages). Example: ``{0: 2, 3: 4}``. Empty or
+            null: nothing unfreezes.
+        train_bn: whether BatchNorm layers of unfrozen stages update their running statistics
+            (false keeps the pretrained statistics, better for small data sets).
+    """
+
+    def __init__(self, schedule: Optional[dict[int, int]] = None, train_bn: bool = False) -> None:
+        super().__init__(schedule=schedule, train_bn=train_bn)

@@ -1,0 +1,132 @@
+"""Surviving preemption and time limits: checkpoint at a batch boundary, requeue, resume exactly.
+
+Lightning's own SLURM handler saves its checkpoint from inside the signal handler, wherever
+the training step happens to be (between backward and optimizer step, say), so the resumed
+run cannot be the same as an uninterrupted one. tl handles SIGUSR1 (``#SBATCH
+--signal=SIGUSR1@90``) itself: the handler only raises a flag; the ranks agree on it at a
+batch boundary, the full training state is written to ``hpc_ckpt_N.ckpt`` in
+``trainer.default_root_dir`` (where Lightning looks when the job starts again), rank 0 asks
+SLURM to requeue the job, and training stops. With `ExactResume` the resumed run continues
+with exactly the batches and random numbers the interrupted one would have used.
+
+Agreement without a synchronisation per step: the ranks exchange their flags with an
+asynchronous all-reduce on tl's own CPU (gloo) group, launched at agreed batches and read at
+the next agreed one, about every ``check_seconds``. Every rank reads the same result at the
+same batch, so they stop together, and nothing waits on the GPU.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from typing import Any, Optional
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+
+from tl_cli import distributed
+
+
+class PreemptionCheckpoint(pl.Callback):
+    """On SIGUSR1: checkpoint at a batch boundary, requeue under SLURM, stop.
+
+    Args:
+        signum: the signal that announces the end (SLURM's ``--signal``).
+        check_seconds: how often (in training time) the ranks agree on whether it came.
+    """
+
+    def __init__(self, signum: int = signal.SIGUSR1, check_seconds: float = 2.0) -> None:
+        self.signum, self.check_seconds = signum, check_seconds
+        self.requested = False
+        self.preempted = False  # this run stopped for the signal (it is not complete)
+        self._previous: Any = None
+        self._group: Any = None
+        self._pending: Optional[tuple[Any, torch.Tensor]] = None
+        self._batches = 0
+        self._next_check = 1
+        self._started = time.monotonic()
+        self._stop_at_epoch_end = False
+
+    def _flag(self, signum: int, frame: Any) -> None:
+        self.requested = True
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        # before any DataLoader worker starts: workers inherit the disposition, then ignore it
+        self._previous = signal.signal(self.signum, self._flag)
+        self._group = distributed.group(1800.0, "preemption")
+        self.requested, self._pending, self._batches, self._next_check = False, None, 0, 1
+        self.preempted = False
+        self._stop_at_epoch_end = False
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self._pending is not None:
+            self._pending[0].wait()  # every rank launched it: it completes
+            self._pending = None
+        if self._previous is not None:
+            # a signal that comes after training (SLURM's warning of a job that is finishing
+            # anyway) must not kill the process with the default action: ignore it then
+            signal.signal(self.signum, signal.SIG_IGN if self._previous == signal.SIG_DFL else self._previous)
+            self._previous = None
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._started = time.monotonic()
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self._batches += 1
+        if not self._agreed_to_stop():
+            return
+        # After an epoch's last batch, validation and the epoch-end callbacks (checkpointing,
+        # early stopping) still have to run: a checkpoint taken here would resume past them.
+        if batch_idx + 1 < trainer.num_training_batches:
+            self._preempt(trainer)
+        else:
+            self._stop_at_epoch_end = True
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._stop_at_epoch_end:
+            self._stop_at_epoch_end = False
+            self._preempt(trainer)
+
+    def _agreed_to_stop(self) -> bool:
+        if self._group is None:  # one process: nobody to agree with
+            return self.requested
+        if self._batches < self._next_check:
+            return False
+        decision = False
+        if self._pending is not None:
+            work, values = self._pending
+            work.wait()  # launched one check ago: long done
+            decision = bool(values[0] > 0)
+            self._next_check = self._batches + max(1, int(-values[1]))
+        else:
+            self._next_check = self._batches + 1
+        elapsed = (time.monotonic() - self._started) / max(1, self._batches)
+        interval = max(1, min(1000, int(self.check_seconds / max(elapsed, 1e-6))))
+        # max over ranks of (flag, -interval): anyone's flag, the shortest interval
+        values = torch.tensor([float(self.requested), -float(interval)])
+        work = torch.distributed.all_reduce(values, op=torch.distributed.ReduceOp.MAX, group=self._group, async_op=True)
+        self._pending = (work, values)
+        return decision
+
+    def _preempt(self, trainer: pl.Trainer) -> None:
+        self.requested, self.preempted = False, True
+        path = trainer._checkpoint_connector.hpc_save_path(trainer.default_root_dir)
+        trainer.save_checkpoint(path)
+        rank_zero_info(f"tl: preemption signal: training state saved to {path}")
+        job = os.environ.get("SLURM_JOB_ID")
+        if trainer.is_global_zero and job:
+            array = os.environ.get("SLURM_ARRAY_JOB_ID")
+            job = f"{array}_{os.environ['SLURM_ARRAY_TASK_ID']}" if array else job
+            done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+            if done.returncode == 0:
+                rank_zero_info(f"tl: SLURM job {job} requeued; it resumes from {path}")
+            else:
+                rank_zero_info(f"tl: requeueing SLURM job {job} failed: {done.stderr.strip()}")
+        trainer.should_stop = True

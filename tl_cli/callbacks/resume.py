@@ -1,0 +1,80 @@
+"""A resumed run continues exactly where the checkpoint left it.
+
+Two things Lightning does not restore: where in the epoch's order the run was (it restarts
+the epoch's data from the beginning), and the random number generators (dropout). This
+callback stores every rank's CPU and CUDA generator state in the checkpoint and, when a run
+resumes, restores them and makes the `ResumableSampler` of every training loader skip the
+samples the interrupted epoch had already trained on.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import lightning.pytorch as pl
+import torch
+
+from tl_cli import distributed
+from tl_cli.datasets import ResumableSampler
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def position(trainer: pl.Trainer) -> dict[str, int]:
+    """Where in training a checkpoint taken now is: the epoch and its batches done."""
+    return {"epoch": trainer.current_epoch, "batches": trainer.fit_loop.epoch_loop.batch_progress.current.ready}
+
+
+class ExactResume(pl.Callback):
+    """Random-number state of every rank in the checkpoint; position in the epoch on resume.
+
+    Lightning builds (and iterates) the training loader before it calls any hook of a resumed
+    run, so the position goes to the DataModule as soon as the checkpoint is read
+    (``resume_at``, a hook of `ImageFolderData`); ``on_train_start`` places the samplers again
+    for loaders of other DataModules.
+    """
+
+    def __init__(self) -> None:
+        self._restored: Optional[list[dict[str, Any]]] = None
+        self._position: Optional[dict[str, int]] = None
+
+    def state_dict(self) -> dict[str, Any]:
+        # Lightning builds the checkpoint on every rank (rank 0 writes it): all take part
+        return {"rng": distributed.on_every_rank(_rng_state, 1800.0)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._restored = state_dict.get("rng")
+
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        checkpoint["tl_position"] = position(trainer)
+
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        self._position = checkpoint.get("tl_position")
+        resume_at = getattr(trainer.datamodule, "resume_at", None)
+        if self._position and resume_at is not None:
+            resume_at(**self._position)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._position:
+            loaders = trainer.train_dataloader
+            for loader in loaders.flattened if hasattr(loaders, "flattened") else [loaders]:
+                sampler = getattr(loader, "sampler", None)
+                if isinstance(sampler, ResumableSampler):
+                    sampler.resume_at(batch_size=loader.batch_size, **self._position)
+        self._position = None
+        if self._restored:
+            rank = trainer.global_rank
+            state = self._restored[rank] if rank < len(self._restored) else self._restored[0]
+            torch.set_rng_state(state["cpu"])
+            if "cuda" in state and torch.cuda.is_available():
+                torch.cuda.set_rng_state(state["cuda"])
+        self._restored = None

@@ -1,0 +1,76 @@
+"""Step 2 of the recipe: fine-tuning from the feature-extraction checkpoint."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from tl_cli.errors import TLError
+from tl_cli.models.base import Classifier
+from tl_cli.models.checkpoints import read_tl_checkpoint
+
+
+class FineTune(Classifier):
+    """Fine-tuning: backbone stages train too, at ``lr x backbone_lr_ratio``.
+
+    Which stages train, and from which epoch, is the `tl_cli.callbacks.UnfreezeSchedule`
+    callback's (``--unfreeze.schedule``); without a freezing callback the whole backbone trains.
+    Every backbone parameter is in the optimizer from the start (frozen ones have no gradient
+    and are skipped), so unfreezing never changes the optimizer and a resumed run's state fits.
+
+    Args:
+        init_from: the feature-extraction checkpoint (its ``best.ckpt``) whose backbone and
+            head start this run; its classes and, unless ``data.image_size`` is set, its input
+            size are kept. Without it the run starts from ``model.weights`` with an untrained
+            head, which is what domain adaptation and full training from pretrained weights
+            do; for the recipe, pass it: a random head sends large, random gradients into the
+            pretrained features during the first steps (linear probe, then fine-tune: LP-FT).
+        backbone_lr_ratio: backbone learning rate = ``lr`` x this.
+        *args: everything `Classifier` takes (backbone, weights, lr, ...).
+        **kwargs: everything `Classifier` takes (backbone, weights, lr, ...).
+    """
+
+    trains_backbone = True
+
+    def __init__(
+        self, *args: Any, init_from: Optional[str] = None, backbone_lr_ratio: float = 0.1, **kwargs: Any
+    ) -> None:
+        if backbone_lr_ratio < 0:
+            raise TLError(f"model.backbone_lr_ratio={backbone_lr_ratio} must be >= 0.")
+        self._init = read_tl_checkpoint(init_from, what="model.init_from checkpoint") if init_from else None
+        if self._init is not None and not kwargs.get("class_names"):
+            kwargs["class_names"] = list(self._init["tl"]["class_names"])
+        super().__init__(*args, **kwargs)
+        self.save_hyperparameters()
+        if self._init is not None and self._init["tl"]["backbone"] != self.hparams.backbone:
+            raise TLError(
+                f"model.init_from={init_from} was trained with backbone {self._init['tl']['backbone']}, "
+                f"but this run asks for {self.hparams.backbone}. Use the same model.backbone."
+            )
+
+    def default_image_size(self) -> Optional[int]:
+        if self._init is not None and self._init["tl"].get("preprocessing"):
+            return int(self._init["tl"]["preprocessing"]["image_size"][0])
+        return None
+
+    def on_fit_start(self) -> None:
+        if self._init is None and self.trainer.ckpt_path is None:
+            self.print(
+                "tl: note: no model.init_from, so the head starts untrained; for the recipe pass the "
+                "feature-extraction best.ckpt (a random head distorts the pretrained features at first)."
+            )
+
+    def load_starting_weights(self) -> None:
+        if self._init is None:
+            return super().load_starting_weights()
+        state, own = self._init["state_dict"], self.state_dict()
+        wanted = [k for k in own if k.startswith(("backbone.", "head."))]
+        missing = [k for k in wanted if k not in state]
+        if missing:
+            raise TLError(f"model.init_from={self.hparams.init_from} lacks tensors {missing[:3]}.")
+        self.load_state_dict({k: state[k] for k in wanted}, strict=False)
+        self.print(f"tl: backbone and head from {self.hparams.init_from}")
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        backbone_lr = self.hparams.lr * self.hparams.backbone_lr_ratio
+        backbone = {"params": list(self.backbone.parameters()), "lr": backbone_lr, "name": "backbone"}
+        return [*super().param_groups(), backbone]

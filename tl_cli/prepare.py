@@ -1,0 +1,263 @@
+"""Before the first epoch: every image decoded once, the bad ones found, the caches filled.
+
+One pass over a split does all of it: each file is decoded fully (a truncated JPEG fails
+only at its last bytes), the result of the screening is remembered per file set, and the
+decoded picture goes straight on into the decoded-image cache and/or through the frozen
+backbone into the bottleneck-feature cache. A later run with the same files reads the
+remembered screening result and the caches and decodes nothing.
+
+Under DDP every rank does every world-th sample (its share), writes its part, and rank 0
+joins the parts; every decision (what exists, what is bad) is rank 0's, broadcast, so the
+ranks never take different paths. A failure on any rank stops all of them with its message.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from tl_cli import distributed
+from tl_cli.cache import FeatureStore, ImageStore, ScreenStore, files_fingerprint, make_key
+from tl_cli.datasets import as_is, ignore_preemption_signal
+from tl_cli.errors import TLError
+from tl_cli.transforms import crop_pipeline, decode_resized
+
+Samples = list[tuple[Path, int]]
+
+
+@dataclass
+class Extractor:
+    """What the feature cache needs from a frozen backbone (handed over by `FreezeBackbone`).
+
+    Attributes:
+        extract: uint8 images ``[B, 3, H, W]`` (centre crops) -> features ``[B, dim]`` on CPU.
+        identity: what the features depend on besides the images (backbone, weights hash,
+            precision), for the cache key.
+        dim: feature width.
+    """
+
+    extract: Callable[[torch.Tensor], torch.Tensor]
+    identity: Callable[[], dict[str, Any]]
+    dim: int
+
+
+@dataclass
+class Prepared:
+    samples: Samples  # the usable samples, in order
+    images: Optional[tuple[np.ndarray, np.ndarray, np.ndarray]] = None
+    features: Optional[torch.Tensor] = None
+
+
+class _Decode(Dataset):
+    """``(problem or None, uint8 [3, H, W] or None)`` per sample; with `inspect`, the full
+    check of `tl data check` (a decode that succeeds only after conversion counts as good)."""
+
+    def __init__(self, samples: Samples, preprocessing: dict[str, Any], inspect: bool) -> None:
+        self.samples, self.preprocessing, self.inspect = samples, preprocessing, inspect
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> tuple[Optional[str], Optional[torch.Tensor]]:
+        from tl_cli.checks import inspect_image
+
+        path = self.samples[i][0]
+        if not self.inspect:
+            return None, decode_resized(path, self.preprocessing)
+        info = inspect_image(path, digest=False, keep=True)
+        if info["error"]:
+            return info["error"], None
+        return None, decode_resized(info["image"], self.preprocessing)
+
+
+def _share_pass(
+    samples: Samples,
+    preprocessing: dict[str, Any],
+    *,
+    inspect: bool,
+    image_store: Optional[ImageStore],
+    feature_store: Optional[FeatureStore],
+    extractor: Optional[Extractor],
+    batch_size: int,
+    workers: int,
+    part: Optional[int],
+) -> list[tuple[int, str]]:
+    """Decode `samples` once; fill the stores; return the bad ones: (position, problem).
+
+    Without `part` (one process) bad samples are left out of the entries; with it, they are
+    placeholders (an empty image, zero features) that `join` leaves out.
+    """
+    loader = DataLoader(
+        _Decode(samples, preprocessing, inspect),
+        batch_size=None,
+        num_workers=workers,
+        collate_fn=as_is,
+        prefetch_factor=8 if workers else None,
+        worker_init_fn=ignore_preemption_signal,
+        generator=torch.Generator().manual_seed(0),  # the global generator stays untouched
+    )
+    bad: list[tuple[int, str]] = []
+    crop = crop_pipeline("none", preprocessing)
+    features: list[torch.Tensor] = []
+    pending: list[torch.Tensor] = []
+
+    def flush() -> None:
+        if pending:
+            features.append(extractor.extract(torch.stack(pending)))
+            pending.clear()
+
+    def arrays() -> Iterator[np.ndarray]:
+        for position, (problem, image) in enumerate(loader):
+            if problem is not None:
+                bad.append((position, problem))
+                if part is not None:
+                    if extractor is not None:
+                        flush()
+                        features.append(torch.zeros(1, extractor.dim))
+                    yield np.zeros((0, 0, 3), dtype=np.uint8)
+                continue
+            if extractor is not None:
+                pending.append(crop(image))
+                if len(pending) == batch_size:
+                    flush()
+            yield image.permute(1, 2, 0).numpy()
+        if extractor is not None:
+            flush()
+
+    # building leaves the random number generators as they were, so a run that fills the
+    # caches draws the same dropout masks as one that finds them filled
+    with torch.random.fork_rng(devices=[]):
+        if image_store is not None:
+            image_store.build(arrays(), part=part)
+        else:
+            for _ in arrays():
+                pass
+    if feature_store is not None:
+        dim = extractor.dim
+        feature_store.save(torch.cat(features) if features else torch.empty(0, dim), part=part)
+    return bad
+
+
+def prepare(
+    where: Path,
+    samples: Samples,
+    preprocessing: dict[str, Any],
+    *,
+    cache_dir: Path,
+    on_bad_image: str,
+    images: bool,
+    extractor: Optional[Extractor],
+    batch_size: int,
+    workers: int,
+    ram_budget: int,
+    say: Callable[[str], None],
+) -> Prepared:
+    """Screen `samples` (remembered per file set) and load or build the asked-for caches."""
+    screen = ScreenStore(cache_dir, make_key("check", files=files_fingerprint(samples)))
+    known = distributed.broadcast(screen.load())
+    kept = samples if known is None else _apply(where, samples, known, on_bad_image, say)
+
+    def stores(of: Samples) -> tuple[Optional[ImageStore], Optional[FeatureStore]]:
+        files = files_fingerprint(of)
+        image_store = feature_store = None
+        if images:
+            key = make_key("images", files=files, preprocessing=preprocessing)
+            image_store = ImageStore(cache_dir, key)
+        if extractor is not None:
+            key = make_key("features", files=files, preprocessing=preprocessing, model=extractor.identity())
+            feature_store = FeatureStore(cache_dir, key)
+        return image_store, feature_store
+
+    def loaded(of: Samples) -> tuple[Any, Any]:
+        image_store, feature_store = stores(of)
+        got_images = image_store.load(len(of), ram_budget) if image_store else None
+        got_features = feature_store.load(len(of), extractor.dim) if feature_store else None
+        return got_images, got_features
+
+    if known is not None:
+        got_images, got_features = loaded(kept)
+        # rank 0 decides whether to build, so every rank takes the same path
+        missing = distributed.broadcast((images and got_images is None, extractor is not None and got_features is None))
+        if not any(missing):
+            _report(say, where, len(kept), got_images, got_features, None)
+            return Prepared(kept, got_images, got_features)
+    start = time.perf_counter()
+    todo = samples if known is None else kept
+    image_store, feature_store = stores(todo)
+    world, rank = distributed.world_size(), distributed.rank()
+    mine = todo[rank::world]
+    bad_parts = distributed.on_every_rank(
+        lambda: _share_pass(
+            mine,
+            preprocessing,
+            inspect=known is None,
+            image_store=image_store,
+            feature_store=feature_store,
+            extractor=extractor,
+            batch_size=batch_size,
+            workers=workers,
+            part=rank if world > 1 else None,
+        ),
+        distributed.timeout_for(len(mine)),
+    )
+    bad = sorted((r + world * p, problem) for r, found in enumerate(bad_parts) for p, problem in found)
+    if known is None:
+        problems = [{"path": str(todo[i][0]), "problem": problem} for i, problem in bad]
+        if rank == 0:
+            screen.save(problems)
+        kept = _apply(where, samples, problems, on_bad_image, say)
+    final_images, final_features = stores(kept)
+
+    def finish() -> None:  # rank 0: the entries of `kept` from what the pass wrote
+        drop = {i for i, _ in bad}
+        for written, final in ((image_store, final_images), (feature_store, final_features)):
+            if written is not None and world > 1:
+                written.join_into(final, world, drop)
+            elif written is not None and len(kept) != len(todo):
+                written.move_to(final)
+
+    distributed.on_rank_zero(finish, distributed.timeout_for(len(todo), 0.01))
+    got_images, got_features = loaded(kept)
+    if (images and got_images is None) or (extractor is not None and got_features is None):
+        raise RuntimeError(f"the cache entries for {where} are missing right after they were built")
+    _report(say, where, len(kept), got_images, got_features, time.perf_counter() - start)
+    return Prepared(kept, got_images, got_features)
+
+
+def _apply(where: Path, samples: Samples, bad: list[dict[str, str]], on_bad_image: str, say: Callable) -> Samples:
+    """`on_bad_image`: stop with the list of bad files, or leave them out and name each."""
+    if not bad:
+        return samples
+    listing = "\n  ".join(f"{b['path']}: {b['problem']}" for b in bad[:20])
+    more = f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else ""
+    if on_bad_image == "error":
+        raise distributed.everywhere(
+            TLError(
+                f"{len(bad)} file(s) in {where} cannot be used:\n  {listing}{more}\n"
+                "Remove or replace them, or pass --data.on_bad_image skip to train without them "
+                f"(`tl data check {where.parent}` reports every problem)."
+            )
+        )
+    for b in bad:
+        say(f"warning: skipping {b['path']}: {b['problem']} (data.on_bad_image=skip)")
+    dropped = {b["path"] for b in bad}
+    return [(p, label) for p, label in samples if str(p) not in dropped]
+
+
+def _report(say: Callable, where: Path, n: int, images: Any, features: Any, seconds: Optional[float]) -> None:
+    how = "loaded" if seconds is None else f"prepared in {seconds:.1f} s"
+    if features is not None:
+        say(f"{where.name}: bottleneck features of {n} images {how}")
+    elif images is not None:
+        data = images[0]
+        kind = "memory-mapped" if isinstance(data, np.memmap) else "in memory"
+        say(f"{where.name}: {n} decoded images {how}, {data.nbytes / 2**20:.0f} MiB {kind}")
+    elif seconds is not None:
+        say(f"{where.name}: {n} images checked in {seconds:.1f} s")

@@ -1,0 +1,166 @@
+"""Run folders: ``default_root_dir/version_N/`` (``array_<job>_<task>/`` for a SLURM array
+task), one per run, allocated atomically, and ``default_root_dir/latest`` pointing at the
+newest run that completed.
+
+Several ``tl fit`` started at once into the same folder (a job array, a shell loop) each get
+their own: a folder is claimed with ``mkdir``, which only one process can win. Under DDP only
+rank 0 claims, when the process group exists, and tells the others. A requeued SLURM job
+continues the folder its first start claimed (a marker file names the job).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import socket
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+from tl_cli import distributed
+
+MARKER = ".tl-run.json"
+
+
+def _slurm_restarted() -> bool:
+    return int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) > 0
+
+
+def _continued(root: Path) -> Optional[str]:
+    """The folder a requeued SLURM job claimed when it first started."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if not job or not _slurm_restarted() or not root.is_dir():
+        return None
+    for marker in root.glob(f"*/{MARKER}"):
+        try:
+            if json.loads(marker.read_text()).get("slurm_job_id") == job:
+                return marker.parent.name
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def claim(root: Path) -> tuple[str, bool]:
+    """Claim a new run folder under `root` (or the one a requeued job continues).
+
+    Returns its name and whether it continues an earlier start of the same job.
+    """
+    root.mkdir(parents=True, exist_ok=True)
+    earlier = _continued(root)
+    if earlier:
+        return earlier, True
+    array, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    if array and task:
+        name = f"array_{array}_{task}"
+        continued = (root / name).is_dir()
+        (root / name).mkdir(exist_ok=True)
+    else:
+        taken = [int(m.group(1)) for p in root.iterdir() if (m := re.fullmatch(r"version_(\d+)", p.name))]
+        n = max(taken, default=-1) + 1
+        while True:
+            try:
+                (root / f"version_{n}").mkdir()
+                break
+            except FileExistsError:  # another run claimed it first
+                n += 1
+        name, continued = f"version_{n}", False
+    marker = {"slurm_job_id": os.environ.get("SLURM_JOB_ID"), "host": socket.gethostname(), "pid": os.getpid()}
+    marker["started"] = time.strftime("%Y-%m-%d %H:%M:%S")
+    (root / name / MARKER).write_text(json.dumps(marker) + "\n")
+    return name, continued
+
+
+def mark_complete(root: Path, name: str) -> None:
+    """Point ``root/latest`` at `name`, atomically (a reader never sees no link)."""
+    link = root / "latest"
+    if link.exists() and not link.is_symlink():
+        return  # something of the user's: leave it
+    tmp = root / f".latest.{os.getpid()}"
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(name)
+    os.replace(tmp, link)
+
+
+class RunFolder:
+    """The run's folder under `root`, claimed on first use (by rank 0 under DDP)."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        self._name: Optional[str] = None
+        self.continued = False
+
+    @property
+    def name(self) -> str:
+        if self._name is None:
+            if distributed.world_size() == 1 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+                raise RuntimeError("the run folder was asked for before the process group exists")
+            self._name, self.continued = distributed.on_rank_zero(lambda: claim(self.root), 600.0)
+        return self._name
+
+    @property
+    def path(self) -> Path:
+        return self.root / self.name
+
+
+class _InRunFolder:
+    """Logger mixin: version = the run folder's name, claimed when the logger first writes
+    (Lightning asks every logger for its experiment on every rank, in the same order, once the
+    process group exists)."""
+
+    def __init__(self, run: RunFolder, **kwargs: Any) -> None:
+        super().__init__(save_dir=str(run.root), name="", **kwargs)
+        self.run = run
+
+    @property
+    def version(self) -> str:
+        return self.run.name
+
+    @property
+    def experiment(self) -> Any:
+        _ = self.run.name
+        return super().experiment
+
+
+class RunCSVLogger(_InRunFolder, CSVLogger):
+    """Lightning's CSV logger in the run folder; a requeued run keeps the rows it logged."""
+
+    @property
+    def experiment(self) -> Any:
+        if self._experiment is not None:
+            return self._experiment
+        _ = self.run.name
+        rows = None
+        if self.run.continued and distributed.rank() == 0:
+            rows = earlier_rows(Path(self.log_dir) / "metrics.csv", self.run.root)
+        experiment = super().experiment
+        if rows is not None:  # Lightning's CSV writer deletes the file it finds: hand them back
+            keys, kept = rows
+            experiment.metrics_keys = keys + [k for k in experiment.metrics_keys if k not in keys]
+            experiment.metrics.extend(kept)
+        return experiment
+
+
+class RunTensorBoardLogger(_InRunFolder, TensorBoardLogger):
+    """Lightning's TensorBoard logger in the run folder."""
+
+    def __init__(self, run: RunFolder) -> None:
+        super().__init__(run, default_hp_metric=False)
+
+
+def earlier_rows(path: Path, root: Path) -> Optional[tuple[list[str], list[dict[str, str]]]]:
+    """A requeued run's metrics.csv rows logged before the checkpoint it resumes from."""
+    import torch
+
+    hpc = sorted(root.glob("hpc_ckpt_*.ckpt"), key=lambda p: int(p.stem.rsplit("_", 1)[1]))
+    if not path.is_file() or not hpc:
+        return None
+    step = torch.load(hpc[-1], map_location="cpu", weights_only=True, mmap=True).get("global_step", 0)
+    with open(path, newline="") as fh:
+        reader = csv.DictReader(fh)
+        keys = list(reader.fieldnames or [])
+        rows = [r for r in reader if r.get("step", "") == "" or int(float(r["step"])) < step]
+    return keys, [{k: v for k, v in r.items() if v != ""} for r in rows]

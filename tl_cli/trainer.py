@@ -1,0 +1,162 @@
+"""`TLTrainer`: Lightning's Trainer with tl's defaults.
+
+- ``precision: auto``: bf16-mixed on CUDA GPUs of compute capability 8.0+, 16-mixed on older
+  ones (Expanse's V100s), 32-true on CPU; decided without initialising CUDA in the process
+  that launches the ranks.
+- Logs (TensorBoard + CSV) in a run folder of its own (`tl_cli.runs`), ``latest`` pointing at
+  the newest complete run.
+- Callbacks always present: metric synchronisation first (Lightning issue 21264), preemption
+  at a batch boundary, exact resume, and a progress display fit for where the output goes
+  (Rich on a terminal, plain lines in a log file).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from typing import Any, Optional
+
+from lightning.pytorch import Callback, Trainer
+from lightning.pytorch.callbacks import Checkpoint, ProgressBar
+from lightning.pytorch.plugins.environments import SLURMEnvironment
+from lightning.pytorch.utilities import rank_zero_info
+
+from tl_cli.callbacks import ExactResume, PlainProgress, PreemptionCheckpoint, SyncEpochMetrics, TLRichProgressBar
+from tl_cli.runs import RunCSVLogger, RunFolder, RunTensorBoardLogger, mark_complete
+
+
+def _visible_gpu_ids() -> Optional[list[str]]:
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return None if visible is None else [v.strip() for v in visible.split(",") if v.strip()]
+
+
+def gpu_capabilities() -> list[tuple[int, int]]:
+    """Compute capability of each visible GPU, asked of the driver (nvidia-smi), not of CUDA:
+    initialising CUDA in the process that launches the DDP ranks breaks forked ones and
+    holds memory on GPU 0 in the launcher."""
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return []
+    try:
+        out = subprocess.run(
+            [smi, "--query-gpu=index,uuid,compute_cap", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    found = []
+    visible = _visible_gpu_ids()
+    for line in out.strip().splitlines():
+        try:
+            index, uuid, cap = (part.strip() for part in line.split(","))
+            major, minor = (int(v) for v in cap.split("."))
+        except ValueError:
+            continue
+        if visible is None or index in visible or uuid in visible:
+            found.append((major, minor))
+    return found
+
+
+def _cuda_wanted(accelerator: Any) -> bool:
+    import torch
+
+    return accelerator in ("auto", "gpu", "cuda", None) and torch.cuda.device_count() > 0
+
+
+def resolve_precision(precision: Any, accelerator: Any = "auto") -> tuple[Any, str]:
+    """``auto`` -> what this machine should use, and why (for the message)."""
+    if precision != "auto":
+        return precision, "as configured"
+    if not _cuda_wanted(accelerator):
+        return "32-true", "no CUDA GPU"
+    caps = gpu_capabilities()
+    if not caps:  # no nvidia-smi: ask CUDA itself (initialises it in this process)
+        import torch
+
+        return ("bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"), "CUDA reports bf16 support"
+    lowest = min(caps)
+    chosen = "bf16-mixed" if lowest >= (8, 0) else "16-mixed"
+    return chosen, f"GPU compute capability {lowest[0]}.{lowest[1]}"
+
+
+class CompleteRun(Callback):
+    """Points ``latest`` at the run once it completed (not when it was preempted)."""
+
+    def __init__(self, run: RunFolder) -> None:
+        self.run = run
+
+    def _done(self, trainer: Trainer) -> None:
+        preempted = any(getattr(c, "preempted", False) for c in trainer.callbacks)
+        if trainer.is_global_zero and not preempted and not trainer.interrupted:
+            mark_complete(self.run.root, self.run.name)
+
+    def on_fit_end(self, trainer: Trainer, pl_module: Any) -> None:
+        self._done(trainer)
+
+    def on_test_end(self, trainer: Trainer, pl_module: Any) -> None:
+        self._done(trainer)
+
+    def on_predict_end(self, trainer: Trainer, pl_module: Any) -> None:
+        self._done(trainer)
+
+    def on_validation_end(self, trainer: Trainer, pl_module: Any) -> None:
+        if trainer.state.fn == "validate":
+            self._done(trainer)
+
+
+def _as_list(value: Any) -> list:
+    if value is None:
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+class TLTrainer(Trainer):
+    """Lightning's Trainer with ``precision: auto``, a run folder per run, and tl's callbacks.
+
+    Takes Lightning's Trainer arguments; see the module docstring for what differs.
+    """
+
+    def __init__(self, *args: Any, precision: Any = "auto", **kwargs: Any) -> None:
+        chosen, why = resolve_precision(precision, kwargs.get("accelerator", "auto"))
+        if precision == "auto":
+            rank_zero_info(f"tl: trainer.precision=auto -> {chosen} ({why})")
+        callbacks = _as_list(kwargs.get("callbacks"))
+        root = kwargs.get("default_root_dir")
+        self.run_folder: Optional[RunFolder] = None
+        if root and kwargs.get("logger") in (None, True):
+            self.run_folder = RunFolder(root)
+            kwargs["logger"] = [RunTensorBoardLogger(self.run_folder), RunCSVLogger(self.run_folder)]
+            callbacks.append(CompleteRun(self.run_folder))
+        callbacks = self._consistent(callbacks, kwargs)
+        callbacks += [PreemptionCheckpoint(), ExactResume()]
+        kwargs["callbacks"] = callbacks
+        if SLURMEnvironment.detect():
+            # tl's PreemptionCheckpoint saves at a batch boundary and requeues; Lightning's own
+            # handler would save from inside the signal handler, mid-step
+            plugins = _as_list(kwargs.get("plugins"))
+            if not any(isinstance(p, SLURMEnvironment) for p in plugins):
+                kwargs["plugins"] = [*plugins, SLURMEnvironment(auto_requeue=False)]
+        if kwargs.get("benchmark") is None and _cuda_wanted(kwargs.get("accelerator", "auto")):
+            # fixed input size: let cuDNN pick its fastest kernels (no effect on CPU)
+            kwargs["benchmark"] = not kwargs.get("deterministic")
+        super().__init__(*args, precision=chosen, **kwargs)
+        self.callbacks.insert(0, SyncEpochMetrics())
+
+    @staticmethod
+    def _consistent(callbacks: list, kwargs: dict[str, Any]) -> list:
+        """Flags win over listed callbacks (Lightning would refuse the combination), and the
+        progress display suits where the output goes."""
+        bars = [c for c in callbacks if isinstance(c, ProgressBar)]
+        if kwargs.get("enable_progress_bar") is False:
+            if bars:
+                rank_zero_info(f"tl: trainer.enable_progress_bar=false: {type(bars[0]).__name__} not used")
+            callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
+        elif not bars:
+            callbacks.append(TLRichProgressBar() if sys.stdout.isatty() else PlainProgress())
+        if kwargs.get("enable_checkpointing") is False:
+            callbacks = [c for c in callbacks if not isinstance(c, Checkpoint)]
+        return callbacks
