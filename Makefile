@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH := torch==2.14.1 torchvision==0.29.1
 DEMO_DATA := data/synth
 
-.PHONY: help install install-dev test test-fast lint format demo bench clean
+.PHONY: help install install-dev test test-fast lint format demo bench mutate clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-12s %s\n", $$1, $$2}'
@@ -36,12 +36,12 @@ test-fast: install-dev ## run the tests not marked slow
 	$(BIN)/python -m pytest -m "not slow"
 
 lint: install-dev ## ruff lint and format check
-	$(BIN)/ruff check tl_cli tests bench
-	$(BIN)/ruff format --check tl_cli tests bench
+	$(BIN)/ruff check tl_cli tests bench scripts
+	$(BIN)/ruff format --check tl_cli tests bench scripts
 
 format: install-dev ## ruff format + autofix
-	$(BIN)/ruff format tl_cli tests bench
-	$(BIN)/ruff check --fix tl_cli tests bench
+	$(BIN)/ruff format tl_cli tests bench scripts
+	$(BIN)/ruff check --fix tl_cli tests bench scripts
 
 demo: install ## the embedded default, offline on CPU: synth data, feature extraction, fine-tuning, test
 	@test -d $(DEMO_DATA) || $(BIN)/tl data synth $(DEMO_DATA)
@@ -56,6 +56,9 @@ demo: install ## the embedded default, offline on CPU: synth data, feature extra
 	@echo "  fine-tuning:        runs/demo_finetune/latest/"
 	@echo "  test:               runs/demo_test/latest/ (metrics.json, confusion_matrix.png, predictions.csv)"
 	@echo "  TensorBoard:        $(BIN)/tensorboard --logdir runs"
+
+mutate: install-dev ## break promises one at a time in a scratch copy; the tests must catch each
+	$(BIN)/python scripts/mutation_smoke.py
 
 bench: install-dev ## speed benchmarks, each a ratio against a baseline measured in the same run
 	$(BIN)/python bench/run.py

@@ -33,3 +33,22 @@ class CollectiveAtEpochEnd(pl.Callback):
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         trainer.strategy.reduce_boolean_decision(False, all=False)
+
+
+class SignalSelf(pl.Callback):
+    """Each rank sends itself (and its DataLoader workers) SIGUSR1 at a given batch, as SLURM
+    signals every process of a job step."""
+
+    def __init__(self, epoch: int = 1, batch: int = 1) -> None:
+        self.epoch, self.batch = epoch, batch
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int) -> None:
+        import signal
+        from pathlib import Path
+
+        if (trainer.current_epoch, batch_idx) != (self.epoch, self.batch) or os.environ.get("TL_TEST_RESUMED"):
+            return
+        for task in Path("/proc/self/task").iterdir():
+            for pid in (task / "children").read_text().split():
+                os.kill(int(pid), signal.SIGUSR1)
+        os.kill(os.getpid(), signal.SIGUSR1)

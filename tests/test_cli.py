@@ -96,7 +96,7 @@ def test_every_config_instantiates_its_classes(config):
     names = {type(c).__name__ for c in cli.trainer.callbacks}
     assert ("FreezeBackbone" in names) == (kind == "FeatureExtraction")
     assert ("UnfreezeSchedule" in names) == (kind != "FeatureExtraction")
-    assert {"ModelCheckpoint", "PreemptionCheckpoint", "ExactResume"} <= names
+    assert {"BestAndLast", "PreemptionCheckpoint", "ExactResume"} <= names
     assert type(cli.trainer.callbacks[0]).__name__ == "SyncEpochMetrics"
     assert cli.trainer.precision == "32-true"  # auto on a CPU-only machine
     assert str(cli.trainer.default_root_dir).startswith("runs")

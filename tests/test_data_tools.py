@@ -125,3 +125,22 @@ def test_data_split_from_class_folders_with_copy(tmp_path):
     assert tl("data", "split", tmp_path / "src", tmp_path / "out", "--train", "3", "--val", "2", "--copy") == 0
     files = sorted((tmp_path / "out" / "train" / "birds").iterdir())
     assert len(files) == 3 and files[0].name.startswith("nested_") and files[0].stat().st_nlink == 1
+
+
+def test_data_check_strict_fails_on_leaks_and_min_size_sets_small(tmp_path, capsys):
+    from tl_cli.synth import synthesize
+
+    root = tmp_path / "d"
+    synthesize(root, seed=3, per_split={"train": 3, "val": 2, "test": 2}, size=64)
+    assert tl("data", "check", root, "--workers", "0") == 0
+    assert tl("data", "check", root, "--workers", "0", "--strict") == 0  # clean: strict passes too
+    capsys.readouterr()
+    shutil.copy(root / "train" / "ellipses" / "ellipses.0.jpg", root / "test" / "ellipses" / "leak.jpg")
+    assert tl("data", "check", root, "--workers", "0") == 0  # a leak is reported, not fatal...
+    assert "leaks evaluation data" in capsys.readouterr().out
+    assert tl("data", "check", root, "--workers", "0", "--strict") == 1  # ...unless --strict
+    capsys.readouterr()
+    assert tl("data", "check", root, "--workers", "0", "--json", "--min-size", "1000") == 0
+    assert len(json.loads(capsys.readouterr().out)["small"]) == 15  # every image is under 1000 px now
+    assert tl("data", "check", root, "--workers", "0", "--json", "--min-size", "16") == 0
+    assert json.loads(capsys.readouterr().out)["small"] == []

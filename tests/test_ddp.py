@@ -236,3 +236,26 @@ def test_many_runs_at_once_into_one_folder(data):
         assert (Path("runs/feature_extract") / f / "checkpoints" / "best.ckpt").is_file()
     latest = Path("runs/feature_extract/latest").resolve()
     assert latest.name in folders and (latest / "curves.png").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("at", [(1, 1), (1, 2)])
+def test_two_process_preemption_resumes_like_an_uninterrupted_run(data, at):
+    """Both ranks (and their workers) get SIGUSR1 mid-epoch / in an epoch's last batch; the
+    job resumed from hpc_ckpt ends with the uninterrupted job's weights and step count."""
+    args = ["fit", "--config", CONFIGS / "finetune.yaml", *TINY, *DDP, "--data.root", data, "--data.num_workers", "2"]
+    args += ["--data.augment", "flip", "--unfreeze.schedule", "{1: 2}", "--trainer.max_epochs", "3"]
+    _ok(run([*args, "-o", "straight"]))
+    signal = ["--trainer.callbacks+", "tests.helpers.SignalSelf", "--trainer.callbacks.epoch", str(at[0])]
+    _ok(run([*args, "-o", "pre", *signal, "--trainer.callbacks.batch", str(at[1])]))
+    assert list(Path("pre").glob("hpc_ckpt_*.ckpt")) and not Path("pre/latest").exists()  # not complete
+    os.environ["TL_TEST_RESUMED"] = "1"
+    try:
+        _ok(run([*args, "-o", "pre", "--ckpt_path", "hpc"]))
+    finally:
+        del os.environ["TL_TEST_RESUMED"]
+    a = torch.load("straight/latest/checkpoints/last.ckpt", weights_only=True)
+    b = torch.load("pre/latest/checkpoints/last.ckpt", weights_only=True)
+    assert a["global_step"] == b["global_step"] == 9
+    for key, value in a["state_dict"].items():
+        assert torch.allclose(value.float(), b["state_dict"][key].float(), atol=1e-6), key

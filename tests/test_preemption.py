@@ -103,7 +103,9 @@ def test_fine_tuning_preempted_mid_epoch_resumes_exactly(tiny_data, tmp_path, wo
     _check_same(tiny_data, tmp_path, finetune=True, workers=workers, augment="flip")
 
 
-def test_preempted_at_the_last_batch_of_an_epoch_resumes_after_its_validation(tiny_data, tmp_path):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_preempted_at_the_last_batch_of_an_epoch_resumes_after_its_validation(tiny_data, tmp_path, workers):
     # the signal lands in the epoch's last batch: the checkpoint waits for validation and the
-    # epoch-end callbacks, so the resumed run starts the next epoch cleanly
-    _check_same(tiny_data, tmp_path, signal_at=(0, 5), finetune=True)
+    # epoch-end callbacks, so the resumed run starts the next epoch cleanly (with persistent
+    # workers too, whose iterator Lightning creates before any hook of the resumed run)
+    _check_same(tiny_data, tmp_path, signal_at=(0, 5), finetune=True, workers=workers, augment="flip")

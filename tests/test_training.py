@@ -294,3 +294,35 @@ def test_batch_logs_are_plain_lines_and_the_bar_can_be_switched_off(tiny_data, c
     assert "\x1b[" not in out  # no terminal control codes in a log file
     assert tl(*args, "--trainer.max_epochs", "1", "--trainer.enable_progress_bar", "false") == 0
     assert "epoch 1/1 done" not in capsys.readouterr().out
+
+
+def test_best_checkpoint_is_the_lowest_validation_loss(tiny_data):
+    best = fit_tiny(tiny_data, 4, "feature_extract.yaml", "--early_stopping", "null")
+    with open(best.parent.parent / "metrics.csv") as fh:
+        rows = [r for r in csv.DictReader(fh) if r.get("val/loss")]
+    losses = {int(r["epoch"]): float(r["val/loss"]) for r in rows}
+    assert len(losses) == 4
+    best_epoch = min(losses, key=losses.get)
+    ckpt = torch.load(best, weights_only=True)
+    assert ckpt["epoch"] == best_epoch
+    last = torch.load(best.with_name("last.ckpt"), weights_only=True)
+    assert last["epoch"] == 3 and last["global_step"] == 12  # the last epoch's, improved or not
+    if best_epoch != 3:  # then they hold different heads
+        assert not torch.equal(ckpt["state_dict"]["head.weight"], last["state_dict"]["head.weight"])
+
+
+def test_resume_through_the_cli_ends_like_an_uninterrupted_run(tiny_data):
+    args = ["fit", "--config", CONFIGS / "finetune.yaml", *TINY, "--data.root", tiny_data, "--data.augment", "flip"]
+    # a constant learning rate: the schedule's length would depend on max_epochs, which is
+    # what differs between the two halves here (preemption keeps it: tests/test_preemption.py)
+    args += ["--unfreeze.schedule", "{1: 2}", "--early_stopping", "null", "--model.scheduler", "none"]
+    assert tl(*args, "--trainer.max_epochs", "3", "-o", "straight") == 0
+    assert tl(*args, "--trainer.max_epochs", "2", "-o", "split") == 0
+    assert (
+        tl(*args, "--trainer.max_epochs", "3", "-o", "split", "--ckpt_path", "split/latest/checkpoints/last.ckpt") == 0
+    )
+    a = torch.load("straight/latest/checkpoints/last.ckpt", weights_only=True)
+    b = torch.load("split/latest/checkpoints/last.ckpt", weights_only=True)
+    assert a["global_step"] == b["global_step"] == 9
+    for key, value in a["state_dict"].items():
+        assert torch.allclose(value.float(), b["state_dict"][key].float(), atol=1e-6), key

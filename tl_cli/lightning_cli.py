@@ -18,10 +18,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Optional
 
-from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+from lightning.pytorch.callbacks import EarlyStopping
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from tl_cli.callbacks import FreezeBackbone, UnfreezeSchedule
+from tl_cli.callbacks import BestAndLast, FreezeBackbone, UnfreezeSchedule
 from tl_cli.data import ImageFolderData
 from tl_cli.errors import TLError
 from tl_cli.models import Classifier, DomainAdaptation
@@ -41,7 +41,7 @@ SECTIONS = (
         "fine-tuning: backbone stages unfreeze on a schedule (tl_cli.callbacks.UnfreezeSchedule)",
     ),
     ("early_stopping", EarlyStopping, "stop when the monitored metric stops improving (Lightning's EarlyStopping)"),
-    ("checkpoint", ModelCheckpoint, "best.ckpt and last.ckpt (Lightning's ModelCheckpoint)"),
+    ("checkpoint", BestAndLast, "best.ckpt and last.ckpt (Lightning's ModelCheckpoint; last.ckpt: every epoch)"),
 )
 
 

@@ -12,30 +12,37 @@ import torch
 
 
 def classification_metrics(target: torch.Tensor, pred: torch.Tensor, num_classes: int) -> dict:
-    """Accuracy, per-class precision/recall/F1/support, macro averages and the confusion matrix.
+    """Accuracy, per-class precision/recall/F1/support, macro averages and the confusion matrix
+    (torchmetrics). ``confusion_matrix[i][j]`` counts images of true class i predicted as class
+    j. Balanced accuracy is the mean recall over the classes present in `target` (as
+    scikit-learn defines it); macro F1 the mean F1 over all classes."""
+    from torchmetrics.functional.classification import (
+        multiclass_confusion_matrix,
+        multiclass_f1_score,
+        multiclass_precision,
+        multiclass_recall,
+    )
 
-    ``confusion_matrix[i][j]`` counts images of true class i predicted as class j.
-    """
-    cm = torch.zeros(num_classes, num_classes, dtype=torch.long)
-    cm.index_put_((target.long(), pred.long()), torch.ones_like(target, dtype=torch.long), accumulate=True)
-    tp = cm.diag().double()
-    support = cm.sum(1).double()
-    predicted = cm.sum(0).double()
-    precision = torch.where(predicted > 0, tp / predicted.clamp(min=1), torch.zeros_like(tp))
-    recall = torch.where(support > 0, tp / support.clamp(min=1), torch.zeros_like(tp))
-    denom = precision + recall
-    f1 = torch.where(denom > 0, 2 * precision * recall / denom.clamp(min=1e-12), torch.zeros_like(tp))
-    n = int(support.sum())
+    target, pred = target.long(), pred.long()
+    args = {"num_classes": num_classes, "average": None}
+    cm = (
+        multiclass_confusion_matrix(pred, target, num_classes) if len(target) else torch.zeros(num_classes, num_classes)
+    )
+    precision = multiclass_precision(pred, target, **args) if len(target) else torch.zeros(num_classes)
+    recall = multiclass_recall(pred, target, **args) if len(target) else torch.zeros(num_classes)
+    f1 = multiclass_f1_score(pred, target, **args) if len(target) else torch.zeros(num_classes)
+    support = cm.sum(1).long()
     present = support > 0
+    n = int(support.sum())
     return {
-        "accuracy": float(tp.sum() / max(n, 1)),
+        "accuracy": float(cm.diag().sum() / max(n, 1)),
         "balanced_accuracy": float(recall[present].mean()) if present.any() else 0.0,
         "macro_f1": float(f1.mean()),
         "precision": [float(v) for v in precision],
         "recall": [float(v) for v in recall],
         "f1": [float(v) for v in f1],
         "support": [int(v) for v in support],
-        "confusion_matrix": cm.tolist(),
+        "confusion_matrix": cm.long().tolist(),
         "n_samples": n,
     }
 

@@ -1,6 +1,7 @@
 """tl's Lightning callbacks: freezing and unfreezing the backbone (listed in the configs), and
 the ones tl's trainer always adds (preemption, exact resume, progress, metric sync)."""
 
+from tl_cli.callbacks.checkpoint import BestAndLast
 from tl_cli.callbacks.freezing import BackboneFreezing, FreezeBackbone, UnfreezeSchedule
 from tl_cli.callbacks.preemption import PreemptionCheckpoint
 from tl_cli.callbacks.progress import PlainProgress, SyncEpochMetrics, TLRichProgressBar
@@ -8,6 +9,7 @@ from tl_cli.callbacks.resume import ExactResume
 
 __all__ = [
     "BackboneFreezing",
+    "BestAndLast",
     "ExactResume",
     "FreezeBackbone",
     "PlainProgress",

@@ -80,7 +80,8 @@ class PreemptionCheckpoint(pl.Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         self._batches += 1
-        if not self._agreed_to_stop():
+        last = batch_idx + 1 >= trainer.num_training_batches
+        if not self._agreed_to_stop(epoch_end=last):
             return
         # After an epoch's last batch, validation and the epoch-end callbacks (checkpointing,
         # early stopping) still have to run: a checkpoint taken here would resume past them.
@@ -94,10 +95,12 @@ class PreemptionCheckpoint(pl.Callback):
             self._stop_at_epoch_end = False
             self._preempt(trainer)
 
-    def _agreed_to_stop(self) -> bool:
+    def _agreed_to_stop(self, epoch_end: bool = False) -> bool:
+        """Whether every rank agrees to stop now. At an epoch's last batch the exchange is
+        completed on the spot (once per epoch), so a signal never outlives a short run."""
         if self._group is None:  # one process: nobody to agree with
             return self.requested
-        if self._batches < self._next_check:
+        if self._batches < self._next_check and not epoch_end:
             return False
         decision = False
         if self._pending is not None:
@@ -105,15 +108,28 @@ class PreemptionCheckpoint(pl.Callback):
             work.wait()  # launched one check ago: long done
             decision = bool(values[0] > 0)
             self._next_check = self._batches + max(1, int(-values[1]))
+            self._pending = None
         else:
             self._next_check = self._batches + 1
-        elapsed = (time.monotonic() - self._started) / max(1, self._batches)
-        interval = max(1, min(1000, int(self.check_seconds / max(elapsed, 1e-6))))
-        # max over ranks of (flag, -interval): anyone's flag, the shortest interval
+        if epoch_end and not decision:
+            decision = self._exchange(wait=True)
+        if not decision:
+            self._exchange(wait=False)
+        return decision
+
+    def _exchange(self, wait: bool) -> bool:
+        """All-reduce (this rank's flag, its proposed interval): anyone's flag, the shortest
+        interval. Asynchronous unless `wait`; then returns whether anyone was signalled."""
+        per_batch = (time.monotonic() - self._started) / max(1, self._batches)
+        interval = max(1, min(1000, int(self.check_seconds / max(per_batch, 1e-6))))
         values = torch.tensor([float(self.requested), -float(interval)])
         work = torch.distributed.all_reduce(values, op=torch.distributed.ReduceOp.MAX, group=self._group, async_op=True)
-        self._pending = (work, values)
-        return decision
+        if not wait:
+            self._pending = (work, values)
+            return False
+        work.wait()
+        self._next_check = self._batches + max(1, int(-values[1]))
+        return bool(values[0] > 0)
 
     def _preempt(self, trainer: pl.Trainer) -> None:
         self.requested, self.preempted = False, True

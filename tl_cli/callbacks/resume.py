@@ -26,8 +26,12 @@ def _rng_state() -> dict[str, Any]:
 
 
 def position(trainer: pl.Trainer) -> dict[str, int]:
-    """Where in training a checkpoint taken now is: the epoch and its batches done."""
-    return {"epoch": trainer.current_epoch, "batches": trainer.fit_loop.epoch_loop.batch_progress.current.ready}
+    """Where a run resumed from a checkpoint taken now continues: an epoch, and its batches
+    already done (after an epoch's last batch: the next epoch, from its start)."""
+    done = trainer.fit_loop.epoch_loop.batch_progress.current.ready
+    if done >= trainer.num_training_batches:
+        return {"epoch": trainer.current_epoch + 1, "batches": 0}
+    return {"epoch": trainer.current_epoch, "batches": done}
 
 
 class ExactResume(pl.Callback):

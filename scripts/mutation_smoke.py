@@ -1,0 +1,171 @@
+"""Break a promise of tl's, one at a time, in a scratch copy, and show that the tests catch it.
+
+    .venv/bin/python scripts/mutation_smoke.py            # every mutation (~15 minutes here)
+    .venv/bin/python scripts/mutation_smoke.py cache-key  # the ones named
+
+Each mutation is a literal replacement in one file of tl_cli/ and the tests meant to catch it;
+the table at the end says caught (the tests failed) or MISSED (they passed). A mutation whose
+text is no longer in the file is reported as stale, so the list cannot rot silently. Not run
+in CI (`make mutate`).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+# name: (file, text, replacement, tests)
+MUTATIONS = {
+    "cache-key-without-weights": (
+        "tl_cli/models/inputs.py",
+        '"weights_sha256": digest.hexdigest(),',
+        '"weights_sha256": "",',
+        ["tests/test_cache.py::test_features_are_reused_and_invalidated_by_every_input_they_depend_on"],
+    ),
+    "cache-key-without-precision": (
+        "tl_cli/models/inputs.py",
+        '"precision": str(self.trainer.precision) if self._trainer is not None else "32-true",',
+        '"precision": "32-true",',
+        ["tests/test_cache.py::test_features_are_reused_and_invalidated_by_every_input_they_depend_on"],
+    ),
+    "export-parity-unchecked": (
+        "tl_cli/export.py",
+        "if not diff <= TOLERANCE:",
+        "if False:",
+        ["tests/test_deploy.py::test_export_refuses_and_deletes_a_model_that_disagrees"],
+    ),
+    "frozen-bn-not-pinned": (
+        "tl_cli/callbacks/freezing.py",
+        "pin = not self.train_bn or (is_frozen and not self.frozen_bn_trains)",
+        "pin = False",
+        ["tests/test_training.py::test_feature_extraction_freezes_weights_and_bn_statistics"],
+    ),
+    "unfreeze-off-by-one": (
+        "tl_cli/callbacks/freezing.py",
+        "applicable = [k for k in self.schedule if k <= epoch]",
+        "applicable = [k for k in self.schedule if k < epoch]",
+        ["tests/test_training.py::test_unfreeze_schedule_learning_rates_and_train_bn"],
+    ),
+    "backbone-lr-ratio-ignored": (
+        "tl_cli/models/finetune.py",
+        "backbone_lr = self.hparams.lr * self.hparams.backbone_lr_ratio",
+        "backbone_lr = self.hparams.lr",
+        ["tests/test_training.py::test_unfreeze_schedule_learning_rates_and_train_bn"],
+    ),
+    "ddp-not-rewrapped": (
+        "tl_cli/callbacks/freezing.py",
+        "if trainable != self._registered:",
+        "if False:",
+        ["tests/test_ddp.py::test_lightning_launcher_feature_extraction_then_fine_tuning_ranks_agree"],
+    ),
+    "rng-not-restored": (
+        "tl_cli/callbacks/resume.py",
+        'torch.set_rng_state(state["cpu"])',
+        "pass",
+        ["tests/test_preemption.py::test_feature_extraction_preempted_mid_epoch_resumes_exactly"],
+    ),
+    "sampler-skip-ignored": (
+        "tl_cli/datasets.py",
+        "start = self._skip[1] if self._skip[0] == self.epoch else 0",
+        "start = 0",
+        ["tests/test_preemption.py::test_fine_tuning_preempted_mid_epoch_resumes_exactly"],
+    ),
+    "ddp-duplicates-counted": (
+        "tl_cli/models/reporting.py",
+        "first[1:] = index[1:] != index[:-1]",
+        "first[1:] = True",
+        ["tests/test_ddp.py::test_test_reports_count_every_image_once_and_a_rank0_failure_stops_all"],
+    ),
+    "class-weights-ignored": (
+        "tl_cli/models/base.py",
+        'weight=getattr(self, "loss_weight", None)',
+        "weight=None",
+        ["tests/test_deploy.py::test_class_weights_change_the_training_loss"],
+    ),
+    "confusion-matrix-transposed": (
+        "tl_cli/reports.py",
+        '"confusion_matrix": cm.long().tolist(),',
+        '"confusion_matrix": cm.long().T.tolist(),',
+        ["tests/test_reports.py::test_metrics_match_a_hand_computed_case"],
+    ),
+    "interpolation-ignored": (
+        "tl_cli/transforms.py",
+        'resize = v2.Resize(resize_side(preprocessing), interpolation=_interpolation(preprocessing["interpolation"]))',
+        "resize = v2.Resize(resize_side(preprocessing))",
+        ["tests/test_cache.py::test_cached_images_give_the_pixels_of_the_classic_eval_transform"],
+    ),
+    "flip-never": (
+        "tl_cli/transforms.py",
+        "ops: list[Any] = [v2.CenterCrop(size), v2.RandomHorizontalFlip()]",
+        "ops: list[Any] = [v2.CenterCrop(size)]",
+        ["tests/test_augment.py"],
+    ),
+    "last-ckpt-only-on-improvement": (
+        "tl_cli/callbacks/checkpoint.py",
+        "if self.save_last and not self._should_skip_saving_checkpoint(trainer):",
+        "if False:",
+        ["tests/test_training.py::test_best_checkpoint_is_the_lowest_validation_loss"],
+    ),
+    "first-pass-decodes-twice": (
+        "tl_cli/prepare.py",
+        "kept = samples if known is None else _apply(where, samples, known, on_bad_image, say)",
+        "kept = samples if known is None else _apply(where, samples, known, on_bad_image, say)\n    known = None",
+        ["tests/test_cache.py::test_first_run_decodes_each_image_once"],
+    ),
+}
+
+
+def copy_repo(dest: Path) -> None:
+    files = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=True).stdout
+    for name in files.decode().split("\0"):
+        if not name or not (REPO / name).is_file():
+            continue
+        target = dest / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes((REPO / name).read_bytes())
+
+
+def main(names: list[str]) -> int:
+    chosen = {n: MUTATIONS[n] for n in names} if names else MUTATIONS
+    rows = []
+    for name, (file, text, replacement, tests) in chosen.items():
+        with tempfile.TemporaryDirectory(prefix="tl-mutant-") as tmp:
+            scratch = Path(tmp)
+            copy_repo(scratch)
+            path = scratch / file
+            source = path.read_text()
+            if text not in source:
+                rows.append((name, "stale", 0.0))
+                continue
+            path.write_text(source.replace(text, replacement, 1))
+            where = subprocess.run(
+                [sys.executable, "-c", "import tl_cli; print(tl_cli.__file__)"],
+                cwd=scratch,
+                capture_output=True,
+                text=True,
+            ).stdout
+            if not where.startswith(str(scratch)):
+                raise SystemExit(f"the scratch copy's tests would import {where.strip()}, not the mutant")
+            start = time.perf_counter()
+            done = subprocess.run(
+                [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests],
+                cwd=scratch,
+                capture_output=True,
+                text=True,
+            )
+            verdict = "caught" if done.returncode != 0 else "MISSED"
+            rows.append((name, verdict, time.perf_counter() - start))
+            print(f"{name:<32} {verdict:<7} {rows[-1][2]:6.1f} s", flush=True)
+    print("\n| mutation | verdict | seconds |\n| --- | --- | --- |")
+    for name, verdict, seconds in rows:
+        print(f"| {name} | {verdict} | {seconds:.0f} |")
+    return 0 if all(v == "caught" for _, v, _ in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
