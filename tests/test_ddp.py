@@ -235,7 +235,7 @@ def test_many_runs_at_once_into_one_folder(data):
         assert (Path("runs/feature_extract") / f / "config.yaml").is_file()
         assert (Path("runs/feature_extract") / f / "checkpoints" / "best.ckpt").is_file()
     latest = Path("runs/feature_extract/latest").resolve()
-    assert latest.name in folders and (latest / "curves.png").is_file()
+    assert latest.name in folders and (latest / "curves.svg").is_file()
 
 
 @pytest.mark.slow

@@ -42,7 +42,13 @@ def _rows(path):
 
 
 def test_fit_draws_learning_curves(trained):
-    assert (trained / "curves.png").stat().st_size > 5000
+    import xml.etree.ElementTree as ET
+
+    svg = ET.fromstring((trained / "curves.svg").read_text())  # well-formed SVG
+    ns = "{http://www.w3.org/2000/svg}"
+    lines = svg.findall(f".//{ns}polyline")
+    assert len(lines) == 4  # train and val, loss and accuracy
+    assert all(len(line.get("points").split()) == 3 for line in lines)  # one point per epoch
     ckpt = torch.load(trained / "checkpoints" / "last.ckpt", weights_only=True)
     assert [row["epoch"] for row in ckpt["tl_history"]] == [0, 1, 2]
     assert {"train/loss", "val/loss", "train/acc", "val/acc"} <= set(ckpt["tl_history"][-1])

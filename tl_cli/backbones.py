@@ -12,7 +12,6 @@ Building the architecture (`create_backbone`) never touches the network; loading
 from __future__ import annotations
 
 import difflib
-import hashlib
 import importlib.metadata
 import os
 from dataclasses import dataclass, field
@@ -356,15 +355,6 @@ def resolve_weights_path(weights: str) -> Path:
     return path
 
 
-def file_sha256(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
-    """Content hash of a file (weights files are hashed, not trusted by name)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _offline_error(spec: str, cause: BaseException) -> WeightsUnavailableError:
     return WeightsUnavailableError(
         f"ImageNet weights for {spec} are not in the local cache and could not be downloaded "
@@ -505,6 +495,12 @@ def _copy_state(target: nn.Module, state: dict[str, torch.Tensor], path: Path) -
         target.load_state_dict({k: state[k] for k in own if k in state}, strict=False)
         return True
     theirs, mine = _tensors(state), _tensors(own)
+    # a classifier's file for a headless network: its trailing Linear (weight [C, F], bias
+    # [C]) has no counterpart here; dropping it saves building the whole classifier model
+    if len(theirs) == len(mine) + 2:
+        (_, weight), (_, bias) = theirs[-2:]
+        if weight.ndim == 2 and bias.ndim == 1 and weight.shape[0] == bias.shape[0]:
+            theirs = theirs[:-2]
     if len(theirs) == len(mine) and all(a.shape == b.shape for (_, a), (_, b) in zip(theirs, mine, strict=False)):
         target.load_state_dict({k: v for (k, _), (_, v) in zip(mine, theirs, strict=False)}, strict=False)
         return True

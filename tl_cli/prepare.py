@@ -41,11 +41,13 @@ class Extractor:
         identity: what the features depend on besides the images (backbone, weights hash,
             precision), for the cache key.
         dim: feature width.
+        device: where the backbone runs (asked when the pass starts).
     """
 
     extract: Callable[[torch.Tensor], torch.Tensor]
     identity: Callable[[], dict[str, Any]]
     dim: int
+    device: Callable[[], torch.device] = lambda: torch.device("cpu")
 
 
 @dataclass
@@ -94,6 +96,10 @@ def _share_pass(
     Without `part` (one process) bad samples are left out of the entries; with it, they are
     placeholders (an empty image, zero features) that `join` leaves out.
     """
+    if extractor is not None and extractor.device().type == "cpu":
+        # the backbone takes the cores: decoding in worker processes beside it oversubscribes
+        # them (its threads spin-wait), and the pass gets twice slower; decode in between
+        workers = 0
     loader = DataLoader(
         _Decode(samples, preprocessing, inspect),
         batch_size=None,

@@ -101,7 +101,14 @@ class BackboneFreezing(pl.Callback):
             if offer is not None:
                 from tl_cli.prepare import Extractor
 
-                offer(Extractor(pl_module.extract_features, pl_module.feature_identity, pl_module.num_features))
+                offer(
+                    Extractor(
+                        pl_module.extract_features,
+                        pl_module.feature_identity,
+                        pl_module.num_features,
+                        lambda: pl_module.device,
+                    )
+                )
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.apply(trainer, pl_module, trainer.current_epoch)  # resumed runs, inside an epoch too
@@ -113,7 +120,8 @@ class BackboneFreezing(pl.Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         for module in self._pinned:
-            module.training = False
+            if module.training:  # reading is cheap; nn.Module.__setattr__ is not (every step)
+                module.training = False
 
     def apply(self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int) -> None:
         """Make the schedule's stages for `epoch` trainable, everything else frozen and pinned."""

@@ -25,6 +25,7 @@ from tl_cli import CHECKPOINT_FORMAT, __version__
 from tl_cli.backbones import create_backbone, load_weights
 from tl_cli.errors import TLError
 from tl_cli.models.inputs import Inputs
+from tl_cli.models.metrics import Metrics
 from tl_cli.models.optim import Optimization
 from tl_cli.models.reporting import Reporting
 from tl_cli.transforms import Normalize
@@ -45,7 +46,7 @@ def class_weights(spec: Union[str, list[float], None], class_names: list[str], d
     return torch.tensor(spec, dtype=torch.float32)
 
 
-class Classifier(Reporting, Inputs, Optimization, pl.LightningModule):
+class Classifier(Metrics, Reporting, Inputs, Optimization, pl.LightningModule):
     """A pretrained backbone with a new linear head (the base of tl's models).
 
     Args:
@@ -263,35 +264,14 @@ class Classifier(Reporting, Inputs, Optimization, pl.LightningModule):
         x, y, _ = batch
         logits = self(x)
         loss = self.loss(logits, y, train=True)
-        self.log_train_loss(loss, len(y))
-        acc = (logits.argmax(1) == y).float().mean()
-        self.log("train/acc", acc, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True, batch_size=len(y))
+        self.accumulate("train", loss, logits, y)
+        self.log_step_loss(loss, batch_idx)
         return loss
-
-    def log_train_loss(self, loss: torch.Tensor, n: int) -> None:
-        # the step value unsynchronised (a collective per step would stall GPUs), the epoch
-        # value averaged over the ranks once
-        self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=n)
-        self.log("train/loss_epoch", loss, on_step=False, on_epoch=True, sync_dist=True, batch_size=n)
 
     def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         x, y, _ = batch
         logits = self(x)
         if dataloader_idx == 0:
-            self.val_balanced_acc(logits, y)
-            self.val_macro_f1(logits, y)
-            log = {"on_epoch": True, "batch_size": len(y), "add_dataloader_idx": False}
-            self.log("val/balanced_acc", self.val_balanced_acc, **log)
-            self.log("val/macro_f1", self.val_macro_f1, **log)
-        self.log_evaluation("val" if dataloader_idx == 0 else "val_target", logits, y, train_loss=True)
-
-    def log_evaluation(self, prefix: str, logits: torch.Tensor, y: torch.Tensor, train_loss: bool = False) -> None:
-        # add_dataloader_idx=False: the names stay "val/..." with a second (target) loader
-        log = {"on_epoch": True, "batch_size": len(y), "add_dataloader_idx": False, "sync_dist": True}
-        self.log(
-            f"{prefix}/loss",
-            self.loss(logits, y, train=False) if train_loss else F.cross_entropy(logits, y),
-            prog_bar=prefix == "val",
-            **log,
-        )
-        self.log(f"{prefix}/acc", (logits.argmax(1) == y).float().mean(), prog_bar=prefix == "val", **log)
+            self.val_balanced_acc.update(logits, y)
+            self.val_macro_f1.update(logits, y)
+        self.accumulate("val" if dataloader_idx == 0 else "val_target", self.loss(logits, y, train=False), logits, y)

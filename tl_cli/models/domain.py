@@ -124,7 +124,7 @@ class DomainAdaptation(FineTune):
         else:
             source = self.backbone(xs)  # source only: the target is never seen
         logits = self.head(self.dropout(source))
-        out = {"label": self.loss(logits, ys, train=True), "acc": (logits.argmax(1) == ys).float().mean()}
+        out = {"label": self.loss(logits, ys, train=True), "logits": logits}
         out["total"] = out["label"]
         if self.hparams.dann:
             out["lambda"] = torch.tensor(self.reversal_weight())
@@ -139,14 +139,14 @@ class DomainAdaptation(FineTune):
         out = self.losses(batch)
         n = len(batch["source"][1])
         self.log("train/loss_label", out["label"], on_epoch=True, sync_dist=True, on_step=False, batch_size=n)
-        self.log("train/acc", out["acc"], on_step=False, on_epoch=True, sync_dist=True, batch_size=n)
         if "domain" in out:
             self.log("train/loss_domain", out["domain"], on_step=False, on_epoch=True, sync_dist=True, batch_size=2 * n)
             self.log(
                 "train/domain_acc", out["domain_acc"], on_epoch=True, sync_dist=True, prog_bar=True, batch_size=2 * n
             )
             self.log("train/lambda", out["lambda"], on_step=True, on_epoch=False)
-        self.log_train_loss(out["total"], n)
+        self.accumulate("train", out["total"], out["logits"], batch["source"][1])
+        self.log_step_loss(out["total"], batch_idx)
         return out["total"]
 
     def param_groups(self) -> list[dict[str, Any]]:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from tl_cli import distributed
 
@@ -50,10 +51,10 @@ class Reporting:
     def on_fit_end(self) -> None:
         out_dir = self.out_dir()
         if self.trainer.is_global_zero and self.history:
-            from tl_cli.reports import plot_curves
+            from tl_cli.reports import curves_svg
 
-            plot_curves(self.history, out_dir / "curves.png")
-            self.print(f"tl: learning curves in {out_dir / 'curves.png'}")
+            (out_dir / "curves.svg").write_text(curves_svg(self.history))
+            self.print(f"tl: learning curves in {out_dir / 'curves.svg'}")
 
     # -- test ----------------------------------------------------------------------------------
 
@@ -63,7 +64,7 @@ class Reporting:
     def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         x, y, index = batch
         logits = self.predict_logits(x)
-        self.log_evaluation("test" if dataloader_idx == 0 else "test_target", logits, y)
+        self.accumulate("test" if dataloader_idx == 0 else "test_target", F.cross_entropy(logits, y), logits, y)
         probs = logits.float().softmax(1)
         self._outputs.append({"probs": probs.cpu(), "target": y.cpu(), "index": index.cpu(), "loader": dataloader_idx})
 
