@@ -166,6 +166,8 @@ class TLCLI(LightningCLI):
             return
         names = cls.argument_names()
         init_args = {k: v for k, v in model_arguments(ckpt).items() if k in names}
+        # evaluation options are this command's, not the checkpoint's
+        init_args["tta"] = self.config[sub].model.init_args.get("tta", "none")
         model = {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": init_args}
         if int(os.environ.get("LOCAL_RANK", "0") or 0) == 0:
             print(f"tl: {ckpt_path}: a {cls.__name__} checkpoint ({ckpt.get('tl', {}).get('backbone')})")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import html
 import json
+import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Optional
@@ -159,11 +160,12 @@ def curves_svg(history: Sequence[dict[str, float]]) -> str:
 
         parts.append(f'<text x="{left + plot_w / 2}" y="{pad - 18}" text-anchor="middle" font-size="14">{title}</text>')
         parts.append(f'<rect x="{left}" y="{pad}" width="{plot_w}" height="{plot_h}" fill="none" stroke="#888"/>')
+        decimals = max(2, 1 - math.floor(math.log10((hi - lo) / 4)))  # ticks that differ
         for i in range(5):
             v = lo + (hi - lo) * i / 4
             _, y = xy(x0, v)
             parts.append(f'<line x1="{left}" y1="{y:.1f}" x2="{left + plot_w}" y2="{y:.1f}" stroke="#eee"/>')
-            parts.append(f'<text x="{left - 4}" y="{y + 4:.1f}" text-anchor="end">{v:.3g}</text>')
+            parts.append(f'<text x="{left - 4}" y="{y + 4:.1f}" text-anchor="end">{v:.{decimals}f}</text>')
         step = max(1, round((x1 - x0) / 8))
         for e in range(int(x0), int(x1) + 1, step):
             x, _ = xy(e, lo)
@@ -238,15 +240,36 @@ def write_test_reports(
     probs: torch.Tensor,
     checkpoint: Optional[str],
     print_fn: Callable[[str], None] = print,
+    preprocessing: Optional[dict] = None,
+    history: Sequence[dict[str, float]] = (),
+    model: Optional[torch.nn.Module] = None,
+    tta: str = "none",
 ) -> dict:
-    """Write metrics.json, confusion_matrix.png and predictions.csv into `out_dir`; return the metrics."""
+    """Write metrics.json, confusion_matrix.png, mistakes.png, predictions.csv and (with the
+    preprocessing) report.html into `out_dir`; return the metrics."""
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics = classification_metrics(target, probs.argmax(1), len(class_names))
-    metrics = {"classes": list(class_names), **metrics, "checkpoint": checkpoint}
+    metrics = {"classes": list(class_names), **metrics, "checkpoint": checkpoint, "tta": tta}
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     plot_confusion_matrix(metrics["confusion_matrix"], class_names, out_dir / "confusion_matrix.png")
     write_predictions(out_dir / "predictions.csv", class_names, paths, probs, target)
     plot_mistakes(paths, target, probs, class_names, out_dir / "mistakes.png")
+    written = "metrics.json, confusion_matrix.png, mistakes.png, predictions.csv"
+    if preprocessing is not None:
+        from tl_cli.report_html import write_report
+
+        write_report(
+            out_dir / "report.html",
+            metrics=metrics,
+            class_names=class_names,
+            paths=paths,
+            target=target,
+            probs=probs,
+            preprocessing=preprocessing,
+            history=history,
+            model=model,
+        )
+        written += ", report.html"
     print_fn(format_report(metrics, class_names))
-    print_fn(f"\ntl: test reports (metrics.json, confusion_matrix.png, mistakes.png, predictions.csv) in {out_dir}")
+    print_fn(f"\ntl: test reports ({written}) in {out_dir}")
     return metrics

@@ -71,6 +71,10 @@ class Classifier(Metrics, Reporting, Inputs, Optimization, pl.LightningModule):
             after a compilation delay; opt-in).
         channels_last: channels-last memory format for weights and image batches; null: on
             CUDA only, where convolutions run faster with it.
+        tta: test-time augmentation for ``tl test|validate|predict``: ``flip`` averages the
+            class probabilities of each image and its mirror image; ``none``. Recorded in
+            metrics.json. (``--model.tta flip`` with ``--ckpt_path``: the checkpoint's model,
+            evaluated with it.)
         class_names: class names in label order. Filled in from ``train/`` (or a checkpoint)
             and stored in checkpoints; leave null.
         preprocessing: input size, mean, std, interpolation and crop_pct. Filled in from the
@@ -96,6 +100,7 @@ class Classifier(Metrics, Reporting, Inputs, Optimization, pl.LightningModule):
         class_weights: Union[Literal["auto"], list[float], None] = None,
         compile: bool = False,
         channels_last: Optional[bool] = None,
+        tta: Literal["none", "flip"] = "none",
         class_names: Optional[list[str]] = None,
         preprocessing: Optional[dict[str, Any]] = None,
     ) -> None:
@@ -253,8 +258,12 @@ class Classifier(Metrics, Reporting, Inputs, Optimization, pl.LightningModule):
         return nn.Sequential(self.backbone, self.head)
 
     def predict_logits(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits for evaluation (test, predict)."""
-        return self(x)
+        """Logits for evaluation (test, predict, validate), with test-time augmentation: the
+        log of the mean probability over the views."""
+        if self.hparams.get("tta", "none") == "none" or x.ndim != 4:
+            return self(x)
+        probs = self(x).float().softmax(1) + self(x.flip(-1)).float().softmax(1)
+        return (probs / 2).clamp(min=1e-12).log()
 
     def loss(self, logits: torch.Tensor, y: torch.Tensor, train: bool) -> torch.Tensor:
         smoothing = self.hparams.label_smoothing if train else 0.0
@@ -270,7 +279,7 @@ class Classifier(Metrics, Reporting, Inputs, Optimization, pl.LightningModule):
 
     def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         x, y, _ = batch
-        logits = self(x)
+        logits = self.predict_logits(x) if self.trainer.state.fn == "validate" else self(x)
         if dataloader_idx == 0:
             self.val_balanced_acc.update(logits, y)
             self.val_macro_f1.update(logits, y)

@@ -91,6 +91,10 @@ class Reporting:
                 probs=got["probs"],
                 checkpoint=str(self.trainer.ckpt_path) if self.trainer.ckpt_path else None,
                 print_fn=self.print,
+                preprocessing=self.preprocessing,
+                history=self.history,
+                model=self.logits_module().eval(),
+                tta=self.hparams.get("tta", "none"),
             )
             summary[name] = metrics["accuracy"]
         if len(summary) > 1:
