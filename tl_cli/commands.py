@@ -17,6 +17,7 @@ TL_COMMANDS = {
     "predict --model": "predict with an exported model (ONNX Runtime or TorchScript), no checkpoint needed",
     "slurm": "render a SLURM batch script from a config (ntasks = devices, nodes = num_nodes); submit it",
     "weights fetch": "download a backbone's pretrained weights into the cache (run on a login node)",
+    "compare": "feature extraction with each of several backbones on your data: a leaderboard",
 }
 
 
@@ -246,4 +247,53 @@ def _slurm_command(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"data": _data_command, "export": _export_command, "slurm": _slurm_command, "weights": _weights_command}
+def _compare_command(argv: list[str]) -> int:
+    from tl_cli.compare import PRESETS
+
+    parser = argparse.ArgumentParser(
+        prog="tl compare",
+        description=(
+            "Run feature extraction (cached features: one pass of each backbone over the images) with "
+            "each backbone on the config's data, then test and time it; write leaderboard.csv, "
+            "leaderboard.png (accuracy against speed) and print the table, best validation accuracy "
+            "first. Arguments after -- go to every `tl fit` (e.g. -- --data.root DIR)."
+        ),
+    )
+    parser.add_argument("-c", "--config", action="append", type=Path, required=True)
+    parser.add_argument(
+        "--backbones",
+        nargs="+",
+        default=[],
+        metavar="SPEC[=WEIGHTS]",
+        help="e.g. timm:resnet18 torchvision:resnet50=/path/w.pth",
+    )
+    parser.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        help=f"a named list: {'; '.join(f'{k}: {len(v)} backbones' for k, v in PRESETS.items())}",
+    )
+    parser.add_argument(
+        "-o", "--output", type=Path, default=Path("runs/compare"), help="results folder (default runs/compare)"
+    )
+    args, extra = parser.parse_known_args(argv)
+    extra = [a for a in extra if a != "--"]
+    from tl_cli.compare import compare, parse_backbones, write_outputs
+
+    entries = compare(args.config, parse_backbones(args.backbones, args.preset), args.output, extra)
+    print("\n" + write_outputs(entries, args.output))
+    ok = [e for e in entries if e.status == "ok"]
+    print(f"\ntl: leaderboard.csv and leaderboard.png in {args.output}")
+    if ok:
+        print(
+            f"tl: next: tl fit --config configs/finetune.yaml --model.backbone {ok[0].backbone} --model.init_from {ok[0].checkpoint}"
+        )
+    return 0 if ok else 1
+
+
+COMMANDS = {
+    "data": _data_command,
+    "export": _export_command,
+    "slurm": _slurm_command,
+    "weights": _weights_command,
+    "compare": _compare_command,
+}

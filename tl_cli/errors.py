@@ -11,3 +11,15 @@ class TLError(Exception):
 
 class WeightsUnavailableError(TLError):
     """Pretrained weights were asked for but cannot be downloaded or found in the cache."""
+
+
+def find_tl_error(exc: BaseException) -> "TLError | None":
+    """The user mistake behind `exc`, if any (jsonargparse wraps errors raised while it
+    instantiates a class into its own)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, TLError):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None

@@ -59,6 +59,8 @@ warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` i
 warnings.filterwarnings("ignore", message=r"You have overridden `on_after_batch_transfer`")
 # `tl test --ckpt_path` needs no training callbacks.
 warnings.filterwarnings("ignore", message=r"Be aware that when using `ckpt_path`, callbacks")
+# `tl compare` runs fits in one process, with its own argument lists
+warnings.filterwarnings("ignore", message=r"LightningCLI's args parameter is intended")
 # frozen backbone layers are pinned in eval mode on purpose (tl_cli.callbacks.freezing)
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
 
