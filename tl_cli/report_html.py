@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from tl_cli.reports import curves_svg
+from tl_cli.curves import curves_svg
 
 STYLE = """
 body { font-family: sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }

@@ -51,7 +51,7 @@ class Reporting:
     def on_fit_end(self) -> None:
         out_dir = self.out_dir()
         if self.trainer.is_global_zero and self.history:
-            from tl_cli.reports import curves_svg
+            from tl_cli.curves import curves_svg
 
             (out_dir / "curves.svg").write_text(curves_svg(self.history))
             self.print(f"tl: learning curves in {out_dir / 'curves.svg'}")
