@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -326,3 +327,21 @@ def test_resume_through_the_cli_ends_like_an_uninterrupted_run(tiny_data):
     assert a["global_step"] == b["global_step"] == 9
     for key, value in a["state_dict"].items():
         assert torch.allclose(value.float(), b["state_dict"][key].float(), atol=1e-6), key
+
+
+def test_fine_tuning_never_ends_worse_than_its_starting_point(tiny_data, capsys):
+    fe = fit_tiny(tiny_data, 3)
+    args = ["fit", "--config", CONFIGS / "finetune.yaml", *TINY, "--data.root", tiny_data, "--model.init_from", fe]
+    args += ["--trainer.max_epochs", "2", "--unfreeze.schedule", "{0: 6}", "--early_stopping", "null"]
+    # a learning rate that wrecks the network: no epoch beats the start
+    assert tl(*args, "--model.lr", "20", "--model.backbone_lr_ratio", "1", "-o", "wrecked") == 0
+    out = capsys.readouterr().out
+    assert "tl: starting point: val/loss" in out and "did not beat its starting point" in out
+    start = torch.load(fe, weights_only=True)["state_dict"]
+    best = torch.load("wrecked/latest/checkpoints/best.ckpt", weights_only=True)
+    assert all(torch.equal(v, best["state_dict"][k]) for k, v in start.items())  # the starting model
+    assert best["tl"]["class_path"].endswith("FineTune")  # a checkpoint of this run, usable as any
+    # a gentle one: an epoch wins, and the run says which and by how much
+    assert tl(*args, "--model.lr", "0.01", "-o", "gentle") == 0
+    out = capsys.readouterr().out
+    assert re.search(r"tl: epoch \d won: val/loss [\d.]+ against [\d.]+ at the start \(-[\d.]+\)", out), out[-2000:]

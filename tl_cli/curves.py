@@ -25,7 +25,11 @@ def curves_svg(history: Sequence[dict[str, float]]) -> str:
         left = panel * width + pad
         plot_w, plot_h = width - pad - 16, height - 2 * pad
         series = {
-            split: [(row["epoch"], row[f"{split}/{metric}"]) for row in history if f"{split}/{metric}" in row]
+            split: [
+                (row["epoch"], row[f"{split}/{metric}"])
+                for row in history
+                if math.isfinite(row.get(f"{split}/{metric}", math.nan))  # a diverged run logs NaN
+            ]
             for split in ("train", "val")
         }
         values = [v for points in series.values() for _, v in points] or [0.0, 1.0]

@@ -36,6 +36,7 @@ class BestAndLast(ModelCheckpoint):
         self.write_every = write_every
         self._pending: dict[str, dict[str, Any]] = {}
         self._written_at = time.monotonic()
+        self.saved_epochs: dict[str, int] = {}  # the epoch each file holds
 
     def _last_too(self, trainer: pl.Trainer) -> None:
         if self.save_last and not self._should_skip_saving_checkpoint(trainer):
@@ -54,6 +55,7 @@ class BestAndLast(ModelCheckpoint):
     # -- deferred writes ----------------------------------------------------------------------
 
     def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
+        self.saved_epochs[filepath] = trainer.current_epoch
         if self.write_every <= 0:
             return super()._save_checkpoint(trainer, filepath)
         # every rank builds the checkpoint (as Trainer.save_checkpoint does: it may gather);

