@@ -27,9 +27,11 @@ def test_legacy_checkpoints_load_as_their_class_and_evaluate(name, tiny_data, ca
     assert f"a {KINDS[name]} checkpoint" in capsys.readouterr().out
     metrics = json.loads(Path(f"{name}/latest/metrics.json").read_text())
     assert metrics["n_samples"] == 12 and metrics["classes"] == ["ellipses", "rectangles"]
-    # the rebuilt model is the one that was trained: same logits as its own state dict gives
+    # the rebuilt model is the one that was trained (an old DANN's domain classifier, which
+    # evaluation never uses, had another layout: it is left out)
     state = torch.load(ckpt, weights_only=True)["state_dict"]
-    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    used = {k: v for k, v in model.state_dict().items() if not k.startswith("domain_classifier.")}
+    assert used and all(torch.equal(v, state[k]) for k, v in used.items())
     assert tl("export", "--ckpt_path", ckpt, "-o", f"{name}.onnx") == 0
 
 

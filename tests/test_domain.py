@@ -93,9 +93,9 @@ def test_target_labels_never_reach_the_loss(tiny_data, tmp_path):
 def test_one_backbone_forward_over_both_domains(dann):
     """DANN forwards source and target together, so batch norm normalises both domains with the
     same statistics in training as at test time; source only never sees the target."""
-    model = DomainAdaptation(backbone="timm:test_resnet", weights="none", domain_hidden=8, dann=dann)
-    model.class_names = ["a", "b"]
-    model.build_head(2)
+    model = DomainAdaptation(
+        backbone="timm:test_resnet", weights="none", domain_hidden=8, dann=dann, class_names=["a", "b"]
+    )
     seen = []
     model.backbone.register_forward_hook(lambda module, args, out: seen.append(len(args[0])))
     xs, xt = torch.randn(3, 3, 32, 32), torch.randn(5, 3, 32, 32)
@@ -141,3 +141,49 @@ def test_domain_adaptation_through_the_cli(tiny_data, tmp_path):
     header = (Path("runs/domain_adapt/latest") / "metrics.csv").read_text().splitlines()[0]
     assert "train/domain_acc" not in header
     shutil.rmtree(target)
+
+
+def test_the_recipe_for_pretrained_backbones_bottleneck_and_heads():
+    model = DomainAdaptation(
+        backbone="timm:test_resnet", weights="none", class_names=["a", "b"], bottleneck=32, domain_hidden=16
+    )
+    width = model.spec.num_features
+    assert [type(m).__name__ for m in model.neck] == ["Linear", "BatchNorm1d", "ReLU"]
+    assert model.neck[0].in_features == width and model.head.in_features == 32
+    assert model.domain_classifier[0].in_features == 32  # both heads read the bottleneck
+    assert any(isinstance(m, torch.nn.BatchNorm1d) for m in model.domain_classifier)
+    exported = model.logits_module().eval()  # the bottleneck is part of what is exported
+    x = torch.randn(2, 3, 32, 32)
+    model.eval()
+    assert torch.allclose(exported(x), model(x))
+    plain = DomainAdaptation(backbone="timm:test_resnet", weights="none", class_names=["a", "b"], bottleneck=0)
+    assert isinstance(plain.neck, torch.nn.Identity) and plain.head.in_features == width
+
+
+def test_shipped_config_follows_the_tllib_recipe():
+    import yaml
+
+    cfg = yaml.safe_load((CONFIGS / "domain_adapt.yaml").read_text())
+    args = cfg["model"]["init_args"]
+    assert args["optimizer"] == "sgd" and args["lr"] == 0.01 and args["backbone_lr_ratio"] == 0.1
+    assert args["bottleneck"] == 256 and args["lambda_schedule"] and args["lr_annealing"]
+    assert cfg["checkpoint"]["monitor"] == "val/loss"  # chosen on the source, never on target labels
+
+
+def test_unlabelled_target_signals_are_logged(tiny_data, tmp_path):
+    source, target = _domains(tiny_data, tmp_path)
+    pl.seed_everything(0)
+    model = DomainAdaptation(backbone="timm:test_efficientnet", weights="none", domain_hidden=16, bottleneck=16)
+    dm = ImageFolderData(root=str(source), target_root=str(target), num_workers=0, image_size=64, batch_size=4)
+    trainer = pl.Trainer(
+        max_epochs=1,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        callbacks=[UnfreezeSchedule({0: 100})],
+    )
+    trainer.fit(model, dm)
+    m = trainer.callback_metrics
+    assert 0 <= float(m["train/domain_acc"]) <= 1
+    assert 0 <= float(m["train/target_entropy"]) <= math.log(2) + 1e-4

@@ -112,6 +112,7 @@ class Classifier(Metrics, Reporting, Inputs, Optimization, pl.LightningModule):
         self.spec = create_backbone(backbone)
         self.backbone = self.spec.module
         self.backbone.tl_stages = self.spec.stages  # the freezing callbacks' handle
+        self.neck = self.build_neck()
         self.dropout = nn.Dropout(dropout)
         self.class_names: Optional[list[str]] = list(class_names) if class_names else None
         self.preprocessing: Optional[dict[str, Any]] = None
@@ -142,6 +143,10 @@ class Classifier(Metrics, Reporting, Inputs, Optimization, pl.LightningModule):
         self.head = nn.Linear(self.head_inputs(), num_classes)
         self.val_balanced_acc = MulticlassAccuracy(num_classes, average="macro")  # mean per-class recall
         self.val_macro_f1 = MulticlassF1Score(num_classes, average="macro")
+
+    def build_neck(self) -> nn.Module:
+        """What sits between the backbone's pooled features and the head (nothing here)."""
+        return nn.Identity()
 
     def head_inputs(self) -> int:
         return self.spec.num_features
@@ -252,11 +257,11 @@ class Classifier(Metrics, Reporting, Inputs, Optimization, pl.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits for images ``[B, 3, H, W]`` or for cached backbone features ``[B, F]``."""
         features = x if x.ndim == 2 else self.backbone(x)
-        return self.head(self.dropout(features))
+        return self.head(self.dropout(self.neck(features)))
 
     def logits_module(self) -> nn.Module:
         """Images -> logits as a plain module (no LightningModule), for export."""
-        return nn.Sequential(self.backbone, self.head)
+        return nn.Sequential(self.backbone, self.neck, self.head)
 
     def predict_logits(self, x: torch.Tensor) -> torch.Tensor:
         """Logits for evaluation (test, predict, validate), with test-time augmentation: the

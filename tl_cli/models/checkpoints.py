@@ -73,6 +73,8 @@ def model_arguments(ckpt: dict[str, Any]) -> dict[str, Any]:
     hparams = {k: v for k, v in ckpt.get("hyper_parameters", {}).items() if k not in _NOT_ARGUMENTS}
     for key in _LEGACY_MOVED:
         hparams.pop(key, None)
+    if ckpt["tl"].get("kind") == "domain_adapt" and "bottleneck" not in hparams:
+        hparams["bottleneck"] = 0  # DomainAdaptation before the bottleneck existed
     hparams["class_names"] = list(ckpt["tl"]["class_names"])
     hparams["preprocessing"] = ckpt["tl"]["preprocessing"]
     if "init_from" in hparams:
@@ -108,5 +110,6 @@ def load_model(path: str | Path, *, what: str = "--ckpt_path checkpoint") -> Any
     arguments = model_arguments(ckpt)
     arguments.update(weights="none", compile=False, channels_last=False)
     model = cls(**{k: v for k, v in arguments.items() if k in cls.argument_names()})
-    model.load_state_dict(ckpt["state_dict"])
+    model.on_load_checkpoint(ckpt)
+    model.load_state_dict(ckpt["state_dict"], strict=model.strict_loading)
     return model.eval()

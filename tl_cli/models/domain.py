@@ -55,9 +55,17 @@ class DomainAdaptation(FineTune):
     ``data.target_root``; evaluated like any classifier (``tl test`` reports the target too
     when ``--data.target_root`` is given).
 
+    The recipe of the maintained implementations for pretrained backbones (thuml's
+    Transfer-Learning-Library): a bottleneck (linear, batch norm, ReLU) between the backbone
+    and both the label head and the domain classifier, a domain classifier of two hidden
+    layers with batch norm, SGD with momentum, the backbone at a tenth of the learning rate
+    (``backbone_lr_ratio``), the paper's reversal-weight ramp and learning-rate annealing.
+
     Args:
         dann: train the domain classifier through gradient reversal; false trains on source
             labels alone (the "source only" baseline, same everything else).
+        bottleneck: width of the bottleneck the label head and the domain classifier share;
+            0: none (the paper's digit networks).
         domain_hidden: width of the domain classifier's two hidden layers.
         lambda_max: final weight of the reversed gradient.
         lambda_schedule: grow the weight from 0 to lambda_max as 2/(1+exp(-10 p)) - 1; false
@@ -74,26 +82,50 @@ class DomainAdaptation(FineTune):
         self,
         *args: Any,
         dann: bool = True,
-        domain_hidden: int = 256,
+        bottleneck: int = 256,
+        domain_hidden: int = 1024,
         lambda_max: float = 1.0,
         lambda_schedule: bool = True,
         lr_annealing: bool = True,
         **kwargs: Any,
     ) -> None:
+        self._bottleneck = bottleneck  # read by build_neck(), from Classifier.__init__
         super().__init__(*args, **kwargs)
         self.save_hyperparameters()
         width = self.head_inputs()
         self.domain_classifier = nn.Sequential(
             nn.Linear(width, domain_hidden),
+            nn.BatchNorm1d(domain_hidden),
             nn.ReLU(),
-            nn.Dropout(0.5),
             nn.Linear(domain_hidden, domain_hidden),
+            nn.BatchNorm1d(domain_hidden),
             nn.ReLU(),
-            nn.Dropout(0.5),
             nn.Linear(domain_hidden, 1),
         )
         # source only never uses it: DDP must not wait for its gradients
         self.domain_classifier.requires_grad_(dann)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        state, own = checkpoint["state_dict"], self.state_dict()
+        keys = [k for k in state if k.startswith("domain_classifier.")]
+        if any(k not in own or own[k].shape != state[k].shape for k in keys) or len(keys) != sum(
+            k.startswith("domain_classifier.") for k in own
+        ):
+            # a domain classifier of an older layout: evaluation does not use it, training
+            # starts a new one (the label head and the backbone load as they are)
+            for k in keys:
+                del state[k]
+            self.strict_loading = False
+
+    def build_neck(self) -> nn.Module:
+        width = self._bottleneck
+        if not width:
+            return nn.Identity()
+        return nn.Sequential(nn.Linear(self.spec.num_features, width), nn.BatchNorm1d(width), nn.ReLU())
+
+    def head_inputs(self) -> int:
+        return self._bottleneck or self.spec.num_features
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
@@ -119,10 +151,10 @@ class DomainAdaptation(FineTune):
             # one forward over both domains: batch-norm layers normalise source and target with
             # the same statistics in training, as their running averages will at test time
             # (separate forwards normalise each domain by itself and fail at test time)
-            features = self.backbone(torch.cat([xs, xt]))
+            features = self.neck(self.backbone(torch.cat([xs, xt])))
             source = features[: len(xs)]
         else:
-            source = self.backbone(xs)  # source only: the target is never seen
+            source = self.neck(self.backbone(xs))  # source only: the target is never seen
         logits = self.head(self.dropout(source))
         out = {"label": self.loss(logits, ys, train=True), "logits": logits}
         out["total"] = out["label"]
@@ -132,6 +164,10 @@ class DomainAdaptation(FineTune):
             domain = torch.cat([torch.zeros(len(xs)), torch.ones(len(xt))]).to(domain_logits)
             out["domain"] = F.binary_cross_entropy_with_logits(domain_logits, domain)
             out["domain_acc"] = ((domain_logits > 0).float() == domain).float().mean()
+            # a target-side signal that needs no labels: how sure the label head is there
+            with torch.no_grad():
+                target_probs = self.head(features[len(xs) :].detach()).float().softmax(1)
+                out["target_entropy"] = -(target_probs * target_probs.clamp(min=1e-12).log()).sum(1).mean()
             out["total"] = out["label"] + out["domain"]
         return out
 
@@ -145,6 +181,14 @@ class DomainAdaptation(FineTune):
                 "train/domain_acc", out["domain_acc"], on_epoch=True, sync_dist=True, prog_bar=True, batch_size=2 * n
             )
             self.log("train/lambda", out["lambda"], on_step=True, on_epoch=False)
+            self.log(
+                "train/target_entropy",
+                out["target_entropy"],
+                on_step=False,
+                on_epoch=True,
+                sync_dist=True,
+                batch_size=n,
+            )
         self.accumulate("train", out["total"], out["logits"], batch["source"][1])
         self.log_step_loss(out["total"], batch_idx)
         return out["total"]
