@@ -119,6 +119,34 @@ def test_unfreeze_schedule_learning_rates_and_train_bn(tiny_data, tmp_path):
     assert all(torch.equal(before[k], after[k]) for k in before if "running_" in k)
 
 
+def test_layer_decay_gives_each_stage_its_own_rate_and_every_parameter_one_group():
+    from tl_cli.models import DomainAdaptation
+
+    model = FineTune(
+        backbone="timm:test_efficientnet",
+        weights="none",
+        class_names=["a", "b"],
+        lr=0.01,
+        backbone_lr_ratio=0.5,
+        layer_decay=0.5,
+    )
+    groups = model.param_groups()
+    stages = [g for g in groups if g["name"].startswith("backbone.")]
+    n = len(model.spec.stages)
+    assert [g["lr"] for g in stages] == pytest.approx([0.005 * 0.5 ** (n - 1 - i) for i in range(n)])
+    listed = [id(p) for g in groups for p in g["params"]]
+    assert len(listed) == len(set(listed)) and set(listed) == {id(p) for p in model.parameters()}
+    # a model with a neck (DANN's bottleneck) trains it at the head's rate
+    dann = DomainAdaptation(
+        backbone="timm:test_efficientnet", weights="none", class_names=["a", "b"], bottleneck=8, domain_hidden=16
+    )
+    groups = dann.param_groups()
+    assert {id(p) for g in groups for p in g["params"]} == {id(p) for p in dann.parameters()}
+    assert next(g for g in groups if g["name"] == "neck")["lr"] == dann.hparams.lr
+    with pytest.raises(Exception, match="layer_decay"):
+        FineTune(backbone="timm:test_efficientnet", weights="none", layer_decay=0)
+
+
 def test_train_bn_updates_statistics_of_unfrozen_layers_only(tiny_data, tmp_path):
     pl.seed_everything(0)
     model = FineTune(backbone="timm:test_efficientnet", weights="none")

@@ -27,7 +27,10 @@ class FineTune(StartingPoint, Classifier):
             head, which is what domain adaptation and full training from pretrained weights
             do; for the recipe, pass it: a random head sends large, random gradients into the
             pretrained features during the first steps (linear probe, then fine-tune: LP-FT).
-        backbone_lr_ratio: backbone learning rate = ``lr`` x this.
+        backbone_lr_ratio: learning rate of the backbone's last stage = ``lr`` x this.
+        layer_decay: each stage further from the head learns this much slower than the next
+            (layer-wise learning-rate decay: early layers hold the most general features);
+            1: the whole backbone at ``lr x backbone_lr_ratio``.
         *args: everything `Classifier` takes (backbone, weights, lr, ...).
         **kwargs: everything `Classifier` takes (backbone, weights, lr, ...).
     """
@@ -35,10 +38,17 @@ class FineTune(StartingPoint, Classifier):
     trains_backbone = True
 
     def __init__(
-        self, *args: Any, init_from: Optional[str] = None, backbone_lr_ratio: float = 0.1, **kwargs: Any
+        self,
+        *args: Any,
+        init_from: Optional[str] = None,
+        backbone_lr_ratio: float = 0.1,
+        layer_decay: float = 1.0,
+        **kwargs: Any,
     ) -> None:
-        if backbone_lr_ratio < 0:
-            raise TLError(f"model.backbone_lr_ratio={backbone_lr_ratio} must be >= 0.")
+        if backbone_lr_ratio < 0 or not 0 < layer_decay <= 1:
+            raise TLError(
+                f"model.backbone_lr_ratio={backbone_lr_ratio} must be >= 0 and model.layer_decay={layer_decay} in (0, 1]."
+            )
         self._init = read_tl_checkpoint(init_from, what="model.init_from checkpoint") if init_from else None
         if self._init is not None and not kwargs.get("class_names"):
             kwargs["class_names"] = list(self._init["tl"]["class_names"])
@@ -80,6 +90,16 @@ class FineTune(StartingPoint, Classifier):
         self.print(f"tl: backbone and head from {self.hparams.init_from}")
 
     def param_groups(self) -> list[dict[str, Any]]:
-        backbone_lr = self.hparams.lr * self.hparams.backbone_lr_ratio
-        backbone = {"params": list(self.backbone.parameters()), "lr": backbone_lr, "name": "backbone"}
-        return [*super().param_groups(), backbone]
+        top = self.hparams.lr * self.hparams.backbone_lr_ratio
+        decay = self.hparams.get("layer_decay", 1.0)
+        neck = list(self.neck.parameters())
+        groups = super().param_groups() + ([{"params": neck, "lr": self.hparams.lr, "name": "neck"}] if neck else [])
+        if decay == 1.0:
+            return [*groups, {"params": list(self.backbone.parameters()), "lr": top, "name": "backbone"}]
+        stages = self.spec.stages
+        for i, (name, params) in enumerate(stages):  # one group per stage, input to output
+            lr = top * decay ** (len(stages) - 1 - i)
+            groups.append(
+                {"params": [self.backbone.get_parameter(p) for p in params], "lr": lr, "name": f"backbone.{name}"}
+            )
+        return groups
