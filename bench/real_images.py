@@ -93,19 +93,42 @@ def _images(folders: list[Path]) -> list[Path]:
     return out
 
 
+MAX_SIDE = 640  # pool copies: some Open Clip Art PNGs are 100+ megapixels (minutes to decode)
+
+
+def _shrink(job: tuple[Path, Path]) -> None:
+    """A JPEG copy of `src` at most MAX_SIDE px a side, as tl would see it (alpha on white)."""
+    from PIL import Image
+
+    from tl_cli.images import load_rgb
+
+    Image.MAX_IMAGE_PIXELS = None  # the package's own files, not user input
+    src, dst = job
+    img = load_rgb(src)
+    img.thumbnail((MAX_SIDE, MAX_SIDE), Image.Resampling.LANCZOS, reducing_gap=3.0)
+    img.save(dst, quality=92)
+
+
 def _pool(classes: dict[str, list[Path]], dest: Path) -> Path:
-    """One folder per class, hard-linked from the package folders; a picture the package
-    files under two names (symbolic links) or in two classes is used once, or not at all."""
-    if dest.exists():
-        shutil.rmtree(dest)
+    """One folder per class of shrunk JPEG copies of the package's pictures; a picture the
+    package files under two names (symbolic links) or in two classes is used once, or not at
+    all. Built in a temporary folder and renamed, so an interrupted build leaves no pool."""
+    from concurrent.futures import ProcessPoolExecutor
+
     files = {
         name: {p.resolve() for p in _images(folders) if p.resolve().is_file()} for name, folders in classes.items()
     }
     shared = {f for name, fs in files.items() for f in fs if any(f in other for n, other in files.items() if n != name)}
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    jobs = []
     for name, fs in files.items():
-        (dest / name).mkdir(parents=True)
-        for i, path in enumerate(sorted(fs - shared)):
-            (dest / name / f"{i:04d}_{path.name}").hardlink_to(path)
+        (tmp / name).mkdir(parents=True)
+        jobs += [(path, tmp / name / f"{i:04d}_{path.stem}.jpg") for i, path in enumerate(sorted(fs - shared))]
+    with ProcessPoolExecutor(2) as pool:
+        list(pool.map(_shrink, jobs, chunksize=8))
+    shutil.rmtree(dest, ignore_errors=True)
+    tmp.rename(dest)
     return dest
 
 

@@ -27,7 +27,11 @@ def _fit(
     root, epochs=2, test=False, seed=0, precision="32-true", model_cls=FeatureExtraction, callbacks=(), **data_kwargs
 ):
     pl.seed_everything(seed)
-    model = model_cls(backbone="timm:test_efficientnet", weights="none", lr=0.01, dropout=0.0, scheduler="none")
+    # head_init random: the same start with and without cached features (the probe needs them)
+    extra = {"head_init": "random"} if model_cls is FeatureExtraction else {}
+    model = model_cls(
+        backbone="timm:test_efficientnet", weights="none", lr=0.01, dropout=0.0, scheduler="none", **extra
+    )
     dm = ImageFolderData(root=str(root), batch_size=8, num_workers=0, **{"image_size": 64, **data_kwargs})
     trainer = pl.Trainer(
         max_epochs=epochs,

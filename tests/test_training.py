@@ -358,7 +358,7 @@ def test_resume_through_the_cli_ends_like_an_uninterrupted_run(tiny_data):
 
 
 def test_fine_tuning_never_ends_worse_than_its_starting_point(tiny_data, capsys):
-    fe = fit_tiny(tiny_data, 3)
+    fe = fit_tiny(tiny_data, 3, "feature_extract.yaml", "--model.head_init", "random")  # a start to beat
     args = ["fit", "--config", CONFIGS / "finetune.yaml", *TINY, "--data.root", tiny_data, "--model.init_from", fe]
     args += ["--trainer.max_epochs", "2", "--unfreeze.schedule", "{0: 6}", "--early_stopping", "null"]
     # a learning rate that wrecks the network: no epoch beats the start
@@ -373,3 +373,46 @@ def test_fine_tuning_never_ends_worse_than_its_starting_point(tiny_data, capsys)
     assert tl(*args, "--model.lr", "0.01", "-o", "gentle") == 0
     out = capsys.readouterr().out
     assert re.search(r"tl: epoch \d won: val/loss [\d.]+ against [\d.]+ at the start \(-[\d.]+\)", out), out[-2000:]
+
+
+def test_linear_probe_is_scikit_learns_logistic_regression_with_c_chosen_on_val():
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    from tl_cli.models.probe import fit_linear_probe
+
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(3, 20, generator=g) * 0.7
+    scale = torch.rand(20, generator=g) * 5 + 0.1  # unequal feature scales: standardisation matters
+
+    def blobs(n):
+        y = torch.arange(n) % 3
+        return (centres[y] + torch.randn(n, 20, generator=g)) * scale + 3, y
+
+    (x, y), (xv, yv), (xt, _) = blobs(60), blobs(60), blobs(300)
+    probe = fit_linear_probe(x, y, xv, yv, 3)
+    # the chosen C is the grid's best on val (accuracy, then loss), and the head is sklearn's model there
+    assert max(probe.table, key=lambda r: (r[1], -r[2]))[0] == probe.c
+    assert min(r[1] for r in probe.table) < probe.val_acc  # the choice mattered
+    scaler = StandardScaler().fit(x.numpy())
+    ref = LogisticRegression(C=probe.c, max_iter=10000, tol=1e-8).fit(scaler.transform(x.numpy()), y.numpy())
+    ours = (xt @ probe.weight.T + probe.bias).softmax(1)
+    theirs = torch.from_numpy(ref.predict_proba(scaler.transform(xt.numpy()))).float()
+    assert torch.allclose(ours, theirs, atol=2e-3)
+
+
+def test_feature_extraction_head_starts_as_the_tuned_probe(tiny_data, capsys):
+    fit_tiny(tiny_data, 1, "feature_extract.yaml", "-o", "probe")
+    out = capsys.readouterr().out
+    probe = re.search(
+        r"tl: head = tuned linear probe on 24 cached features: L2 C=\S+ chosen on val/ \(val acc ([\d.]+), val loss ([\d.]+)\)",
+        out,
+    )
+    start = re.search(r"tl: starting point: val/loss ([\d.]+), val/acc ([\d.]+)", out)
+    assert probe and start, out[-3000:]
+    # the model validated before the first step is the probe (a random head would score otherwise)
+    assert float(start[1]) == pytest.approx(float(probe[2]), abs=2e-4)
+    assert float(start[2]) == pytest.approx(float(probe[1]), abs=1e-4)
+    fit_tiny(tiny_data, 1, "feature_extract.yaml", "-o", "random", "--model.head_init", "random")
+    out = capsys.readouterr().out
+    assert "tuned linear probe" not in out and "tl: starting point: val/loss" in out

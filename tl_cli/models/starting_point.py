@@ -1,6 +1,6 @@
-"""Mixin for `FineTune`: fine-tuning never ends worse than where it started.
+"""Mixin for `FineTune` and `FeatureExtraction`: training never ends worse than where it started.
 
-Before the first step the starting model (the ``init_from`` checkpoint) is validated and kept
+Before the first step the starting model (the ``init_from`` checkpoint, or the tuned probe) is validated and kept
 (a copy on the CPU). When training ends, if no epoch beat it on the monitored metric of the
 checkpoint callback, ``best.ckpt`` becomes the starting model; either way the run says which
 won and by how much.
@@ -85,7 +85,7 @@ class StartingPoint:
         callback.best_model_path, callback.best_model_score = path, torch.tensor(begin)
         got = "no epoch" if best is None or math.isnan(float(best)) else f"the best epoch ({float(best):.4f})"
         self.print(
-            f"tl: fine-tuning did not beat its starting point: {callback.monitor} {begin:.4f} at the start, {got} "
+            f"tl: training did not beat its starting point: {callback.monitor} {begin:.4f} at the start, {got} "
             f"after training; best.ckpt holds the starting model ({path})"
         )
         self._start = None
