@@ -53,8 +53,8 @@ MUTATIONS = {
     ),
     "backbone-lr-ratio-ignored": (
         "tl_cli/models/finetune.py",
-        "backbone_lr = self.hparams.lr * self.hparams.backbone_lr_ratio",
-        "backbone_lr = self.hparams.lr",
+        "top = self.hparams.lr * self.hparams.backbone_lr_ratio",
+        "top = self.hparams.lr",
         ["tests/test_training.py::test_unfreeze_schedule_learning_rates_and_train_bn"],
     ),
     "ddp-not-rewrapped": (
@@ -116,6 +116,48 @@ MUTATIONS = {
         "kept = samples if known is None else _apply(where, samples, known, on_bad_image, say)",
         "kept = samples if known is None else _apply(where, samples, known, on_bad_image, say)\n    known = None",
         ["tests/test_cache.py::test_first_run_decodes_each_image_once"],
+    ),
+    "mistakes-least-confident-first": (
+        "tl_cli/reports.py",
+        "wrong.sort(key=lambda i: -float(conf[i]))",
+        "wrong.sort(key=lambda i: float(conf[i]))",
+        ["tests/test_reports.py::test_mistakes_are_the_most_confident_ones_first"],
+    ),
+    "data-check-strict-ignored": (
+        "tl_cli/commands.py",
+        "return 0 if report[\"ok\"] and not (args.strict and leaks) else 1",
+        "return 0 if report[\"ok\"] else 1",
+        ["tests/test_data_tools.py::test_data_check_strict_fails_on_leaks_and_min_size_sets_small"],
+    ),
+    "probe-head-not-set": (
+        "tl_cli/models/feature_extraction.py",
+        "self.head.weight.copy_(probe.weight.to(self.head.weight))",
+        "pass",
+        ["tests/test_training.py::test_feature_extraction_head_starts_as_the_tuned_probe"],
+    ),
+    "probe-val-choice-ignored": (
+        "tl_cli/models/probe.py",
+        "if best is None or (acc, -loss) > (best[1], -best[2]):",
+        "if True:",
+        ["tests/test_training.py::test_linear_probe_is_scikit_learns_logistic_regression_with_c_chosen_on_val"],
+    ),
+    "neck-not-trained": (
+        "tl_cli/models/finetune.py",
+        'groups = super().param_groups() + ([{"params": neck, "lr": self.hparams.lr, "name": "neck"}] if neck else [])',
+        "groups = super().param_groups()",
+        ["tests/test_training.py::test_layer_decay_gives_each_stage_its_own_rate_and_every_parameter_one_group"],
+    ),
+    "starting-point-never-kept": (
+        "tl_cli/models/starting_point.py",
+        "self.trainer.strategy.save_checkpoint(start[\"checkpoint\"], path)",
+        "return",
+        ["tests/test_training.py::test_fine_tuning_never_ends_worse_than_its_starting_point"],
+    ),
+    "tta-ignored": (
+        "tl_cli/models/base.py",
+        'if self.hparams.get("tta", "none") == "none" or x.ndim != 4:',
+        "if True:",
+        ["tests/test_training.py::test_flip_tta_averages_each_image_with_its_mirror_and_is_recorded"],
     ),
 }
 

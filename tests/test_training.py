@@ -416,3 +416,25 @@ def test_feature_extraction_head_starts_as_the_tuned_probe(tiny_data, capsys):
     fit_tiny(tiny_data, 1, "feature_extract.yaml", "-o", "random", "--model.head_init", "random")
     out = capsys.readouterr().out
     assert "tuned linear probe" not in out and "tl: starting point: val/loss" in out
+
+
+def test_flip_tta_averages_each_image_with_its_mirror_and_is_recorded(tiny_data):
+    from tl_cli.models import load_model
+
+    best = fit_tiny(tiny_data, 1)
+    model = load_model(best).eval()
+    x = torch.rand(3, 3, 64, 64)
+    with torch.no_grad():
+        plain = model.predict_logits(x)
+        model.hparams.tta = "flip"
+        flipped = model.predict_logits(x)
+        expected = ((model(x).softmax(1) + model(x.flip(-1)).softmax(1)) / 2).log()
+    assert torch.allclose(flipped, expected, atol=1e-5) and not torch.allclose(flipped, plain, atol=1e-4)
+    # through the CLI: the probabilities written are the averaged ones, and metrics.json says so
+    for tta in ("none", "flip"):
+        args = ["test", "--ckpt_path", best, "--data.root", tiny_data, "--model.tta", tta, "-o", f"tta_{tta}"]
+        assert tl(*args) == 0
+    rows = {t: list(csv.DictReader(open(f"tta_{t}/latest/predictions.csv"))) for t in ("none", "flip")}
+    assert json.loads(Path("tta_flip/latest/metrics.json").read_text())["tta"] == "flip"
+    assert json.loads(Path("tta_none/latest/metrics.json").read_text())["tta"] == "none"
+    assert [r["prob_ellipses"] for r in rows["none"]] != [r["prob_ellipses"] for r in rows["flip"]]
