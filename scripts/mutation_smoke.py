@@ -125,8 +125,8 @@ MUTATIONS = {
     ),
     "data-check-strict-ignored": (
         "tl_cli/commands.py",
-        "return 0 if report[\"ok\"] and not (args.strict and leaks) else 1",
-        "return 0 if report[\"ok\"] else 1",
+        'return 0 if report["ok"] and not (args.strict and leaks) else 1',
+        'return 0 if report["ok"] else 1',
         ["tests/test_data_tools.py::test_data_check_strict_fails_on_leaks_and_min_size_sets_small"],
     ),
     "probe-head-not-set": (
@@ -137,7 +137,7 @@ MUTATIONS = {
     ),
     "probe-val-choice-ignored": (
         "tl_cli/models/probe.py",
-        "if best is None or (acc, -loss) > (best[1], -best[2]):",
+        "if best is None or (-loss, acc) > (-best[2], best[1]):",
         "if True:",
         ["tests/test_training.py::test_linear_probe_is_scikit_learns_logistic_regression_with_c_chosen_on_val"],
     ),
@@ -149,7 +149,7 @@ MUTATIONS = {
     ),
     "starting-point-never-kept": (
         "tl_cli/models/starting_point.py",
-        "self.trainer.strategy.save_checkpoint(start[\"checkpoint\"], path)",
+        'self.trainer.strategy.save_checkpoint(start["checkpoint"], path)',
         "return",
         ["tests/test_training.py::test_fine_tuning_never_ends_worse_than_its_starting_point"],
     ),
