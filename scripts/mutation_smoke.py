@@ -109,7 +109,10 @@ MUTATIONS = {
         "tl_cli/callbacks/checkpoint.py",
         "if self.save_last and not self._should_skip_saving_checkpoint(trainer):",
         "if False:",
-        ["tests/test_training.py::test_best_checkpoint_is_the_lowest_validation_loss"],
+        [
+            "tests/test_training.py::test_best_checkpoint_is_the_lowest_validation_loss",
+            "tests/test_training.py::test_last_ckpt_is_the_last_epoch_even_when_it_did_not_improve",
+        ],
     ),
     "first-pass-decodes-twice": (
         "tl_cli/prepare.py",

@@ -11,20 +11,20 @@ from tl_cli.reports import classification_metrics, plot_confusion_matrix, plot_m
 
 
 def test_metrics_match_a_hand_computed_case():
-    # true:  a a a a b b c c c c   (class c also predicted; class d never appears)
-    # pred:  a a b c b a c c c a
+    # true:  a a a a b b c c c c   (class d never appears)
+    # pred:  a a b c b a c c b b   (asymmetric: c is taken for b, never b for c)
     target = torch.tensor([0, 0, 0, 0, 1, 1, 2, 2, 2, 2])
-    pred = torch.tensor([0, 0, 1, 2, 1, 0, 2, 2, 2, 0])
+    pred = torch.tensor([0, 0, 1, 2, 1, 0, 2, 2, 1, 1])
     m = classification_metrics(target, pred, 4)
     # rows are the true class, columns the prediction
-    assert m["confusion_matrix"] == [[2, 1, 1, 0], [1, 1, 0, 0], [1, 0, 3, 0], [0, 0, 0, 0]]
-    assert m["accuracy"] == pytest.approx(6 / 10)
-    assert m["precision"][:3] == pytest.approx([2 / 4, 1 / 2, 3 / 4])
-    assert m["recall"][:3] == pytest.approx([2 / 4, 1 / 2, 3 / 4])
-    f1 = [2 * p * r / (p + r) for p, r in ((0.5, 0.5), (0.5, 0.5), (0.75, 0.75))]
+    assert m["confusion_matrix"] == [[2, 1, 1, 0], [1, 1, 0, 0], [0, 2, 2, 0], [0, 0, 0, 0]]
+    assert m["accuracy"] == pytest.approx(5 / 10)
+    assert m["precision"][:3] == pytest.approx([2 / 3, 1 / 4, 2 / 3])  # per predicted column
+    assert m["recall"][:3] == pytest.approx([2 / 4, 1 / 2, 2 / 4])  # per true row
+    f1 = [4 / 7, 1 / 3, 4 / 7]
     assert m["f1"][:3] == pytest.approx(f1)
     assert m["support"] == [4, 2, 4, 0]
-    assert m["balanced_accuracy"] == pytest.approx((0.5 + 0.5 + 0.75) / 3)  # over present classes
+    assert m["balanced_accuracy"] == pytest.approx((0.5 + 0.5 + 0.5) / 3)  # over present classes
     assert m["macro_f1"] == pytest.approx(sum(f1) / 4)  # class d: F1 0
     assert m["n_samples"] == 10
 

@@ -340,6 +340,44 @@ def test_best_checkpoint_is_the_lowest_validation_loss(tiny_data):
         assert not torch.equal(ckpt["state_dict"]["head.weight"], last["state_dict"]["head.weight"])
 
 
+class ScriptedLoss(pl.LightningModule):
+    """Logs a val/loss chosen in advance for each epoch."""
+
+    def __init__(self, losses):
+        super().__init__()
+        self.losses = losses
+        self.w = torch.nn.Linear(1, 1)
+
+    def training_step(self, batch, batch_idx):
+        return self.w(batch).sum()
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val/loss", self.losses[self.current_epoch])
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(torch.ones(4, 1), batch_size=2)
+
+    val_dataloader = train_dataloader
+
+
+@pytest.mark.parametrize("write_every", [0.0, 30.0])
+def test_last_ckpt_is_the_last_epoch_even_when_it_did_not_improve(tmp_path, write_every):
+    from tl_cli.callbacks import BestAndLast
+
+    cb = BestAndLast(
+        dirpath=tmp_path, monitor="val/loss", mode="min", filename="best", save_last=True, write_every=write_every
+    )
+    trainer = pl.Trainer(
+        max_epochs=4, callbacks=[cb], logger=False, enable_progress_bar=False, enable_model_summary=False
+    )
+    trainer.fit(ScriptedLoss([1.0, 0.5, 0.7, 0.9]))
+    assert torch.load(tmp_path / "best.ckpt", weights_only=True)["epoch"] == 1
+    assert torch.load(tmp_path / "last.ckpt", weights_only=True)["epoch"] == 3
+
+
 def test_resume_through_the_cli_ends_like_an_uninterrupted_run(tiny_data):
     args = ["fit", "--config", CONFIGS / "finetune.yaml", *TINY, "--data.root", tiny_data, "--data.augment", "flip"]
     # a constant learning rate: the schedule's length would depend on max_epochs, which is
