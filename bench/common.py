@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -39,3 +40,13 @@ def synth_data(name: str, per_class_train: int, per_class_val: int, size: int = 
             root, seed=11, num_classes=classes, per_split={"train": per_class_train, "val": per_class_val}, size=size
         )
     return root
+
+
+def tl(*args: object) -> str:
+    """Run ``tl ARGS`` in a fresh process from the repository; its stdout, or an error with its tail."""
+    done = subprocess.run(
+        [sys.executable, "-m", "tl_cli.cli", *map(str, args)], cwd=REPO, capture_output=True, text=True
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"tl {' '.join(map(str, args))} failed:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}")
+    return done.stdout

