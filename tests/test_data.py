@@ -46,6 +46,35 @@ def test_setup_fit_labels_and_batches(data):
     assert dm.class_counts("train") == [12, 12]
 
 
+@pytest.mark.parametrize("world", [1, 2])
+def test_steps_per_epoch_makes_fresh_passes_over_small_data(world):
+    from tl_cli.datasets import ResumableSampler
+
+    one = ResumableSampler(10, seed=3, num_replicas=world, rank=0)
+    ranks = [ResumableSampler(10, seed=3, num_replicas=world, rank=r, passes=3) for r in range(world)]
+    for s in [one, *ranks]:
+        s.set_epoch(2)
+    got = [list(s) for s in ranks]
+    assert all(len(g) == len(r) == 3 * len(one) for g, r in zip(got, ranks, strict=True))
+    passes = [[i for r in got for i, _ in r[p * len(one) : (p + 1) * len(one)]] for p in range(3)]
+    for p in passes:
+        assert sorted(set(p)) == list(range(10))  # each pass covers every sample, over the ranks
+    assert passes[0] != passes[1] != passes[2]  # in an order of its own
+    seeds = [seed for r in got for _, seed in r]
+    assert len(set(seeds)) == len(seeds)  # and with augmentations of its own
+    if world == 1:
+        assert got[0][: len(one)] == list(one)  # the first pass is a one-pass epoch
+
+
+def test_steps_per_epoch_sets_the_number_of_training_batches(data):
+    assert len(_dm(data, image_size=32, batch_size=4).train_dataloader()) == 6
+    assert len(_dm(data, image_size=32, batch_size=4, steps_per_epoch=6).train_dataloader()) == 6
+    assert len(_dm(data, image_size=32, batch_size=4, steps_per_epoch=7).train_dataloader()) == 12
+    assert len(_dm(data, image_size=32, batch_size=4, steps_per_epoch=7).val_dataloader()) == 3  # val: once
+    with pytest.raises(TLError, match="steps_per_epoch=0"):
+        ImageFolderData(root=str(data), steps_per_epoch=0)
+
+
 def test_checkpoint_class_order_wins_for_test(data):
     dm = _dm(data, stage="test", classes=["rectangles", "ellipses"])
     labels = {p.parent.name: y for p, y in dm.samples("test")}

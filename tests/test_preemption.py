@@ -76,16 +76,16 @@ def _run(data, workdir: Path, signal_at=None, resume=False, finetune=False, work
     return model, trainer
 
 
-def _check_same(tiny_data, tmp_path, signal_at=(1, 2), **kwargs):
+def _check_same(tiny_data, tmp_path, signal_at=(1, 2), per_epoch=6, **kwargs):
     straight, t1 = _run(tiny_data, tmp_path / "a", **kwargs)
     _, t2 = _run(tiny_data, tmp_path / "b", signal_at=signal_at, **kwargs)
-    done = 6 * signal_at[0] + signal_at[1] + 1
+    done = per_epoch * signal_at[0] + signal_at[1] + 1
     assert t2.global_step == done and list((tmp_path / "b").glob("hpc_ckpt_*.ckpt"))
     if kwargs.get("workers"):
         assert t2.workers_hit >= kwargs["workers"]  # the workers got the signal too, and lived
     resumed, t3 = _run(tiny_data, tmp_path / "b", resume=True, **kwargs)
-    assert t3.global_step == t1.global_step == 18
-    assert t2.batches_run == done and t3.batches_run == 18 - done  # the resumed run did only what was left
+    assert t3.global_step == t1.global_step == 3 * per_epoch
+    assert t2.batches_run == done and t3.batches_run == 3 * per_epoch - done  # the resumed run did only what was left
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values(), strict=True):
         assert torch.allclose(a.float(), b.float(), atol=1e-6), name
     # the checkpoint callback's state went through the interruption: it goes on counting
@@ -101,6 +101,12 @@ def test_fine_tuning_preempted_mid_epoch_resumes_exactly(tiny_data, tmp_path, wo
     # a stage unfrozen from epoch 1 (the interrupted epoch), flip augmentation drawn in the
     # workers, cached images, train_bn
     _check_same(tiny_data, tmp_path, finetune=True, workers=workers, augment="flip")
+
+
+def test_preempted_in_a_later_pass_of_a_many_pass_epoch_resumes_exactly(tiny_data, tmp_path):
+    # data.steps_per_epoch 10 over 6 batches: 2 passes (12 batches) an epoch, each its own
+    # order and augmentations; the signal lands in epoch 1's second pass
+    _check_same(tiny_data, tmp_path, signal_at=(1, 8), per_epoch=12, finetune=True, augment="flip", steps_per_epoch=10)
 
 
 @pytest.mark.parametrize("workers", [0, 2])

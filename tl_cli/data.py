@@ -16,6 +16,7 @@ public (the model's side is in `tl_cli.models.Classifier.setup`):
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from pathlib import Path
@@ -43,6 +44,22 @@ from tl_cli.transforms import Augment, crop_pipeline, is_deterministic
 CacheMode = Union[bool, Literal["auto"]]
 
 
+def _check_sizes(batch_size: int, steps_per_epoch: Optional[int], image_size: Optional[int]) -> None:
+    if batch_size < 1:
+        raise TLError(f"data.batch_size={batch_size} must be at least 1.")
+    if steps_per_epoch is not None and steps_per_epoch < 1:
+        raise TLError(f"data.steps_per_epoch={steps_per_epoch} must be at least 1, or null (one pass an epoch).")
+    if image_size is not None and image_size < 16:
+        raise TLError(f"data.image_size={image_size} is too small; use at least 16 pixels or null.")
+
+
+def passes_for(steps: Optional[int], n: int, world: int, batch_size: int) -> int:
+    """Passes over `n` training samples an epoch for at least `steps` batches a rank."""
+    if steps is None:
+        return 1
+    return max(1, math.ceil(steps / math.ceil(math.ceil(n / world) / batch_size)))
+
+
 class ImageFolderData(pl.LightningDataModule):
     """Labelled images in ``root/{train,val,test}/<class>/`` and unlabelled ones in `predict_dir`.
 
@@ -50,6 +67,10 @@ class ImageFolderData(pl.LightningDataModule):
         root: folder holding ``train/`` and ``val/`` (and ``test/`` for `tl test`), each with one
             sub-folder per class (``data/catsVsDogs/train/cats/cat.1.jpg``). See data/README.md.
         batch_size: images per batch (per device; domain adaptation: per domain).
+        steps_per_epoch: at least this many training batches an epoch (per device): a small
+            training set is passed over several times an epoch, each pass in a fresh order
+            with fresh augmentations (TLlib's ``iters_per_epoch``); null: one pass an epoch.
+            Epoch-counted settings (warmup, schedules, patience) then count these longer epochs.
         num_workers: DataLoader worker processes; null picks min(8, available CPU cores).
         augment: train-time augmentation: ``none`` (deterministic), ``flip`` (horizontal flip),
             ``standard`` (random resized crop + flip), ``randaugment`` (standard + RandAugment).
@@ -78,6 +99,7 @@ class ImageFolderData(pl.LightningDataModule):
         self,
         root: str = "data/catsVsDogs",
         batch_size: int = 32,
+        steps_per_epoch: Optional[int] = None,
         num_workers: Optional[int] = None,
         augment: Augment = "none",
         image_size: Optional[int] = None,
@@ -89,11 +111,9 @@ class ImageFolderData(pl.LightningDataModule):
         on_bad_image: Literal["error", "skip"] = "error",
     ) -> None:
         super().__init__()
-        if batch_size < 1:
-            raise TLError(f"data.batch_size={batch_size} must be at least 1.")
-        if image_size is not None and image_size < 16:
-            raise TLError(f"data.image_size={image_size} is too small; use at least 16 pixels or null.")
+        _check_sizes(batch_size, steps_per_epoch, image_size)
         self.root = Path(root)
+        self.steps_per_epoch = steps_per_epoch
         self.batch_size, self.num_workers, self.augment, self.image_size = batch_size, num_workers, augment, image_size
         self.predict_dir = Path(predict_dir) if predict_dir else None
         self.target_root = Path(target_root) if target_root else None
@@ -253,7 +273,14 @@ class ImageFolderData(pl.LightningDataModule):
             self._seed = distributed.broadcast(torch.initial_seed() % 2**31)
         sampler = None
         if shuffle:
-            sampler = ResumableSampler(len(dataset), self._seed, distributed.world_size(), distributed.rank())
+            world = distributed.world_size()
+            sampler = ResumableSampler(
+                len(dataset),
+                self._seed,
+                world,
+                distributed.rank(),
+                passes_for(self.steps_per_epoch, len(dataset), world, self.batch_size),
+            )
             if self._resume:
                 sampler.resume_at(batch_size=self.batch_size, **self._resume)
         return DataLoader(

@@ -151,12 +151,16 @@ class ResumableSampler(DistributedSampler):
     checkpoint (a preempted SLURM job) skips exactly the samples it had trained on and sees
     the rest in the same order, under DDP too (Lightning leaves a `DistributedSampler` as it
     is rather than wrapping it in one that reshuffles).
+
+    `passes` > 1 makes an epoch that many passes over the data, each in an order of its own and
+    with augmentation seeds of its own (`data.steps_per_epoch`: small sets get enough steps an
+    epoch for schedules that count in epochs, as TLlib's ``iters_per_epoch``).
     """
 
-    def __init__(self, n: int, seed: int, num_replicas: int = 1, rank: int = 0) -> None:
+    def __init__(self, n: int, seed: int, num_replicas: int = 1, rank: int = 0, passes: int = 1) -> None:
         # DistributedSampler's own shuffling is not used: __iter__ below replaces it
         super().__init__(range(n), num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=False)
-        self.n = n
+        self.n, self.passes = n, max(1, passes)
         self._skip: tuple[int, int] = (-1, 0)
 
     def skip_at(self, epoch: int, count: int) -> None:
@@ -172,15 +176,21 @@ class ResumableSampler(DistributedSampler):
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        order = torch.randperm(self.n, generator=generator).tolist()
         total = math.ceil(self.n / self.num_replicas) * self.num_replicas
-        order += order[: total - len(order)]  # pad like DistributedSampler: equal shards
-        mine = order[self.rank : total : self.num_replicas]
+        mine: list[tuple[int, int]] = []
+        for p in range(self.passes):
+            order = torch.randperm(self.n, generator=generator).tolist()
+            order += order[: total - len(order)]  # pad like DistributedSampler: equal shards
+            # pass 0 keeps the seeds of a one-pass epoch; later passes draw new augmentations
+            mine += [
+                (i, sample_seed(self.seed, self.epoch, i + p * self.n))
+                for i in order[self.rank : total : self.num_replicas]
+            ]
         start = self._skip[1] if self._skip[0] == self.epoch else 0
-        return iter([(i, sample_seed(self.seed, self.epoch, i)) for i in mine[start:]])
+        return iter(mine[start:])
 
     def __len__(self) -> int:
-        return math.ceil(self.n / self.num_replicas)
+        return math.ceil(self.n / self.num_replicas) * self.passes
 
 
 def shard(indices: Sequence[int], rank: int, world: int) -> list[int]:
