@@ -378,6 +378,59 @@ def test_last_ckpt_is_the_last_epoch_even_when_it_did_not_improve(tmp_path, writ
     assert torch.load(tmp_path / "last.ckpt", weights_only=True)["epoch"] == 3
 
 
+class ScriptedAccuracy(ScriptedLoss):
+    """Logs a (val/acc, val/loss) chosen in advance for each epoch."""
+
+    def validation_step(self, batch, batch_idx):
+        acc, loss = self.losses[self.current_epoch]
+        self.log_dict({"val/acc": acc, "val/loss": loss})
+
+
+@pytest.mark.parametrize("tie_break, best", [(None, 1), ("val/loss", 2)])
+def test_accuracy_ties_between_epochs_go_to_the_lower_val_loss(tmp_path, tie_break, best):
+    from tl_cli.callbacks import BestAndLast
+
+    cb = BestAndLast(dirpath=tmp_path, monitor="val/acc", mode="max", filename="best", tie_break=tie_break)
+    trainer = pl.Trainer(
+        max_epochs=5, callbacks=[cb], logger=False, enable_progress_bar=False, enable_model_summary=False
+    )
+    # epochs 1-3 tie on accuracy; 2 has the lowest loss; 4 is less accurate with the lowest loss
+    trainer.fit(ScriptedAccuracy([(0.5, 1.0), (0.75, 0.8), (0.75, 0.6), (0.75, 0.7), (0.7, 0.3)]))
+    assert torch.load(tmp_path / "best.ckpt", weights_only=True)["epoch"] == best
+    assert cb.best_model_score == pytest.approx(0.75)
+    if tie_break:
+        assert cb.tie_scores == {str(tmp_path / "best.ckpt"): pytest.approx(0.6)}
+        assert cb.state_dict()["tie_scores"] == cb.tie_scores  # kept for a resumed run
+
+
+@pytest.mark.parametrize(
+    "start_loss, winner",
+    [(0.5, "start"), (0.7, "epoch")],  # the best epoch: val/acc 0.6 (a float32), val/loss 0.6
+)
+def test_an_accuracy_tie_with_the_starting_point_goes_to_the_lower_val_loss(tmp_path, capsys, start_loss, winner):
+    from types import SimpleNamespace
+
+    from tl_cli.callbacks import BestAndLast
+    from tl_cli.models.starting_point import StartingPoint
+
+    cb = BestAndLast(dirpath=tmp_path, monitor="val/acc", mode="max", filename="best", tie_break="val/loss")
+    best = str(tmp_path / "best.ckpt")
+    cb.best_model_path, cb.best_model_score, cb.tie_scores = best, torch.tensor(0.6), {best: 0.6}
+    saved = []
+    model = StartingPoint()
+    model.trainer = SimpleNamespace(
+        checkpoint_callback=cb, strategy=SimpleNamespace(save_checkpoint=lambda ckpt, path: saved.append(path))
+    )
+    model.print = print
+    model._start = {"scores": {"val/loss": start_loss, "val/acc": 0.6}, "checkpoint": {"start": True}}
+    model.settle_starting_point()
+    out = capsys.readouterr().out
+    if winner == "start":
+        assert saved == [best] and "did not beat its starting point" in out
+    else:
+        assert saved == [] and "won: val/acc 0.6000 against 0.6000" in out and "val/loss 0.6000 against 0.7000" in out
+
+
 def test_resume_through_the_cli_ends_like_an_uninterrupted_run(tiny_data):
     args = ["fit", "--config", CONFIGS / "finetune.yaml", *TINY, "--data.root", tiny_data, "--data.augment", "flip"]
     # a constant learning rate: the schedule's length would depend on max_epochs, which is
@@ -399,18 +452,22 @@ def test_fine_tuning_never_ends_worse_than_its_starting_point(tiny_data, capsys)
     fe = fit_tiny(tiny_data, 3, "feature_extract.yaml", "--model.head_init", "random")  # a start to beat
     args = ["fit", "--config", CONFIGS / "finetune.yaml", *TINY, "--data.root", tiny_data, "--model.init_from", fe]
     args += ["--trainer.max_epochs", "2", "--unfreeze.schedule", "{0: 6}", "--early_stopping", "null"]
-    # a learning rate that wrecks the network: no epoch beats the start
-    assert tl(*args, "--model.lr", "20", "--model.backbone_lr_ratio", "1", "-o", "wrecked") == 0
+    # a learning rate that wrecks the network: no epoch beats the start (on val/loss: on 12
+    # validation images of random features a wrecked network can be luckier in accuracy)
+    wreck = ["--model.lr", "20", "--model.backbone_lr_ratio", "1", "-o", "wrecked"]
+    by_loss = ["--checkpoint.monitor", "val/loss", "--checkpoint.mode", "min", "--checkpoint.tie_break", "null"]
+    assert tl(*args, *wreck, *by_loss) == 0
     out = capsys.readouterr().out
     assert "tl: starting point: val/loss" in out and "did not beat its starting point" in out
     start = torch.load(fe, weights_only=True)["state_dict"]
     best = torch.load("wrecked/latest/checkpoints/best.ckpt", weights_only=True)
     assert all(torch.equal(v, best["state_dict"][k]) for k, v in start.items())  # the starting model
     assert best["tl"]["class_path"].endswith("FineTune")  # a checkpoint of this run, usable as any
-    # a gentle one: an epoch wins, and the run says which and by how much
+    # a gentle one, on the shipped val/acc: an epoch wins, and the run says which and by how much
     assert tl(*args, "--model.lr", "0.01", "-o", "gentle") == 0
     out = capsys.readouterr().out
-    assert re.search(r"tl: epoch \d won: val/loss [\d.]+ against [\d.]+ at the start \(-[\d.]+\)", out), out[-2000:]
+    won = r"tl: epoch \d won: val/acc [\d.]+ against [\d.]+ at the start \(\+[\d.]+\)(, val/loss [\d.]+ against)?"
+    assert re.search(won, out), out[-2000:]
 
 
 def test_linear_probe_is_scikit_learns_logistic_regression_with_c_chosen_on_val():

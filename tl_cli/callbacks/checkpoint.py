@@ -1,10 +1,11 @@
 """`BestAndLast`: Lightning's ModelCheckpoint whose ``last.ckpt`` is always the last epoch's,
+which breaks ties of a coarse monitor (accuracy on a small validation split) by a second metric,
 and which can write at most every few seconds when epochs are faster than writing."""
 
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Optional
 
 import lightning.pytorch as pl
 import torch
@@ -23,6 +24,10 @@ class BestAndLast(ModelCheckpoint):
     last epoch. (Private hooks of ModelCheckpoint are used for that: it has no public one.)
 
     Args:
+        tie_break: a metric where lower is better (``val/loss``) that decides between epochs
+            equal on the monitored one: on 40 validation images accuracy moves in steps of 2.5
+            points and epochs often tie; the first of them is not the best of them. Lightning's
+            ModelCheckpoint keeps the earlier epoch on a tie. None: that.
         write_every: with cached features an epoch takes milliseconds and writing a checkpoint
             (the whole backbone) takes longer than the epoch: then the checkpoints are kept in
             memory (a copy on the CPU) and written at most every this many seconds, and always
@@ -31,8 +36,10 @@ class BestAndLast(ModelCheckpoint):
         **kwargs: Lightning's ModelCheckpoint arguments (dirpath, filename, monitor, mode, ...).
     """
 
-    def __init__(self, *args: Any, write_every: float = 0.0, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, tie_break: Optional[str] = None, write_every: float = 0.0, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.tie_break = tie_break
+        self.tie_scores: dict[str, float] = {}  # the tie_break metric of each best checkpoint file
         self.write_every = write_every
         self._pending: dict[str, dict[str, Any]] = {}
         self._written_at = time.monotonic()
@@ -51,6 +58,44 @@ class BestAndLast(ModelCheckpoint):
         super().on_validation_end(trainer, pl_module)
         if not self._should_save_on_train_epoch_end(trainer):
             self._last_too(trainer)
+
+    # -- ties on the monitor --------------------------------------------------------------------
+
+    def tie_score(self, trainer: pl.Trainer) -> Optional[float]:
+        """This epoch's tie_break metric (None without one)."""
+        value = trainer.callback_metrics.get(self.tie_break) if self.tie_break else None
+        return None if value is None else float(value)
+
+    def check_monitor_top_k(self, trainer: pl.Trainer, current: Optional[torch.Tensor] = None) -> bool:
+        better = super().check_monitor_top_k(trainer, current)
+        if better or self.tie_break is None or current is None:
+            return better
+        held = self.tie_scores.get(self.kth_best_model_path)
+        score = self.tie_score(trainer)
+        kth = self.best_k_models[self.kth_best_model_path]
+        tied = abs(float(current) - float(kth)) <= 1e-6
+        wins = tied and None not in (score, held) and score < held
+        # the metrics are synced over the ranks; agreeing makes the decision certainly the same
+        return trainer.strategy.reduce_boolean_decision(wins)
+
+    def _update_best_and_save(self, current: torch.Tensor, trainer: pl.Trainer, candidates: dict[str, Any]) -> None:
+        score = self.tie_score(trainer)
+        super()._update_best_and_save(current, trainer, candidates)
+        self.tie_scores = {path: self.tie_scores.get(path, score) for path in self.best_k_models}
+        if score is not None:
+            self.tie_scores[self.current_path] = score
+
+    @property
+    def current_path(self) -> str:
+        """The file the last `_update_best_and_save` wrote (Lightning keeps no name for it)."""
+        return next(p for p, v in self.best_k_models.items() if v is self.current_score)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "tie_scores": dict(self.tie_scores)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self.tie_scores = dict(state_dict.get("tie_scores", {}))
 
     # -- deferred writes ----------------------------------------------------------------------
 

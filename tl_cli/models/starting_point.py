@@ -2,8 +2,8 @@
 
 Before the first step the starting model (the ``init_from`` checkpoint, or the tuned probe) is validated and kept
 (a copy on the CPU). When training ends, if no epoch beat it on the monitored metric of the
-checkpoint callback, ``best.ckpt`` becomes the starting model; either way the run says which
-won and by how much.
+checkpoint callback (a tie going to the lower ``tie_break`` metric, when the callback has one),
+``best.ckpt`` becomes the starting model; either way the run says which won and by how much.
 """
 
 from __future__ import annotations
@@ -73,12 +73,14 @@ class StartingPoint:
         begin = start["scores"][callback.monitor]
         best = callback.best_model_score
         sign = 1 if callback.mode == "min" else -1
-        if best is not None and sign * (float(best) - begin) <= 0:
-            epoch = self._best_epoch(callback)
-            self.print(
-                f"tl: epoch {epoch} won: {callback.monitor} {float(best):.4f} against {begin:.4f} at the start "
-                f"({float(best) - begin:+.4f}); best.ckpt holds it"
-            )
+        # accuracy is a float32 on the epochs' side: equal within 1e-6 is a tie
+        diff = sign * (float(best) - begin) if best is not None else math.nan
+        tie = self._tie(callback, start["scores"]) if abs(diff) <= 1e-6 else None
+        if diff < -1e-6 or (abs(diff) <= 1e-6 and (tie is None or tie[0] < tie[1])):
+            won = f"{callback.monitor} {float(best):.4f} against {begin:.4f} at the start ({float(best) - begin:+.4f})"
+            if tie is not None:
+                won += f", {callback.tie_break} {tie[0]:.4f} against {tie[1]:.4f}"
+            self.print(f"tl: epoch {self._best_epoch(callback)} won: {won}; best.ckpt holds it")
             return
         path = callback.best_model_path or str(callback.format_checkpoint_name({}))
         self.trainer.strategy.save_checkpoint(start["checkpoint"], path)
@@ -89,6 +91,13 @@ class StartingPoint:
             f"after training; best.ckpt holds the starting model ({path})"
         )
         self._start = None
+
+    @staticmethod
+    def _tie(callback: Any, scores: dict[str, float]) -> Optional[tuple[float, float]]:
+        """(best epoch, start) on the callback's tie_break metric, when both are known."""
+        metric = getattr(callback, "tie_break", None)
+        held = getattr(callback, "tie_scores", {}).get(callback.best_model_path)
+        return None if metric not in scores or held is None else (held, scores[metric])
 
     @staticmethod
     def _best_epoch(callback: Any) -> str:
