@@ -14,7 +14,8 @@ from tl_cli.synth import synthesize
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
 
-# A real config, shrunk: timm's tiny test model with random weights, 64 px, no workers.
+# A real config, shrunk: timm's tiny test model with random weights, 64 px, no workers, one
+# pass over the data an epoch (finetune.yaml asks for at least 30 steps an epoch).
 TINY = [
     "--model.backbone",
     "timm:test_efficientnet",
@@ -26,6 +27,8 @@ TINY = [
     "8",
     "--data.num_workers",
     "0",
+    "--data.steps_per_epoch",
+    "null",
     "--trainer.accelerator",
     "cpu",
     "--trainer.log_every_n_steps",

@@ -25,6 +25,8 @@ TINY = [
     "64",
     "--data.batch_size",
     "4",
+    "--data.steps_per_epoch",  # one pass an epoch unless a test asks for more
+    "null",
     "--trainer.accelerator",
     "cpu",
     "--trainer.log_every_n_steps",
