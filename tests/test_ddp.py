@@ -250,9 +250,11 @@ def test_many_runs_at_once_into_one_folder(data):
 @pytest.mark.parametrize("at", [(1, 1), (1, 2)])
 def test_two_process_preemption_resumes_like_an_uninterrupted_run(data, at):
     """Both ranks (and their workers) get SIGUSR1 mid-epoch / in an epoch's last batch; the
-    job resumed from hpc_ckpt ends with the uninterrupted job's weights and step count."""
+    job resumed from hpc_ckpt ends with the uninterrupted job's weights and step count. With
+    MixUp/CutMix on (drawn from each rank's generator, restored on resume)."""
     args = ["fit", "--config", CONFIGS / "finetune.yaml", *TINY, *DDP, "--data.root", data, "--data.num_workers", "2"]
     args += ["--data.augment", "flip", "--unfreeze.schedule", "{1: 2}", "--trainer.max_epochs", "3"]
+    args += ["--model.mixup_alpha", "0.2", "--model.cutmix_alpha", "1.0"]
     _ok(run([*args, "-o", "straight"]))
     signal = ["--trainer.callbacks+", "tests.helpers.SignalSelf", "--trainer.callbacks.epoch", str(at[0])]
     _ok(run([*args, "-o", "pre", *signal, "--trainer.callbacks.batch", str(at[1])]))

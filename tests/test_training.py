@@ -431,8 +431,14 @@ def test_an_accuracy_tie_with_the_starting_point_goes_to_the_lower_val_loss(tmp_
         assert saved == [] and "won: val/acc 0.6000 against 0.6000" in out and "val/loss 0.6000 against 0.7000" in out
 
 
-def test_resume_through_the_cli_ends_like_an_uninterrupted_run(tiny_data):
+MIX = ["--model.mixup_alpha", "0.2", "--model.cutmix_alpha", "1.0"]
+
+
+@pytest.mark.parametrize("mix", [[], MIX], ids=["plain", "mixup+cutmix"])
+def test_resume_through_the_cli_ends_like_an_uninterrupted_run(tiny_data, mix):
+    """Also with MixUp/CutMix, whose draws come from the generator the run's state restores."""
     args = ["fit", "--config", CONFIGS / "finetune.yaml", *TINY, "--data.root", tiny_data, "--data.augment", "flip"]
+    args += mix
     # a constant learning rate: the schedule's length would depend on max_epochs, which is
     # what differs between the two halves here (preemption keeps it: tests/test_preemption.py)
     args += ["--unfreeze.schedule", "{1: 2}", "--early_stopping", "null", "--model.scheduler", "none"]
@@ -533,3 +539,71 @@ def test_flip_tta_averages_each_image_with_its_mirror_and_is_recorded(tiny_data)
     assert json.loads(Path("tta_flip/latest/metrics.json").read_text())["tta"] == "flip"
     assert json.loads(Path("tta_none/latest/metrics.json").read_text())["tta"] == "none"
     assert [r["prob_ellipses"] for r in rows["none"]] != [r["prob_ellipses"] for r in rows["flip"]]
+
+
+@pytest.mark.parametrize(
+    "mix", [{"mixup_alpha": 0.4}, {"cutmix_alpha": 1.0}, {"mixup_alpha": 0.2, "cutmix_alpha": 1.0}]
+)
+def test_mixup_and_cutmix_train_on_mixed_images_with_soft_targets(tiny_data, tmp_path, mix):
+    """What the model trains on is a blend (MixUp) or a patchwork (CutMix) of two images of
+    the batch, and the loss is cross-entropy on the correspondingly mixed labels. A fully
+    frozen backbone still sees images (mixing cannot reuse cached features)."""
+    import torch.nn.functional as F
+
+    class Spy(FineTune):
+        def forward(self, x):
+            if self.training:
+                self.seen.append(x.detach().clone())
+            return super().forward(x)
+
+        def loss(self, logits, y, train):
+            if train:
+                self.targets.append(y.detach().clone())
+            return super().loss(logits, y, train)
+
+    pl.seed_everything(0)
+    model = Spy(backbone="timm:test_efficientnet", weights="none", lr=0.01, label_smoothing=0.1, **mix)
+    model.seen, model.targets = [], []
+    data = _data(tiny_data, augment="none", cache_features="auto")
+    batches, kinds = [], set()
+
+    class Batches(pl.Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            batches.append((batch[0].clone(), batch[1].clone()))
+
+    _trainer(tmp_path, 2, callbacks=[Batches(), FreezeBackbone()]).fit(model, data)
+    assert len(model.seen) == len(batches) == len(model.targets) == 6  # 24 images, batch 8, 2 epochs
+    for (x, y), seen, soft in zip(batches, model.seen, model.targets, strict=True):
+        assert seen.shape == x.shape  # images, not cached features
+        assert soft.shape == (len(y), 2) and torch.allclose(soft.sum(1), torch.ones(len(y)))
+        # MixUp: every image is x * lam + (the batch rolled by one) * (1 - lam), one lam for the
+        # batch. CutMix: one box of every image comes from its neighbour in the rolled batch,
+        # labels mixed by the box's area
+        rolled = x.roll(1, 0)
+        differs = ~torch.isclose(seen, x, atol=1e-6).all(1).all(0)  # [H, W]: pixels any image changed
+        rows, cols = differs.any(1).nonzero(), differs.any(0).nonzero()
+        box = torch.zeros_like(differs)
+        if len(rows):
+            box[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1] = True
+        if "cutmix_alpha" in mix and torch.equal(seen, torch.where(box, rolled, x)):  # CutMix
+            area = (1 - box.float().mean()).expand(len(y))
+            kinds.add("cutmix_alpha")
+        else:  # MixUp
+            lam = ((seen - rolled) / (x - rolled)).nan_to_num()[(x - rolled).abs() > 1e-3].median()
+            assert torch.allclose(seen, x * lam + rolled * (1 - lam), atol=1e-4)
+            area = lam.expand(len(y))
+            kinds.add("mixup_alpha")
+        expected = F.one_hot(y, 2) * area[:, None] + F.one_hot(y.roll(1, 0), 2) * (1 - area[:, None])
+        assert torch.allclose(soft, expected, atol=1e-4)
+        assert not torch.equal(seen, x) or bool((area == 1).all())
+    assert any(not torch.equal(s, x) for (x, _), s in zip(batches, model.seen, strict=True))
+    assert kinds == set(mix)  # both set: each batch one of the two, both used
+
+
+def test_mixing_options_are_checked():
+    from tl_cli.models import DomainAdaptation
+
+    with pytest.raises(TLError, match="mixup_alpha=-1"):
+        FineTune(backbone="timm:test_efficientnet", weights="none", mixup_alpha=-1)
+    with pytest.raises(TLError, match="DomainAdaptation does not mix batches"):
+        DomainAdaptation(backbone="timm:test_efficientnet", weights="none", cutmix_alpha=1.0)

@@ -196,8 +196,9 @@ class ImageFolderData(pl.LightningDataModule):
             if self._extractor is None:
                 raise TLError(
                     "data.cache_features=true, but the backbone is not frozen for the whole run (the "
-                    "unfreeze schedule trains stages, or no FreezeBackbone callback), so its output "
-                    "changes every step. Use data.cache_features auto or false here."
+                    "unfreeze schedule trains stages, or no FreezeBackbone callback) or the model "
+                    "mixes images (model.mixup_alpha, model.cutmix_alpha), so its output changes "
+                    "every step. Use data.cache_features auto or false here."
                 )
             if not is_deterministic(augment):
                 raise TLError(

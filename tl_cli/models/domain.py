@@ -77,6 +77,7 @@ class DomainAdaptation(FineTune):
     """
 
     supports_feature_cache = False  # the backbone is what adapts
+    supports_batch_mixing = False  # its own training step: source and target batches
 
     def __init__(
         self,

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+import torch
+from torchvision.transforms import v2
+
 from tl_cli.errors import TLError
 from tl_cli.models.base import Classifier
 from tl_cli.models.checkpoints import read_tl_checkpoint
@@ -31,11 +34,19 @@ class FineTune(StartingPoint, Classifier):
         layer_decay: each stage further from the head learns this much slower than the next
             (layer-wise learning-rate decay: early layers hold the most general features);
             1: the whole backbone at ``lr x backbone_lr_ratio``.
+        mixup_alpha: MixUp (Zhang et al. 2018) of training batches: each batch is blended with
+            a shuffled copy of itself, images and labels alike, by a Beta(alpha, alpha) weight;
+            0: off.
+        cutmix_alpha: CutMix (Yun et al. 2019): a box of the shuffled copy is pasted in, labels
+            mixed by its area; 0: off. Both set: one of the two for each batch, at random (as
+            timm's and DeiT's recipes). Train accuracy is then counted against each image's
+            own label.
         *args: everything `Classifier` takes (backbone, weights, lr, ...).
         **kwargs: everything `Classifier` takes (backbone, weights, lr, ...).
     """
 
     trains_backbone = True
+    supports_batch_mixing = True
 
     def __init__(
         self,
@@ -43,22 +54,64 @@ class FineTune(StartingPoint, Classifier):
         init_from: Optional[str] = None,
         backbone_lr_ratio: float = 0.1,
         layer_decay: float = 1.0,
+        mixup_alpha: float = 0.0,
+        cutmix_alpha: float = 0.0,
         **kwargs: Any,
     ) -> None:
         if backbone_lr_ratio < 0 or not 0 < layer_decay <= 1:
             raise TLError(
                 f"model.backbone_lr_ratio={backbone_lr_ratio} must be >= 0 and model.layer_decay={layer_decay} in (0, 1]."
             )
+        if mixup_alpha < 0 or cutmix_alpha < 0:
+            raise TLError(
+                f"model.mixup_alpha={mixup_alpha} and model.cutmix_alpha={cutmix_alpha} must be >= 0 (0: off)."
+            )
+        if (mixup_alpha or cutmix_alpha) and not self.supports_batch_mixing:
+            raise TLError(
+                f"{type(self).__name__} does not mix batches: leave model.mixup_alpha and model.cutmix_alpha at 0."
+            )
         self._init = read_tl_checkpoint(init_from, what="model.init_from checkpoint") if init_from else None
         if self._init is not None and not kwargs.get("class_names"):
             kwargs["class_names"] = list(self._init["tl"]["class_names"])
         super().__init__(*args, **kwargs)
         self.save_hyperparameters()
+        if mixup_alpha or cutmix_alpha:
+            self.supports_feature_cache = False  # mixing needs the images, not their features
         if self._init is not None and self._init["tl"]["backbone"] != self.hparams.backbone:
             raise TLError(
                 f"model.init_from={init_from} was trained with backbone {self._init['tl']['backbone']}, "
                 f"but this run asks for {self.hparams.backbone}. Use the same model.backbone."
             )
+
+    def batch_mixer(self) -> Optional[v2.Transform]:
+        """torchvision's MixUp / CutMix for the training batches (None: off), built once the
+        head's class count is known."""
+        if "_mixer" not in self.__dict__:
+            n = len(self.class_names)
+            mixers = [
+                mix(alpha=alpha, num_classes=n)
+                for mix, alpha in ((v2.MixUp, self.hparams.mixup_alpha), (v2.CutMix, self.hparams.cutmix_alpha))
+                if alpha > 0
+            ]
+            # in __dict__, not a submodule: no state, nothing for checkpoints or the model summary
+            self.__dict__["_mixer"] = None if not mixers else mixers[0] if len(mixers) == 1 else v2.RandomChoice(mixers)
+        return self.__dict__["_mixer"]
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        mixer = self.batch_mixer()
+        if mixer is None:
+            return super().training_step(batch, batch_idx)
+        x, y, _ = batch
+        # soft targets: cross-entropy takes class probabilities (with label smoothing and class
+        # weights on top), so the loss is the usual one, on the mixed labels. torchvision draws
+        # the weight, the box and the choice from the global generator, which a resumed run
+        # restores (tl_cli.callbacks.resume): it mixes what an uninterrupted run would.
+        mixed_x, soft = mixer(x, y)
+        logits = self(mixed_x)
+        loss = self.loss(logits, soft.to(logits.dtype), train=True)
+        self.accumulate("train", loss, logits, y)
+        self.log_step_loss(loss, batch_idx)
+        return loss
 
     def default_image_size(self) -> Optional[int]:
         if self._init is not None and self._init["tl"].get("preprocessing"):
