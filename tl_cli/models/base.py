@@ -273,12 +273,20 @@ class Classifier(Metrics, Reporting, Inputs, Optimization, pl.LightningModule):
 
     def loss(self, logits: torch.Tensor, y: torch.Tensor, train: bool) -> torch.Tensor:
         smoothing = self.hparams.label_smoothing if train else 0.0
+        if y.is_floating_point():  # class probabilities (mixed batches): in the logits' type
+            y = y.to(logits.dtype)
         return F.cross_entropy(logits, y, weight=getattr(self, "loss_weight", None), label_smoothing=smoothing)
+
+    def mix_batch(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The training batch as the model trains on it, and its targets (labels, or class
+        probabilities); `FineTune` mixes them (MixUp / CutMix)."""
+        return x, y
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x, y, _ = batch
+        x, targets = self.mix_batch(x, y)
         logits = self(x)
-        loss = self.loss(logits, y, train=True)
+        loss = self.loss(logits, targets, train=True)
         self.accumulate("train", loss, logits, y)
         self.log_step_loss(loss, batch_idx)
         return loss

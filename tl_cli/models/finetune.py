@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import torch
+import torch.nn.functional as F
 from torchvision.transforms import v2
 
 from tl_cli.errors import TLError
@@ -75,7 +76,10 @@ class FineTune(StartingPoint, Classifier):
             kwargs["class_names"] = list(self._init["tl"]["class_names"])
         super().__init__(*args, **kwargs)
         self.save_hyperparameters()
-        if mixup_alpha or cutmix_alpha:
+        mixers = [mix(alpha=alpha) for mix, alpha in ((v2.MixUp, mixup_alpha), (v2.CutMix, cutmix_alpha)) if alpha > 0]
+        # torchvision's MixUp / CutMix (stateless modules), or None: off
+        self.mixer = mixers[0] if len(mixers) == 1 else v2.RandomChoice(mixers) if mixers else None
+        if self.mixer is not None:
             self.supports_feature_cache = False  # mixing needs the images, not their features
         if self._init is not None and self._init["tl"]["backbone"] != self.hparams.backbone:
             raise TLError(
@@ -83,35 +87,14 @@ class FineTune(StartingPoint, Classifier):
                 f"but this run asks for {self.hparams.backbone}. Use the same model.backbone."
             )
 
-    def batch_mixer(self) -> Optional[v2.Transform]:
-        """torchvision's MixUp / CutMix for the training batches (None: off), built once the
-        head's class count is known."""
-        if "_mixer" not in self.__dict__:
-            n = len(self.class_names)
-            mixers = [
-                mix(alpha=alpha, num_classes=n)
-                for mix, alpha in ((v2.MixUp, self.hparams.mixup_alpha), (v2.CutMix, self.hparams.cutmix_alpha))
-                if alpha > 0
-            ]
-            # in __dict__, not a submodule: no state, nothing for checkpoints or the model summary
-            self.__dict__["_mixer"] = None if not mixers else mixers[0] if len(mixers) == 1 else v2.RandomChoice(mixers)
-        return self.__dict__["_mixer"]
-
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        mixer = self.batch_mixer()
-        if mixer is None:
-            return super().training_step(batch, batch_idx)
-        x, y, _ = batch
+    def mix_batch(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.mixer is None:
+            return x, y
         # soft targets: cross-entropy takes class probabilities (with label smoothing and class
         # weights on top), so the loss is the usual one, on the mixed labels. torchvision draws
         # the weight, the box and the choice from the global generator, which a resumed run
         # restores (tl_cli.callbacks.resume): it mixes what an uninterrupted run would.
-        mixed_x, soft = mixer(x, y)
-        logits = self(mixed_x)
-        loss = self.loss(logits, soft.to(logits.dtype), train=True)
-        self.accumulate("train", loss, logits, y)
-        self.log_step_loss(loss, batch_idx)
-        return loss
+        return self.mixer(x, F.one_hot(y, self.head.out_features).to(x.dtype))  # x: normalised already
 
     def default_image_size(self) -> Optional[int]:
         if self._init is not None and self._init["tl"].get("preprocessing"):
