@@ -325,6 +325,68 @@ def test_batch_logs_are_plain_lines_and_the_bar_can_be_switched_off(tiny_data, c
     assert "epoch 1/1 done" not in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("scale, side", [(0.15, "underconfident"), (1.0, None), (8.0, "overconfident")])
+def test_calibrated_validation_loss_is_the_loss_at_the_fitted_temperature(scale, side):
+    import math
+
+    import torch.nn.functional as F
+    from scipy.optimize import minimize_scalar
+
+    from tl_cli.models.metrics import calibrated, calibration_sums
+
+    g = torch.Generator().manual_seed(0)
+    calibrated_logits = torch.randn(300, 4, generator=g) * 2
+    y = torch.multinomial(calibrated_logits.softmax(1), 1, generator=g).squeeze(1)  # T = 1 is right
+    weight = torch.tensor([1.0, 2.0, 0.5, 1.0])  # class weights count as in val/loss
+    logits = calibrated_logits * scale
+    # summed batch by batch (as over an epoch, and over the ranks), no logits kept
+    sums = sum(calibration_sums(logits[i : i + 64], y[i : i + 64], weight) for i in range(0, 300, 64))
+    loss, temperature = calibrated(sums)
+    exact = minimize_scalar(
+        lambda lt: F.cross_entropy(logits / math.exp(lt), y, weight=weight).item(), bounds=(-4, 4), method="bounded"
+    )
+    assert float(loss) == pytest.approx(exact.fun, rel=1e-3)  # the grid is 6 % apart in T
+    assert float(temperature) == pytest.approx(math.exp(exact.x), rel=0.07)
+    plain = F.cross_entropy(logits, y, weight=weight).item()
+    assert float(loss) <= plain + 1e-6  # T = 1 is on the grid
+    if side == "overconfident":
+        assert float(temperature) > 4 and float(loss) < plain - 0.1
+    elif side == "underconfident":
+        assert float(temperature) < 0.3 and float(loss) < plain - 0.1
+    else:
+        assert 0.75 < float(temperature) < 1.33 and float(loss) > plain - 0.01
+    # scaling every logit by a constant changes no prediction and not the calibrated loss
+    again, t2 = calibrated(calibration_sums(logits * 2, y, weight))
+    assert float(again) == pytest.approx(float(loss), rel=2e-3) and float(t2) == pytest.approx(
+        2 * float(temperature), rel=0.07
+    )
+
+
+def test_validation_logs_the_calibrated_loss_and_the_start_competes_on_it(tiny_data, capsys):
+    best = fit_tiny(
+        tiny_data, 3, "finetune.yaml", "--early_stopping", "null", "--checkpoint.monitor", "val/calibrated_loss"
+    )
+    out = capsys.readouterr().out
+    start = re.search(
+        r"tl: starting point: val/loss ([\d.]+), val/acc [\d.]+, val/calibrated_loss ([\d.]+), val/temperature ([\d.]+)",
+        out,
+    )
+    assert start and float(start[2]) <= float(start[1]) + 1e-6, out[-3000:]
+    with open(best.parent.parent / "metrics.csv") as fh:
+        rows = [r for r in csv.DictReader(fh) if r.get("val/calibrated_loss")]
+    assert len(rows) == 3
+    for r in rows:
+        assert float(r["val/calibrated_loss"]) <= float(r["val/loss"]) + 1e-6
+        assert 0.0499 <= float(r["val/temperature"]) <= 20.001  # the grid
+    epochs = {int(r["epoch"]): float(r["val/calibrated_loss"]) for r in rows}
+    ckpt = torch.load(best, weights_only=True)
+    if "did not beat its starting point" in out:
+        assert min(epochs.values()) >= float(start[2]) - 1e-4
+    else:
+        assert re.search(r"tl: epoch \d won: val/calibrated_loss", out)
+        assert ckpt["epoch"] == min(epochs, key=epochs.get)
+
+
 def test_best_checkpoint_is_the_lowest_validation_loss(tiny_data):
     best = fit_tiny(tiny_data, 4, "feature_extract.yaml", "--early_stopping", "null")
     with open(best.parent.parent / "metrics.csv") as fh:

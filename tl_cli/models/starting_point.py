@@ -12,40 +12,35 @@ import math
 from typing import Any, Optional
 
 import torch
-import torch.nn.functional as F
 from lightning_utilities.core.apply_func import apply_to_collection
+
+from tl_cli.models.metrics import TEMPERATURES
 
 
 class StartingPoint:
     """Validate the starting model first; let it compete for ``best.ckpt``."""
 
     def _validate_start(self) -> dict[str, float]:
-        """val/loss and val/acc of the model as it is, over the whole validation split."""
+        """val/loss, val/acc and val/calibrated_loss of the model as it is, over the whole
+        validation split, summed as an epoch's are (`Metrics`)."""
         trainer = self.trainer
         loaders = trainer.val_dataloaders
         loader = loaders[0] if isinstance(loaders, (list, tuple)) else loaders
         modes = {m: m.training for m in self.modules()}
         self.eval()
-        sums = torch.zeros(3, device=self.device)
+        sums = self.__dict__.setdefault("_sums", {})
+        sums.pop("val", None)
         with torch.inference_mode():
             for batch in loader:
                 batch = trainer.strategy.batch_to_device(batch)
                 x, y, _ = self.on_after_batch_transfer(batch, 0)
                 logits = self(x)
-                loss = F.cross_entropy(logits, y, weight=getattr(self, "loss_weight", None), reduction="sum")
-                sums += torch.stack(
-                    [
-                        loss.float(),
-                        (logits.argmax(1) == y).sum().float(),
-                        torch.tensor(float(len(y)), device=self.device),
-                    ]
-                )
+                self.accumulate("val", self.loss(logits, y, train=False), logits, y)
         for module, mode in modes.items():
             module.training = mode
-        if trainer.world_size > 1:
-            sums = trainer.strategy.reduce(sums.clone(), reduce_op="sum")
-        n = float(sums[2].clamp(min=1))
-        return {"val/loss": float(sums[0]) / n, "val/acc": float(sums[1]) / n}
+        if "val" not in sums:  # an empty loader: the ranks still reduce together
+            sums["val"] = torch.zeros(4 + len(TEMPERATURES), device=self.device)
+        return {k: float(v) for k, v in self.epoch_metrics("val").items()}
 
     def keep_starting_point(self) -> None:
         """Called at the start of a fresh (not resumed) fit."""
