@@ -13,7 +13,8 @@ def _state(module: pl.LightningModule) -> dict[str, torch.Tensor]:
 
 
 class SaveRankState(pl.Callback):
-    """Every rank saves the model it starts and ends training with, to compare the ranks."""
+    """Every rank saves the model it starts and ends training with, to compare the ranks, and
+    with the end the last validation's metrics (as ``metric:val/...``)."""
 
     def __init__(self, folder: str = "rankstate") -> None:
         self.folder = folder
@@ -23,7 +24,11 @@ class SaveRankState(pl.Callback):
         torch.save(_state(pl_module), f"{self.folder}/start{trainer.global_rank}.pt")
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        torch.save(_state(pl_module), f"{self.folder}/end{trainer.global_rank}.pt")
+        metrics = {
+            f"metric:{k}": torch.as_tensor(v).detach().cpu().clone() for k, v in trainer.callback_metrics.items()
+        }
+        ends = {**_state(pl_module), **{k: v for k, v in metrics.items() if k.startswith("metric:val/")}}
+        torch.save(ends, f"{self.folder}/end{trainer.global_rank}.pt")
 
 
 class CollectiveAtEpochEnd(pl.Callback):

@@ -129,7 +129,9 @@ def test_lightning_launcher_feature_extraction_then_fine_tuning_ranks_agree(data
     log = _ok(done)
     assert "GLOBAL_RANK: 1" in log and "epoch 1: backbone stages trainable" in log
     differ, trained = compare_ranks(Path("ft_state"))
-    assert differ == 0, f"{differ} tensors differ between the ranks"
+    assert differ == 0, f"{differ} tensors differ between the ranks"  # weights and val/ metrics
+    ends = torch.load("ft_state/end0.pt", weights_only=True)
+    assert {"metric:val/loss", "metric:val/calibrated_loss", "metric:val/temperature"} <= set(ends)
     assert trained > 0, "the backbone did not train"
     assert len(list(Path("runs/finetune").glob("version_*"))) == 1
     last = torch.load("runs/finetune/latest/checkpoints/last.ckpt", map_location="cpu", weights_only=False)
