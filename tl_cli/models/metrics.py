@@ -26,24 +26,36 @@ from typing import Any, Optional
 
 import torch
 
-# the temperatures tried for val/calibrated_loss: 1/20 to 20, 6 % apart
-TEMPERATURES = torch.logspace(math.log10(0.05), math.log10(20.0), 101)
+# the temperatures tried for val/calibrated_loss: 1/20 to 20, 6 % apart; number 50 is 1
+GRID = (math.log10(0.05), math.log10(20.0), 101)
+ONE = 50
+TEMPERATURES = torch.logspace(*GRID)
+CHUNK = 16  # temperatures at a time: [16, batch, classes] floats, not [101, ...] (1000 classes)
 
 
 def calibration_sums(logits: torch.Tensor, y: torch.Tensor, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``[sum of w_i, then sum of w_i * NLL_i(logits / T) for each T of TEMPERATURES]``, where
     ``w_i`` is the class weight of image i (1 without class weights)."""
-    temps = TEMPERATURES.to(logits.device)
-    logp = (logits.detach().float().unsqueeze(0) / temps.view(-1, 1, 1)).log_softmax(-1)  # [T, B, C]
-    nll = -logp.gather(2, y.view(1, -1, 1).expand(len(temps), -1, 1)).squeeze(2)  # [T, B]
-    w = torch.ones_like(nll[0]) if weight is None else weight.to(nll.device, nll.dtype)[y]
-    return torch.cat([w.sum().view(1), (nll * w).sum(1)])
+    z = logits.detach().float()
+    temps = torch.logspace(*GRID, device=z.device)  # made on the device: no copy, no host sync
+    zy = z.gather(1, y.view(-1, 1)).squeeze(1)
+    w = torch.ones_like(zy) if weight is None else weight.to(z.device, z.dtype)[y]
+    out = [w.sum().view(1)]
+    for t in temps.split(CHUNK):
+        nll = torch.logsumexp(z.unsqueeze(0) / t.view(-1, 1, 1), -1) - zy.unsqueeze(0) / t.view(-1, 1)
+        out.append(nll @ w)
+    return torch.cat(out)
 
 
 def calibrated(sums: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(the lowest loss over the temperatures, its temperature) from summed `calibration_sums`."""
+    """(the lowest loss over the temperatures, its temperature) from summed `calibration_sums`;
+    a tie (logits all equal: every temperature gives the same loss) or NaN goes to T = 1. A
+    model whose best temperature lies beyond the grid (overconfident and near chance) gets the
+    loss at T = 20, above its true minimum: it only ranks such a model lower still."""
     losses = sums[1:] / sums[0].clamp(min=1e-12)
     k = int(losses.argmin())
+    if not losses[k] < losses[ONE] - 1e-7:
+        k = ONE
     return losses[k], TEMPERATURES[k].to(losses.device)
 
 
@@ -74,8 +86,15 @@ class Metrics:
         loss_key = f"{prefix}/loss_epoch" if prefix == "train" else f"{prefix}/loss"
         out = {loss_key: total[0] / count, f"{prefix}/acc": total[1] / count}
         if len(total) > 3:
+            # the loss at T = 1 is val/loss, as the weighted mean over the whole split (with class
+            # weights the mean of the batches' weighted means would depend on the batch size)
+            out[loss_key] = total[4 + ONE] / total[3].clamp(min=1e-12)
             out[f"{prefix}/calibrated_loss"], out[f"{prefix}/temperature"] = calibrated(total[3:])
         return out
+
+    def zero_sums(self, prefix: str) -> torch.Tensor:
+        """What `accumulate` sums under ``prefix`` over no batch (a rank with none still reduces)."""
+        return torch.zeros(3 + (1 + len(TEMPERATURES) if prefix == "val" else 0), device=self.device)
 
     def _log_sums(self, *prefixes: str) -> None:
         sums = getattr(self, "_sums", {})

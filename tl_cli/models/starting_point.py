@@ -14,8 +14,6 @@ from typing import Any, Optional
 import torch
 from lightning_utilities.core.apply_func import apply_to_collection
 
-from tl_cli.models.metrics import TEMPERATURES
-
 
 class StartingPoint:
     """Validate the starting model first; let it compete for ``best.ckpt``."""
@@ -30,7 +28,8 @@ class StartingPoint:
         self.eval()
         sums = self.__dict__.setdefault("_sums", {})
         sums.pop("val", None)
-        with torch.inference_mode():
+        # in the precision the epochs are validated in (autocast under AMP)
+        with torch.inference_mode(), trainer.precision_plugin.val_step_context():
             for batch in loader:
                 batch = trainer.strategy.batch_to_device(batch)
                 x, y, _ = self.on_after_batch_transfer(batch, 0)
@@ -39,7 +38,7 @@ class StartingPoint:
         for module, mode in modes.items():
             module.training = mode
         if "val" not in sums:  # an empty loader: the ranks still reduce together
-            sums["val"] = torch.zeros(4 + len(TEMPERATURES), device=self.device)
+            sums["val"] = self.zero_sums("val")
         return {k: float(v) for k, v in self.epoch_metrics("val").items()}
 
     def keep_starting_point(self) -> None:
