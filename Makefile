@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 # pip serves torch from this machine's disk; versions the project machines cap at.
 TORCH := torch==2.14.1 torchvision==0.29.1
-DEMO_DATA := data/synth
+DEMO_DATA := data/shapes
 
 .PHONY: help install install-dev test test-fast lint format demo bench mutate clean
 
@@ -43,14 +43,18 @@ format: install-dev ## ruff format + autofix
 	$(BIN)/ruff format tl_cli tests bench scripts
 	$(BIN)/ruff check --fix tl_cli tests bench scripts
 
-demo: install ## the embedded default, offline on CPU: synth data, feature extraction, fine-tuning, test
+demo: install ## the embedded default, offline on CPU: shapes data, feature extraction, fine-tuning, test of both
 	@test -d $(DEMO_DATA) || $(BIN)/tl data synth $(DEMO_DATA)
 	$(BIN)/tl fit --config configs/feature_extract.yaml --config configs/demo.yaml
 	$(BIN)/tl fit --config configs/finetune.yaml --config configs/demo_finetune.yaml \
 		--model.init_from runs/demo_feature_extract/latest/checkpoints/best.ckpt
+	$(BIN)/tl test --ckpt_path runs/demo_feature_extract/latest/checkpoints/best.ckpt \
+		--data.root $(DEMO_DATA) --trainer.default_root_dir runs/demo_test_feature_extract
 	$(BIN)/tl test --ckpt_path runs/demo_finetune/latest/checkpoints/best.ckpt \
 		--data.root $(DEMO_DATA) --trainer.default_root_dir runs/demo_test
 	@echo
+	@$(BIN)/python -c 'import json, sys; fe, ft = (json.load(open(f"runs/{d}/latest/metrics.json"))["accuracy"] for d in sys.argv[1:]); print(f"Test accuracy: feature extraction {fe:.3f}, fine-tuning {ft:.3f} ({100 * (ft - fe):+.1f} points)")' \
+		demo_test_feature_extract demo_test
 	@echo "Results:"
 	@echo "  feature extraction: runs/demo_feature_extract/latest/ (checkpoints/best.ckpt, metrics.csv)"
 	@echo "  fine-tuning:        runs/demo_finetune/latest/"

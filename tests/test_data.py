@@ -240,3 +240,23 @@ def test_synth_classes_are_not_separable_by_colour_or_brightness(tmp_path):
     labels = np.r_[np.zeros(len(a)), np.ones(len(b))]
     best = max(max(((brightness > t) == labels).mean(), ((brightness <= t) == labels).mean()) for t in brightness)
     assert best < 0.75
+
+
+def test_synth_command_defaults_are_the_demo_set(tmp_path):
+    """`tl data synth DIR` (what `make demo` runs): 4 classes x (60, 20, 40), small shapes in each."""
+    from tests.conftest import tl
+
+    assert tl("data", "synth", tmp_path / "cli", "--size", "32") == 0
+    counts = {
+        s: sorted(len(list(c.iterdir())) for c in (tmp_path / "cli" / s).iterdir()) for s in ("train", "val", "test")
+    }
+    assert counts == {"train": [60] * 4, "val": [20] * 4, "test": [40] * 4}
+    synthesize(tmp_path / "py", size=32, per_split={"train": 2})  # the function's defaults are the same
+    made = sorted(p.relative_to(tmp_path / "py") for p in (tmp_path / "py").rglob("*.jpg"))
+    assert len(made) == 8 and all(
+        (tmp_path / "py" / p).read_bytes() == (tmp_path / "cli" / p).read_bytes() for p in made
+    )
+    synthesize(tmp_path / "bare", size=32, per_split={"train": 2}, distractors=0)
+    assert _digest(tmp_path / "bare") != _digest(tmp_path / "py")
+    with pytest.raises(TLError, match="--distractors -1"):
+        synthesize(tmp_path / "neg", distractors=-1)

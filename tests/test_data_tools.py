@@ -17,7 +17,7 @@ def _messy(root):
     """A dataset with one of every kind of file `tl data check` must recognise."""
     from tl_cli.synth import synthesize
 
-    synthesize(root, seed=2, per_split={"train": 6, "val": 3, "test": 3}, size=64)
+    synthesize(root, seed=2, num_classes=2, per_split={"train": 6, "val": 3, "test": 3}, size=64)
     rng = np.random.default_rng(0)
     rgb = Image.fromarray(rng.integers(0, 255, (40, 50, 3), dtype=np.uint8))
     t = root / "train" / "ellipses"
@@ -68,7 +68,7 @@ def test_data_check_reports_every_kind_of_problem(tmp_path, capsys):
 def test_data_check_human_report_and_clean_exit(tmp_path, capsys):
     from tl_cli.synth import synthesize
 
-    synthesize(tmp_path / "clean", seed=1, per_split={"train": 4, "val": 2}, size=48)
+    synthesize(tmp_path / "clean", seed=1, num_classes=2, per_split={"train": 4, "val": 2}, size=48)
     assert tl("data", "check", tmp_path / "clean", "--workers", "0") == 0
     out = capsys.readouterr().out
     assert "No errors" in out and "train/: 8 usable images, 2 classes" in out
@@ -131,7 +131,7 @@ def test_data_check_strict_fails_on_leaks_and_min_size_sets_small(tmp_path, caps
     from tl_cli.synth import synthesize
 
     root = tmp_path / "d"
-    synthesize(root, seed=3, per_split={"train": 3, "val": 2, "test": 2}, size=64)
+    synthesize(root, seed=3, num_classes=2, per_split={"train": 3, "val": 2, "test": 2}, size=64)
     assert tl("data", "check", root, "--workers", "0") == 0
     assert tl("data", "check", root, "--workers", "0", "--strict") == 0  # clean: strict passes too
     capsys.readouterr()

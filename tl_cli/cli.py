@@ -36,7 +36,7 @@ def usage() -> str:
     lines += [f"  tl {name:<16} {text}" for name, text in TL_COMMANDS.items()]
     lines += [
         "",
-        "Start:  tl data synth data/synth && tl fit --config configs/feature_extract.yaml --config configs/demo.yaml",
+        "Start:  tl data synth data/shapes && tl fit --config configs/feature_extract.yaml --config configs/demo.yaml",
         "Models: --model FeatureExtraction | FineTune | DomainAdaptation (`tl fit --model FineTune --help`).",
         "Results go to runs/<config>/version_N/ (runs/<config>/latest: the newest complete run); -o DIR for another.",
     ]

@@ -29,17 +29,21 @@ def _data_command(argv: list[str]) -> int:
         help=TL_COMMANDS["data synth"],
         description=(
             "Write a small generated dataset in the ImageFolder layout (OUT/{train,val,test}/<class>/), "
-            "deterministic for a given seed. Classes differ by the shape drawn, not by colour or "
-            "brightness, so a classifier has to look at the image."
+            "deterministic for a given seed. The class is the largest shape drawn, among smaller "
+            "shapes of any class; classes differ by shape, not by colour or brightness, so a "
+            "classifier has to look at the image."
         ),
     )
     synth.add_argument("out_dir", type=Path)
     synth.add_argument("--seed", type=int, default=0)
-    synth.add_argument("--classes", type=int, default=2, help="number of classes (2-4)")
-    synth.add_argument("--train", type=int, default=120, help="images per class in train/")
-    synth.add_argument("--val", type=int, default=40, help="images per class in val/")
+    synth.add_argument("--classes", type=int, default=4, help="number of classes (2-4)")
+    synth.add_argument("--train", type=int, default=60, help="images per class in train/")
+    synth.add_argument("--val", type=int, default=20, help="images per class in val/")
     synth.add_argument("--test", type=int, default=40, help="images per class in test/")
     synth.add_argument("--size", type=int, default=256, help="image side in pixels")
+    synth.add_argument(
+        "--distractors", type=int, default=3, help="small shapes of random classes in each image (0: none)"
+    )
     synth.add_argument("--force", action="store_true", help="write into an existing non-empty folder")
     split = sub.add_parser(
         "split",
@@ -101,6 +105,7 @@ def _data_command(argv: list[str]) -> int:
         num_classes=args.classes,
         per_split={"train": args.train, "val": args.val, "test": args.test},
         size=args.size,
+        distractors=args.distractors,
         force=args.force,
     )
     total = sum(sum(c.values()) for c in counts.values())

@@ -1,10 +1,16 @@
 """The embedded default dataset: shapes on textured backgrounds, in the ImageFolder layout.
 
-Each image shows one filled shape (the class) over a random colour gradient with noise and a
-few thin distractor lines. Shape colour, background colour, size, aspect, rotation and
-position are drawn independently of the class, so the mean colour and brightness of an image
-say nothing about its class; a classifier has to see the outline. Every image is a function of
-(seed, split, class, index) alone: the same command writes the same bytes.
+Each image shows one large filled shape (the class) over a random colour gradient with noise,
+a few thin lines and a few small shapes of any class (distractors, a third of the class
+shape's size or less). Shape colour, background colour, size, aspect, rotation and position
+are drawn independently of the class, so the mean colour and brightness of an image say
+nothing about its class; a classifier has to find the largest outline. Every image is a
+function of (seed, split, class, index) alone: the same command writes the same bytes.
+
+Why distractors: without them ImageNet features separate the shapes almost perfectly, so the
+demo's feature extraction and fine-tuning both end at 100 % and show nothing. Pooled frozen
+features mix the small shapes in with the large one (a tuned linear probe: about 0.85 on four
+classes); fine-tuning learns to tell them apart (about 0.90+ after 100 steps at 128 px).
 """
 
 from __future__ import annotations
@@ -45,8 +51,15 @@ def _polygon(kind: str, cx: float, cy: float, rx: float, ry: float, angle: float
     return [(cx + rx * x * cos - ry * y * sin, cy + rx * x * sin + ry * y * cos) for x, y in pts]
 
 
-def render(kind: str, rng: np.random.Generator, size: int) -> Image.Image:
-    """One image of class `kind`."""
+DISTRACTORS = 3
+
+
+def _colour(rng: np.random.Generator) -> tuple[int, ...]:
+    return tuple(int(v) for v in rng.uniform(0, 255, 3))
+
+
+def render(kind: str, rng: np.random.Generator, size: int, distractors: int = DISTRACTORS) -> Image.Image:
+    """One image of class `kind`, with `distractors` small shapes of random classes behind it."""
     width = int(size * rng.uniform(0.85, 1.25))
     height = int(size * rng.uniform(0.75, 1.0))
     c0, c1 = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
@@ -62,6 +75,13 @@ def render(kind: str, rng: np.random.Generator, size: int) -> Image.Image:
             [(x0, y0), (x1, y1)], fill=tuple(int(v) for v in rng.uniform(0, 255, 3)), width=int(rng.integers(1, 4))
         )
     short = min(width, height)
+    for _ in range(distractors):
+        other = CLASSES[int(rng.integers(len(CLASSES)))]
+        r = short * rng.uniform(0.06, 0.12)
+        x, y = rng.uniform(r, width - r), rng.uniform(r, height - r)
+        draw.polygon(
+            _polygon(other, x, y, r, r * rng.uniform(0.6, 1.0), rng.uniform(0, 2 * math.pi)), fill=_colour(rng)
+        )
     radius = short * rng.uniform(0.18, 0.36)
     aspect = rng.uniform(0.6, 1.0)
     rx, ry = (radius, radius * aspect) if rng.random() < 0.5 else (radius * aspect, radius)
@@ -78,9 +98,10 @@ def synthesize(
     out_dir: str | Path,
     *,
     seed: int = 0,
-    num_classes: int = 2,
+    num_classes: int = 4,
     per_split: dict[str, int] | None = None,
     size: int = 256,
+    distractors: int = DISTRACTORS,
     force: bool = False,
 ) -> dict[str, dict[str, int]]:
     """Write ``out_dir/{split}/{class}/{class}.{i}.jpg``; return the counts written.
@@ -89,11 +110,13 @@ def synthesize(
         TLError: `out_dir` is not empty (and `force` is false), or arguments are out of range.
     """
     out = Path(out_dir)
-    per_split = per_split or {"train": 120, "val": 40, "test": 40}
+    per_split = per_split or {"train": 60, "val": 20, "test": 40}
     if not 2 <= num_classes <= len(CLASSES):
         raise TLError(f"--classes {num_classes}: tl data synth makes 2 to {len(CLASSES)} classes.")
     if size < 32:
         raise TLError(f"--size {size}: use at least 32 pixels.")
+    if distractors < 0:
+        raise TLError(f"--distractors {distractors}: the number of small shapes must be >= 0.")
     if out.exists() and any(out.iterdir()) and not force:
         raise TLError(
             f"{out} already exists and is not empty; tl does not write over your files. Choose "
@@ -108,6 +131,8 @@ def synthesize(
             folder = out / split / kind
             folder.mkdir(parents=True, exist_ok=True)
             for i in range(n):
-                render(kind, image_rng(seed, split, kind, i), size).save(folder / f"{kind}.{i}.jpg", quality=90)
+                render(kind, image_rng(seed, split, kind, i), size, distractors).save(
+                    folder / f"{kind}.{i}.jpg", quality=90
+                )
             counts[split][kind] = n
     return counts
