@@ -58,7 +58,8 @@ demo: install ## the embedded default, offline on CPU: shapes data, feature extr
 	@echo "Results:"
 	@echo "  feature extraction: runs/demo_feature_extract/latest/ (checkpoints/best.ckpt, metrics.csv)"
 	@echo "  fine-tuning:        runs/demo_finetune/latest/"
-	@echo "  test:               runs/demo_test/latest/ (metrics.json, confusion_matrix.png, predictions.csv)"
+	@echo "  test:               runs/demo_test/latest/ (metrics.json, confusion_matrix.png, predictions.csv),"
+	@echo "                      runs/demo_test_feature_extract/latest/"
 	@echo "  TensorBoard:        $(BIN)/tensorboard --logdir runs"
 
 mutate: install-dev ## break promises one at a time in a scratch copy; the tests must catch each

@@ -18,11 +18,12 @@ from tl_cli.synth import synthesize
 @needs_demo_weights
 @pytest.mark.slow
 def test_demo_fine_tuning_adds_to_feature_extraction(capsys):
-    """The Makefile's demo commands (configs relative to the working folder, like the Makefile's)."""
+    """The Makefile's demo commands, in a fresh folder (data/shapes and runs/ relative to it)."""
     synthesize("data/shapes")  # `tl data synth data/shapes`: the defaults the Makefile uses
     fe_best = Path("runs/demo_feature_extract/latest/checkpoints/best.ckpt")
     ft_best = Path("runs/demo_finetune/latest/checkpoints/best.ckpt")
     assert tl("fit", "--config", CONFIGS / "feature_extract.yaml", "--config", CONFIGS / "demo.yaml") == 0
+    capsys.readouterr()  # feature extraction's own verdict (its probe may stay best) is not the point here
     assert (
         tl(
             "fit",
@@ -44,4 +45,4 @@ def test_demo_fine_tuning_adds_to_feature_extraction(capsys):
     # measured: 0.850 -> 0.900 (data seed 0, the demo's), 0.869 -> 0.938 and 0.850 -> 0.906
     # (data seeds 1, 2); the frozen features must not already solve the task
     assert accuracy["fe"] < 0.95, accuracy
-    assert accuracy["ft"] >= accuracy["fe"] + 0.03, accuracy
+    assert accuracy["ft"] >= accuracy["fe"] + 0.025, accuracy  # 4 of 160 test images

@@ -26,6 +26,7 @@ def _data_command(argv: list[str]) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     synth = sub.add_parser(
         "synth",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         help=TL_COMMANDS["data synth"],
         description=(
             "Write a small generated dataset in the ImageFolder layout (OUT/{train,val,test}/<class>/), "
@@ -35,7 +36,7 @@ def _data_command(argv: list[str]) -> int:
         ),
     )
     synth.add_argument("out_dir", type=Path)
-    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--seed", type=int, default=0, help="the same seed writes the same bytes")
     synth.add_argument("--classes", type=int, default=4, help="number of classes (2-4)")
     synth.add_argument("--train", type=int, default=60, help="images per class in train/")
     synth.add_argument("--val", type=int, default=20, help="images per class in val/")

@@ -1,8 +1,8 @@
 """The embedded default dataset: shapes on textured backgrounds, in the ImageFolder layout.
 
 Each image shows one large filled shape (the class) over a random colour gradient with noise,
-a few thin lines and a few small shapes of any class (distractors, a third of the class
-shape's size or less). Shape colour, background colour, size, aspect, rotation and position
+a few thin lines and a few smaller shapes, each any of the four (distractors, at most two
+thirds of the class shape's radius, also in a set of fewer classes). Shape colour, background colour, size, aspect, rotation and position
 are drawn independently of the class, so the mean colour and brightness of an image say
 nothing about its class; a classifier has to find the largest outline. Every image is a
 function of (seed, split, class, index) alone: the same command writes the same bytes.
