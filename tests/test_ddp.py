@@ -4,6 +4,7 @@ launcher and through torchrun, DataLoader workers on; what every rank ends with 
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import shutil
@@ -180,9 +181,23 @@ def test_torchrun_fine_tuning_ranks_agree(data):
     assert (Path("runs/finetune/latest/checkpoints/last.ckpt")).is_file()
 
 
-def test_test_reports_count_every_image_once_and_a_rank0_failure_stops_all(data):
+def _csv_row(folder: str) -> dict[str, float]:
+    *_, row = csv.DictReader(Path(folder, "latest", "metrics.csv").open())
+    return {k: float(v) for k, v in row.items() if k.startswith("val/")}
+
+
+def test_test_and_validation_count_every_image_once_and_a_rank0_failure_stops_all(data):
     best = _fe(data, "--data.num_workers", "0")
     next((data / "test" / "rectangles").iterdir()).unlink()  # 11 test images: the sampler pads one
+    next((data / "val" / "rectangles").iterdir()).unlink()  # 11 validation images: Lightning's would too
+    # validation on 2 ranks (2 workers each) gives what one process gives: no image counted twice
+    validate = ["validate", "--ckpt_path", best, "--data.root", data, "--data.num_workers", "2"]
+    _ok(run([*validate, "--trainer.accelerator", "cpu", "-o", "v1"]))
+    _ok(run([*validate, *DDP, "--trainer.accelerator", "cpu", "-o", "v2"]))
+    one, two = _csv_row("v1"), _csv_row("v2")
+    assert set(one) >= {"val/loss", "val/acc", "val/calibrated_loss", "val/balanced_acc"} and set(one) == set(two)
+    assert all(two[k] == pytest.approx(one[k], rel=1e-5, abs=1e-6) for k in one), (one, two)
+    assert round(one["val/acc"] * 11) == pytest.approx(one["val/acc"] * 11, abs=1e-4)  # k of 11, not of 12
     _ok(
         run(
             [

@@ -24,6 +24,7 @@ from typing import Any, Literal, Optional, Union
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from lightning.pytorch.utilities import CombinedLoader
 from torch.utils.data import DataLoader, Dataset
 
@@ -284,6 +285,15 @@ class ImageFolderData(pl.LightningDataModule):
             )
             if self._resume:
                 sampler.resume_at(batch_size=self.batch_size, **self._resume)
+        elif split in ("val", "target_val") and len(dataset) >= distributed.world_size() > 1:
+            # Lightning would give validation a padded DistributedSampler: with N images over W
+            # ranks, up to W - 1 of them counted twice in val/loss, val/acc and what best.ckpt
+            # and early stopping compare. Each image once instead (the shares may differ by one
+            # image; validation sums are reduced once, at epoch end, so uneven shares are safe).
+            # Test and predict are gathered and de-duplicated by sample index (reporting.py).
+            sampler = UnrepeatedDistributedSampler(
+                dataset, num_replicas=distributed.world_size(), rank=distributed.rank(), shuffle=False
+            )
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
