@@ -449,6 +449,41 @@ def test_last_ckpt_is_the_last_epoch_even_when_it_did_not_improve(tmp_path, writ
     assert torch.load(tmp_path / "last.ckpt", weights_only=True)["epoch"] == 3
 
 
+@pytest.mark.parametrize("start, winner", [(0.85, "last epoch"), (0.75, "start")])
+def test_select_last_keeps_the_end_of_the_schedule_and_the_start_competes_with_it_alone(
+    tmp_path, capsys, start, winner
+):
+    """checkpoint.select=last: best.ckpt is the last epoch (0.8), not the best one (epoch 1, 0.5),
+    and the starting point is compared with that epoch's score only."""
+    from tl_cli.callbacks import BestAndLast
+    from tl_cli.models.starting_point import StartingPoint
+
+    class WithStart(StartingPoint, ScriptedLoss):
+        def on_train_start(self):
+            checkpoint = self.trainer._checkpoint_connector.dump_checkpoint()
+            self._start = {"scores": {"val/loss": start}, "checkpoint": {**checkpoint, "epoch": -1}}
+
+        def on_train_end(self):
+            self.settle_starting_point()
+
+    cb = BestAndLast(dirpath=tmp_path, monitor="val/loss", mode="min", filename="best", save_last=True, select="last")
+    trainer = pl.Trainer(
+        max_epochs=4, callbacks=[cb], logger=False, enable_progress_bar=False, enable_model_summary=False
+    )
+    trainer.fit(WithStart([1.0, 0.5, 0.7, 0.8]))
+    best = torch.load(tmp_path / "best.ckpt", weights_only=True)
+    out = capsys.readouterr().out
+    if winner == "last epoch":
+        assert best["epoch"] == 3 and cb.best_model_score == pytest.approx(0.8)
+        assert "tl: epoch 3 won: val/loss 0.8000 against 0.8500 at the start" in out
+    else:
+        assert best["epoch"] == -1 and "did not beat its starting point: val/loss 0.7500 at the start" in out
+    assert torch.load(tmp_path / "last.ckpt", weights_only=True)["epoch"] == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.ckpt", "last.ckpt"]
+    with pytest.raises(TLError, match="select=last needs checkpoint.monitor"):
+        BestAndLast(dirpath=tmp_path, filename="best", select="last")
+
+
 class ScriptedAccuracy(ScriptedLoss):
     """Logs a (val/acc, val/loss) chosen in advance for each epoch."""
 

@@ -1,17 +1,20 @@
 """`BestAndLast`: Lightning's ModelCheckpoint whose ``last.ckpt`` is always the last epoch's,
 which breaks ties of a coarse monitor (accuracy on a small validation split) by a second metric,
-and which can write at most every few seconds when epochs are faster than writing."""
+which can keep the last epoch as ``best.ckpt`` (``select: last``, scored for the starting point to
+compete with), and which can write at most every few seconds when epochs are faster than writing."""
 
 from __future__ import annotations
 
 import time
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info
 from lightning_utilities.core.apply_func import apply_to_collection
+
+from tl_cli.errors import TLError
 
 
 class BestAndLast(ModelCheckpoint):
@@ -28,6 +31,11 @@ class BestAndLast(ModelCheckpoint):
             equal on the monitored one: on 40 validation images accuracy moves in steps of 2.5
             points and epochs often tie; the first of them is not the best of them. Lightning's
             ModelCheckpoint keeps the earlier epoch on a tie. None: that.
+        select: ``best`` (Lightning's behaviour): ``best.ckpt`` is the epoch best on the monitor.
+            ``last``: ``best.ckpt`` is the last epoch, the end of the schedule, scored on the
+            monitor; with a starting point (FineTune, FeatureExtraction) the start competes with
+            that one epoch only. On a small validation split the best of many noisy epoch
+            scores is mostly the luckiest (selection bias): one comparison is less noisy.
         write_every: with cached features an epoch takes milliseconds and writing a checkpoint
             (the whole backbone) takes longer than the epoch: then the checkpoints are kept in
             memory (a copy on the CPU) and written at most every this many seconds, and always
@@ -36,8 +44,23 @@ class BestAndLast(ModelCheckpoint):
         **kwargs: Lightning's ModelCheckpoint arguments (dirpath, filename, monitor, mode, ...).
     """
 
-    def __init__(self, *args: Any, tie_break: Optional[str] = None, write_every: float = 0.0, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        tie_break: Optional[str] = None,
+        select: Literal["best", "last"] = "best",
+        write_every: float = 0.0,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
+        if select not in ("best", "last"):
+            raise TLError(f"checkpoint.select={select!r}: use best or last.")
+        if select == "last" and (self.monitor is None or self.save_top_k != 1):
+            raise TLError(
+                "checkpoint.select=last needs checkpoint.monitor (the metric the starting point is "
+                "compared on) and checkpoint.save_top_k 1."
+            )
+        self.select = select
         self.tie_break = tie_break
         self.tie_scores: dict[str, float] = {}  # the tie_break metric of each best checkpoint file
         self.write_every = write_every
@@ -67,6 +90,8 @@ class BestAndLast(ModelCheckpoint):
         return None if value is None else float(value)
 
     def check_monitor_top_k(self, trainer: pl.Trainer, current: Optional[torch.Tensor] = None) -> bool:
+        if self.select == "last" and current is not None:
+            return True  # each epoch replaces best.ckpt: it ends as the last one, with its score
         better = super().check_monitor_top_k(trainer, current)
         if better or self.tie_break is None or current is None:
             return better
