@@ -61,6 +61,21 @@ def passes_for(steps: Optional[int], n: int, world: int, batch_size: int) -> int
     return max(1, math.ceil(steps / math.ceil(math.ceil(n / world) / batch_size)))
 
 
+def validation_sampler(dataset: Dataset) -> Optional[UnrepeatedDistributedSampler]:
+    """Each validation image on one rank, once; None (Lightning's choice) in one process.
+
+    Lightning would give validation a padded DistributedSampler: with N images over W ranks,
+    up to W - 1 of them counted twice in val/loss, val/acc and what best.ckpt and early stopping
+    compare. The shares here may differ by one image: validation sums are reduced once, at
+    epoch end, so uneven shares are safe; with N < W a rank would get none, so Lightning's
+    padding stays. Test and predict are gathered and de-duplicated by index (reporting.py).
+    """
+    world = distributed.world_size()
+    if world == 1 or len(dataset) < world:
+        return None
+    return UnrepeatedDistributedSampler(dataset, num_replicas=world, rank=distributed.rank(), shuffle=False)
+
+
 class ImageFolderData(pl.LightningDataModule):
     """Labelled images in ``root/{train,val,test}/<class>/`` and unlabelled ones in `predict_dir`.
 
@@ -285,15 +300,8 @@ class ImageFolderData(pl.LightningDataModule):
             )
             if self._resume:
                 sampler.resume_at(batch_size=self.batch_size, **self._resume)
-        elif split in ("val", "target_val") and len(dataset) >= distributed.world_size() > 1:
-            # Lightning would give validation a padded DistributedSampler: with N images over W
-            # ranks, up to W - 1 of them counted twice in val/loss, val/acc and what best.ckpt
-            # and early stopping compare. Each image once instead (the shares may differ by one
-            # image; validation sums are reduced once, at epoch end, so uneven shares are safe).
-            # Test and predict are gathered and de-duplicated by sample index (reporting.py).
-            sampler = UnrepeatedDistributedSampler(
-                dataset, num_replicas=distributed.world_size(), rank=distributed.rank(), shuffle=False
-            )
+        elif split in ("val", "target_val"):
+            sampler = validation_sampler(dataset)
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
