@@ -36,18 +36,43 @@ TEMPERATURES = torch.logspace(*GRID)
 CHUNK = 16  # temperatures at a time: [16, batch, classes] floats, not [101, ...] (1000 classes)
 
 
-def calibration_sums(logits: torch.Tensor, y: torch.Tensor, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``[sum of w_i, then sum of w_i * NLL_i(logits / T) for each T of TEMPERATURES]``, where
-    ``w_i`` is the class weight of image i (1 without class weights)."""
+def nll_by_temperature(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``[len(TEMPERATURES), batch]``: each image's cross-entropy at each temperature."""
     z = logits.detach().float()
     temps = torch.logspace(*GRID, device=z.device)  # made on the device: no copy, no host sync
     zy = z.gather(1, y.view(-1, 1)).squeeze(1)
-    w = torch.ones_like(zy) if weight is None else weight.to(z.device, z.dtype)[y]
-    out = [w.sum().view(1)]
-    for t in temps.split(CHUNK):
-        nll = torch.logsumexp(z.unsqueeze(0) / t.view(-1, 1, 1), -1) - zy.unsqueeze(0) / t.view(-1, 1)
-        out.append(nll @ w)
-    return torch.cat(out)
+    return torch.cat(
+        [
+            torch.logsumexp(z.unsqueeze(0) / t.view(-1, 1, 1), -1) - zy.unsqueeze(0) / t.view(-1, 1)
+            for t in temps.split(CHUNK)
+        ]
+    )
+
+
+def calibration_sums(logits: torch.Tensor, y: torch.Tensor, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``[sum of w_i, then sum of w_i * NLL_i(logits / T) for each T of TEMPERATURES]``, where
+    ``w_i`` is the class weight of image i (1 without class weights)."""
+    w = image_weights(logits, y, weight)
+    return torch.cat([w.sum().view(1), nll_by_temperature(logits, y) @ w])
+
+
+def image_weights(logits: torch.Tensor, y: torch.Tensor, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Each image's class weight (1 without class weights), as the validation sums weigh it."""
+    ones = torch.ones(len(y), device=logits.device)
+    return ones if weight is None else weight.to(logits.device, torch.float32)[y]
+
+
+def image_scores(logits: torch.Tensor, y: torch.Tensor, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``[batch, 2 + len(TEMPERATURES)]``: each image's weight, whether it is right, and its
+    cross-entropy at each temperature: the terms of val/acc, val/loss and val/calibrated_loss, for
+    a paired comparison of two models on the same images (`tl_cli.models.starting_point`).
+
+    The cross-entropies are capped at ``log(1000 x classes)`` (the true class 1000 times less
+    likely than chance): a t-test on raw log losses is blind to a wrecked model, because one
+    image with a loss of 1e30 makes the standard error as large as the mean."""
+    right = (logits.detach().argmax(1) == y).float()
+    nll = nll_by_temperature(logits, y).T.clamp(max=math.log(1000 * logits.shape[1]))
+    return torch.cat([image_weights(logits, y, weight)[:, None], right[:, None], nll], 1)
 
 
 def calibrated(sums: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
