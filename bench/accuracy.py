@@ -97,7 +97,11 @@ def one(name: str, seed: int, epochs: list[str], args: argparse.Namespace) -> di
     ft = ["--model.init_from", fe_best, *args.ft_args, "-o", runs / "ft"]
     out = tl("fit", "--config", "configs/finetune.yaml", *common, *epochs, *ft)
     # which epoch best.ckpt holds, or that the starting point stayed best (item 1 of issue 12)
-    verdict = [line for line in out.splitlines() if " won: " in line or " kept: " in line or "did not beat its starting" in line]
+    verdict = [
+        line
+        for line in out.splitlines()
+        if " won: " in line or " kept: " in line or "did not beat its starting" in line
+    ]
     print(f"accuracy: {name} seed {seed}: {verdict[-1] if verdict else 'no verdict printed'}", flush=True)
     ft_best = runs / "ft" / "latest" / "checkpoints" / "best.ckpt"
     return {
