@@ -34,8 +34,10 @@ class BestAndLast(ModelCheckpoint):
         select: ``best`` (Lightning's behaviour): ``best.ckpt`` is the epoch best on the monitor.
             ``last``: ``best.ckpt`` is the last epoch, the end of the schedule, scored on the
             monitor; with a starting point (FineTune, FeatureExtraction) the start competes with
-            that one epoch only. On a small validation split the best of many noisy epoch
-            scores is mostly the luckiest (selection bias): one comparison is less noisy.
+            that one epoch only, and replaces it only when better beyond the noise of the
+            validation images (`tl_cli.models.starting_point`). On a small validation split the
+            best of many noisy epoch scores is mostly the luckiest (selection bias): one
+            comparison is less noisy.
         write_every: with cached features an epoch takes milliseconds and writing a checkpoint
             (the whole backbone) takes longer than the epoch: then the checkpoints are kept in
             memory (a copy on the CPU) and written at most every this many seconds, and always
