@@ -44,7 +44,7 @@ def test_demo_fine_tuning_adds_to_feature_extraction(capsys):
         assert tl("test", "--ckpt_path", ckpt, "--data.root", "data/shapes", "-o", f"runs/test_{name}") == 0
         accuracy[name] = json.loads(Path(f"runs/test_{name}/latest/metrics.json").read_text())["accuracy"]
     # measured: 0.850 -> 0.925 (data seed 0, the demo's; 0.900 when best.ckpt was the best epoch),
-    # 0.869 -> 0.938 and 0.850 -> 0.906 (data seeds 1, 2, best epoch)
-    # (data seeds 1, 2); the frozen features must not already solve the task
+    # 0.869 -> 0.938 and 0.850 -> 0.906 (data seeds 1, 2, best epoch); the frozen features must
+    # not already solve the task
     assert accuracy["fe"] < 0.95, accuracy
     assert accuracy["ft"] >= accuracy["fe"] + 0.025, accuracy  # 4 of 160 test images
