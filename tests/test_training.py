@@ -488,32 +488,16 @@ def test_select_last_keeps_the_end_of_the_schedule_and_the_start_competes_with_i
         BestAndLast(dirpath=tmp_path, filename="best", select="last")
 
 
-@pytest.mark.parametrize("monitor", ["val/calibrated_loss", "val/loss", "val/acc"])
-@pytest.mark.parametrize("gap, winner", [(0.2, "end"), (1.5, "start")])
-def test_select_last_keeps_the_end_unless_the_start_is_better_beyond_the_noise(tmp_path, capsys, monitor, gap, winner):
-    """With select=last, a start that scores better than the end of the schedule keeps best.ckpt
-    only when the per-image paired difference on the validation images exceeds MARGIN standard
-    errors; a small lead (one image more right on 60, a slightly lower loss) is noise."""
+def _start_against_end(tmp_path, monitor, y, start, end):
+    """A `StartingPoint` at the end of a select=last run: the start's and the end's logits on the
+    validation images ``y``. Returns (model, the callback, the checkpoints it saved, best.ckpt)."""
     from types import SimpleNamespace
 
     import torch.nn.functional as F
 
     from tl_cli.callbacks import BestAndLast
     from tl_cli.models.metrics import calibrated, calibration_sums, image_scores
-    from tl_cli.models.starting_point import MARGIN, StartingPoint
-
-    g = torch.Generator().manual_seed(2)
-    y = torch.arange(60) % 3
-    end = torch.randn(60, 3, generator=g) + 1.5 * F.one_hot(y, 3)
-    # the start: the end's logits with the true class raised by `gap`, give or take 1 an image
-    # (small gap: lower losses on some images, higher on others, a little lower on the whole)
-    shift = gap + torch.randn(60, generator=g) if gap < 1 else torch.full((60,), gap)
-    start = end + shift[:, None] * F.one_hot(y, 3)
-    if monitor == "val/acc":  # the start: right on the end's first wrong image (small) or on all
-        wrong = (end.argmax(1) != y).nonzero().flatten()
-        start = end.clone()
-        for i in wrong[:1] if gap < 1 else wrong:
-            start[i, y[i]] = start[i].max() + 1
+    from tl_cli.models.starting_point import StartingPoint
 
     def scores(logits):
         loss, temperature = calibrated(calibration_sums(logits, y))
@@ -532,25 +516,49 @@ def test_select_last_keeps_the_end_unless_the_start_is_better_beyond_the_noise(t
     cb.best_model_path, cb.best_model_score = best, torch.tensor(scores(end)[monitor])
     saved = []
     model = StartingPoint()
-    model.trainer = SimpleNamespace(
-        checkpoint_callback=cb,
-        world_size=1,
-        strategy=SimpleNamespace(save_checkpoint=lambda c, path: saved.append(path)),
-    )
+    save = SimpleNamespace(save_checkpoint=lambda c, path: saved.append(path))
+    model.trainer = SimpleNamespace(checkpoint_callback=cb, world_size=1, strategy=save)
     model.device, model.print = torch.device("cpu"), print
     model._validate_start = lambda per_image=False: (scores(end), image_scores(end, y))
     model._start = {"scores": scores(start), "checkpoint": {"start": True}, "images": image_scores(start, y)}
-    sign = 1 if mode == "min" else -1
+    model.scores = scores
+    return model, cb, saved, best
+
+
+@pytest.mark.parametrize("monitor", ["val/calibrated_loss", "val/loss", "val/acc"])
+@pytest.mark.parametrize("gap, winner", [(0.2, "end"), (1.5, "start")])
+def test_select_last_keeps_the_end_unless_the_start_is_better_beyond_the_noise(tmp_path, capsys, monitor, gap, winner):
+    """With select=last, a start that scores better than the end of the schedule keeps best.ckpt
+    only when the per-image paired difference on the validation images exceeds MARGIN standard
+    errors; a small lead (one image more right on 60, a slightly lower loss) is noise."""
+    import torch.nn.functional as F
+
+    from tl_cli.models.starting_point import MARGIN
+
+    g = torch.Generator().manual_seed(2)
+    y = torch.arange(60) % 3
+    end = torch.randn(60, 3, generator=g) + 1.5 * F.one_hot(y, 3)
+    # the start: the end's logits with the true class raised by `gap`, give or take 1 an image
+    # (small gap: lower losses on some images, higher on others, a little lower on the whole)
+    shift = gap + torch.randn(60, generator=g) if gap < 1 else torch.full((60,), gap)
+    start = end + shift[:, None] * F.one_hot(y, 3)
+    if monitor == "val/acc":  # the start: right on the end's first wrong image (small) or on all
+        wrong = (end.argmax(1) != y).nonzero().flatten()
+        start = end.clone()
+        for i in wrong[:1] if gap < 1 else wrong:
+            start[i, y[i]] = start[i].max() + 1
+    model, cb, saved, best = _start_against_end(tmp_path, monitor, y, start, end)
+    sign = 1 if cb.mode == "min" else -1
     mean, se, n = model._paired_difference(cb, model._start, sign)
     # the per-image terms add up to the monitored scores: the mean difference is their difference
-    assert mean == pytest.approx(sign * (scores(end)[monitor] - scores(start)[monitor]), abs=1e-5) and n == 60
+    expected = sign * (model.scores(end)[monitor] - model.scores(start)[monitor])
+    assert mean == pytest.approx(expected, abs=1e-5) and n == 60
     assert mean > 0  # the start scored better in both cases
     model.settle_starting_point()
     out = capsys.readouterr().out
     if winner == "end":
-        assert (
-            mean <= MARGIN * se and saved == [] and "kept:" in out and "within the noise of 60 validation images" in out
-        )
+        assert mean <= MARGIN * se and saved == [] and "kept:" in out
+        assert "within the noise of 60 validation images" in out
     else:
         assert mean > MARGIN * se and saved == [best] and "did not beat its starting point" in out
         assert "standard errors over 60 images" in out
@@ -559,35 +567,14 @@ def test_select_last_keeps_the_end_unless_the_start_is_better_beyond_the_noise(t
 def test_a_wrecked_end_loses_to_the_start_although_its_losses_swamp_the_standard_error(tmp_path, capsys):
     """A learning rate that wrecks the network gives some images a loss of 1e4 and others 0: the
     raw t-statistic is then ~1 whatever the mean; capped per-image losses still find it worse."""
-    from types import SimpleNamespace
-
-    from tl_cli.callbacks import BestAndLast
-    from tl_cli.models.metrics import calibrated, calibration_sums, image_scores
-    from tl_cli.models.starting_point import StartingPoint
+    from tl_cli.models.metrics import image_scores
 
     g = torch.Generator().manual_seed(0)
     y = torch.arange(12) % 2
     start = 0.3 * torch.randn(12, 2, generator=g)  # near chance, as a probe on random features
     end = torch.zeros(12, 2)
     end[torch.arange(12), torch.where(torch.arange(12) % 4 < 2, y, 1 - y)] = 1e4  # sure, and wrong on half
-
-    def scores(logits):
-        loss, temperature = calibrated(calibration_sums(logits, y))
-        return {"val/calibrated_loss": float(loss), "val/temperature": float(temperature)}
-
-    cb = BestAndLast(dirpath=tmp_path, monitor="val/calibrated_loss", mode="min", filename="best", select="last")
-    best = str(tmp_path / "best.ckpt")
-    cb.best_model_path, cb.best_model_score = best, torch.tensor(scores(end)["val/calibrated_loss"])
-    saved = []
-    model = StartingPoint()
-    model.trainer = SimpleNamespace(
-        checkpoint_callback=cb,
-        world_size=1,
-        strategy=SimpleNamespace(save_checkpoint=lambda c, path: saved.append(path)),
-    )
-    model.device, model.print = torch.device("cpu"), print
-    model._validate_start = lambda per_image=False: (scores(end), image_scores(end, y))
-    model._start = {"scores": scores(start), "checkpoint": {}, "images": image_scores(start, y)}
+    model, _, saved, best = _start_against_end(tmp_path, "val/calibrated_loss", y, start, end)
     raw = image_scores(end, y)[:, 2:].max()
     assert float(raw) == pytest.approx(math.log(2000), rel=1e-5)  # capped, not 1e4 / T
     model.settle_starting_point()
