@@ -53,7 +53,8 @@ def calibration_sums(logits: torch.Tensor, y: torch.Tensor, weight: Optional[tor
     """``[sum of w_i, then sum of w_i * NLL_i(logits / T) for each T of TEMPERATURES]``, where
     ``w_i`` is the class weight of image i (1 without class weights)."""
     w = image_weights(logits, y, weight)
-    return torch.cat([w.sum().view(1), (nll_by_temperature(logits, y) * w).sum(1)])  # no matmul: autocast would run it in bf16
+    # no matmul: autocast would run it in bf16 against the float weights
+    return torch.cat([w.sum().view(1), (nll_by_temperature(logits, y) * w).sum(1)])
 
 
 def image_weights(logits: torch.Tensor, y: torch.Tensor, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
