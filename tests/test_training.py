@@ -811,3 +811,19 @@ def test_mixing_options_are_checked():
         FineTune(backbone="timm:test_efficientnet", weights="none", mixup_alpha=-1)
     with pytest.raises(TLError, match="DomainAdaptation does not mix batches"):
         DomainAdaptation(backbone="timm:test_efficientnet", weights="none", cutmix_alpha=1.0)
+
+
+def test_the_start_is_validated_on_the_batches_an_epoch_sees(tiny_data, capsys):
+    # --trainer.limit_val_batches 1: 8 of the 12 validation images. With lr 1e-12 the head after one
+    # epoch is the head it started with (the backbone is frozen): the two scores are one score.
+    best = fit_tiny(
+        tiny_data, 1, "feature_extract.yaml", "--model.head_init", "random", "--model.lr", "1e-12",
+        "--trainer.limit_val_batches", "1",
+    )  # fmt: skip
+    out = capsys.readouterr().out
+    start = re.search(r"tl: starting point: val/loss ([\d.]+), val/acc ([\d.]+)", out)
+    with open(best.parent.parent / "metrics.csv") as fh:
+        rows = [r for r in csv.DictReader(fh) if r.get("val/loss")]
+    assert start and len(rows) == 1, out[-3000:]
+    assert float(rows[0]["val/loss"]) == pytest.approx(float(start[1]), abs=1e-4)
+    assert float(rows[0]["val/acc"]) == pytest.approx(float(start[2]), abs=1e-4)

@@ -31,8 +31,8 @@ class StartingPoint:
     """Validate the starting model first; let it compete for ``best.ckpt``."""
 
     def _validate_start(self, per_image: bool = False) -> tuple[dict[str, float], Optional[torch.Tensor]]:
-        """val/loss, val/acc and val/calibrated_loss of the model as it is, over the whole
-        validation split, summed as an epoch's are (`Metrics`); with ``per_image``, also this
+        """val/loss, val/acc and val/calibrated_loss of the model as it is, over the batches of
+        the validation split an epoch sees, summed as an epoch's are (`Metrics`); with ``per_image``, also this
         rank's `image_scores` (on the CPU, in the loader's order)."""
         trainer = self.trainer
         loaders = trainer.val_dataloaders
@@ -43,8 +43,13 @@ class StartingPoint:
         sums.pop("val", None)
         images = []
         # in the precision the epochs are validated in (autocast under AMP)
+        # the batches an epoch's validation sees (trainer.limit_val_batches), so the start and the
+        # epochs are scored on the same images
+        limit = trainer.num_val_batches[0] if trainer.num_val_batches else math.inf
         with torch.inference_mode(), trainer.precision_plugin.val_step_context():
-            for batch in loader:
+            for i, batch in enumerate(loader):
+                if i >= limit:
+                    break
                 batch = trainer.strategy.batch_to_device(batch)
                 x, y, _ = self.on_after_batch_transfer(batch, 0)
                 logits = self(x)
@@ -65,6 +70,8 @@ class StartingPoint:
         self._start: Optional[dict[str, Any]] = None
         callback = trainer.checkpoint_callback
         if callback is None or trainer.ckpt_path is not None or not trainer.val_dataloaders:
+            return
+        if trainer.limit_val_batches == 0:  # no epoch is validated: nothing to compete with
             return
         scores, images = self._validate_start(per_image=getattr(callback, "select", "best") == "last")
         checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
