@@ -14,7 +14,8 @@ def _state(module: pl.LightningModule) -> dict[str, torch.Tensor]:
 
 class SaveRankState(pl.Callback):
     """Every rank saves the model it starts and ends training with, to compare the ranks, and
-    with the end the last validation's metrics (as ``metric:val/...``)."""
+    with the end the last validation's metrics (as ``metric:val/...``) and what its checkpoint
+    callback holds as best when the fit is over (``best:score``, ``best:path``)."""
 
     def __init__(self, folder: str = "rankstate") -> None:
         self.folder = folder
@@ -29,6 +30,21 @@ class SaveRankState(pl.Callback):
         }
         ends = {**_state(pl_module), **{k: v for k, v in metrics.items() if k.startswith("metric:val/")}}
         torch.save(ends, f"{self.folder}/end{trainer.global_rank}.pt")
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # after the module's on_train_end, where the start may have taken best.ckpt: what each
+        # rank's checkpoint callback holds as best (score and path), to compare the ranks' verdicts
+        callback = trainer.checkpoint_callback
+        if callback is None:
+            return
+        path = f"{self.folder}/end{trainer.global_rank}.pt"
+        if not os.path.exists(path):  # the fit stopped before training ended (a preemption)
+            return
+        ends = torch.load(path, weights_only=True)
+        score = callback.best_model_score
+        ends["best:score"] = torch.tensor(-1.0 if score is None else float(score), dtype=torch.float64)
+        ends["best:path"] = torch.tensor(list(str(callback.best_model_path).encode()), dtype=torch.uint8)
+        torch.save(ends, path)
 
 
 class CollectiveAtEpochEnd(pl.Callback):
