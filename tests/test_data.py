@@ -258,3 +258,53 @@ def test_synth_command_defaults_are_the_demo_set(tmp_path):
     assert _digest(tmp_path / "bare") != _digest(tmp_path / "py")
     with pytest.raises(TLError, match="--distractors -1"):
         synthesize(tmp_path / "neg", distractors=-1)
+
+
+def test_distributed_loaders_start_workers_from_a_fork_server_sharing_the_image_cache(tmp_path):
+    """Under DDP, a fork() of a rank can hang its child for good (a process-group thread holds
+    CPython's thread-list lock at that instant, gh-112275); workers then come from a fork server,
+    and the image cache travels to them by reference: the cache file each worker maps, or (an
+    array without a file) shared memory."""
+    import io
+    from multiprocessing.reduction import ForkingPickler
+
+    from torch.utils.data import DataLoader
+
+    from tl_cli.datasets import CachedImages, ignore_preemption_signal, worker_context
+
+    assert worker_context(2, world_size=1) is None and worker_context(0, world_size=2) is None
+    context = worker_context(2, world_size=2)
+    assert context is not None and context.get_start_method() == "forkserver"
+
+    n, shape = 6, (8, 8, 3)
+    pixels = np.random.default_rng(0).integers(0, 256, size=n * int(np.prod(shape)), dtype=np.uint8)
+    offsets, shapes = np.arange(n) * int(np.prod(shape)), np.tile(shape, (n, 1))
+    file = tmp_path / "images.bin"
+    pixels.tofile(file)
+    expected = torch.from_numpy(pixels.reshape(n, *shape)).permute(0, 3, 1, 2)
+
+    def cached(data: np.ndarray, **kw) -> CachedImages:
+        return CachedImages(data, offsets, shapes, list(range(n)), torch.nn.Identity(), **kw)
+
+    in_ram, mapped, no_file = cached(pixels.copy(), file=file), cached(np.memmap(file, mode="r")), cached(pixels.copy())
+    assert mapped.file == file
+    for dataset in (in_ram, mapped, no_file):
+        loader = DataLoader(
+            dataset,
+            batch_size=2,
+            num_workers=2,
+            multiprocessing_context=context,
+            worker_init_fn=ignore_preemption_signal,
+        )
+        images, labels, indices = (torch.cat(t) for t in zip(*loader, strict=True))
+        assert torch.equal(images, expected) and labels.tolist() == indices.tolist() == list(range(n))
+        assert torch.equal(dataset[3][0], expected[3])  # the rank still reads its own array
+
+    # 64 MB of cached images reach a worker as a few hundred bytes, not a copy per worker
+    big = np.zeros(64 << 20, dtype=np.uint8)
+    big.tofile(tmp_path / "big.bin")
+    for dataset in (cached(big, file=tmp_path / "big.bin"), cached(big.copy())):
+        buffer = io.BytesIO()
+        ForkingPickler(buffer).dump(dataset)
+        assert len(buffer.getvalue()) < 10_000
+    assert dataset._shared.is_shared() and dataset.data.ctypes.data == dataset._shared.data_ptr()

@@ -36,6 +36,7 @@ from tl_cli.datasets import (
     ImageFiles,
     ResumableSampler,
     ignore_preemption_signal,
+    worker_context,
 )
 from tl_cli.errors import TLError
 from tl_cli.folders import class_folders, labelled_samples, predict_images, target_train_images
@@ -254,7 +255,7 @@ class ImageFolderData(pl.LightningDataModule):
             if ready.features is not None:
                 dataset = FeatureDataset(ready.features, labels)
             elif ready.images is not None:
-                dataset = CachedImages(*ready.images, labels, crop_pipeline(augment, prep))
+                dataset = CachedImages(*ready.images, labels, crop_pipeline(augment, prep), file=ready.image_file)
             else:
                 dataset = ImageFiles(ready.samples, prep, crop_pipeline(augment, prep))
         self._served[split] = dataset
@@ -310,6 +311,7 @@ class ImageFolderData(pl.LightningDataModule):
             pin_memory=torch.cuda.is_available(),
             persistent_workers=workers > 0 and split in ("train", "val", "target_train", "target_val"),
             worker_init_fn=ignore_preemption_signal,
+            multiprocessing_context=worker_context(workers, distributed.world_size()),
             # a generator of its own: starting an epoch never draws from the global generator
             # (dropout's), so a run resumed mid-epoch draws what the uninterrupted one drew
             generator=torch.Generator().manual_seed(self._seed),

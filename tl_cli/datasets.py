@@ -13,6 +13,8 @@ exactly the crops and flips an uninterrupted one would have drawn.
 from __future__ import annotations
 
 import math
+import multiprocessing
+import multiprocessing.context
 import signal
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -35,6 +37,25 @@ def decode_error(path: Path, exc: Exception) -> TLError:
         f"Cannot decode image {path}: {type(exc).__name__}: {exc}. Remove or replace the file "
         "(`tl data check ROOT` lists every such file)."
     )
+
+
+def worker_context(workers: int, world_size: int) -> Optional[multiprocessing.context.BaseContext]:
+    """How the DataLoader starts its worker processes: forked from the rank (PyTorch's default)
+    in a single process, from a fork server when the run is distributed.
+
+    Why: a rank's process-group threads (gloo's ``pt_gloo_runloop``) take and drop a Python
+    thread state around the work they finish, and a ``fork()`` in that instant leaves the child
+    waiting forever for the interpreter's thread-list lock (CPython gh-112275, fixed in later
+    patch releases; this machine runs 3.11.7, and CI saw a DDP fine-tuning whose train worker
+    never started: rare, 0 of 6 repeats here, but a hang, not an error). A
+    fork server is a fresh single-threaded process, so its forks are safe on any Python; the
+    dataset is pickled to each worker once (`CachedImages` shares its array, not copies it)."""
+    if workers == 0 or world_size <= 1 or "forkserver" not in multiprocessing.get_all_start_methods():
+        return None
+    context = multiprocessing.get_context("forkserver")
+    # imported once in the server, not in every worker: torch, numpy, PIL, the transforms
+    context.set_forkserver_preload(["tl_cli._forkserver", "tl_cli.datasets"])
+    return context
 
 
 def ignore_preemption_signal(worker_id: int) -> None:
@@ -100,13 +121,46 @@ class ImageFiles(_Augmented):
 
 
 class CachedImages(_Augmented):
-    """Decoded images from the image cache: one flat uint8 array, offsets and shapes (HWC)."""
+    """Decoded images from the image cache: one flat uint8 array, offsets and shapes (HWC).
+    `file` is the cache file the array was read from, if any (what fork-server workers map)."""
 
     def __init__(
-        self, data: np.ndarray, offsets: np.ndarray, shapes: np.ndarray, labels: Sequence[int], transform: Any
+        self,
+        data: np.ndarray,
+        offsets: np.ndarray,
+        shapes: np.ndarray,
+        labels: Sequence[int],
+        transform: Any,
+        file: Optional[Path] = None,
     ) -> None:
         super().__init__(labels, transform)
         self.data, self.offsets, self.shapes = data, offsets, shapes
+        if file is None and isinstance(data, np.memmap) and data.filename is not None and data.offset == 0:
+            file = Path(data.filename)
+        self.file = file
+
+    def __getstate__(self) -> dict[str, Any]:
+        """What a worker started by a fork server (`worker_context`) receives instead of a copy
+        of the images: the cache file, which each worker maps (the OS keeps one copy of its
+        pages for all processes); without a file, the array moved once to shared memory (torch's
+        pickler hands the workers a descriptor)."""
+        state = {k: v for k, v in self.__dict__.items() if k != "_shared"}
+        if self.file is not None:
+            state["data"] = ("file", str(self.file), int(self.data.size))
+            return state
+        if getattr(self, "_shared", None) is None:
+            self._shared = torch.from_numpy(np.ascontiguousarray(self.data)).share_memory_()
+            self.data = self._shared.numpy()  # the rank reads the shared copy too: one in RAM
+        state["data"] = ("shared", self._shared)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        kind, where, *size = state["data"]
+        if kind == "file":
+            state["data"] = np.memmap(where, dtype=np.uint8, mode="r", shape=(size[0],))
+        else:
+            state["_shared"], state["data"] = where, where.numpy()
+        self.__dict__.update(state)
 
     def image(self, index: int) -> torch.Tensor:
         h, w, c = (int(v) for v in self.shapes[index])

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from tl_cli import distributed
 from tl_cli.cache import FeatureStore, ImageStore, ScreenStore, files_fingerprint, make_key
-from tl_cli.datasets import as_is, ignore_preemption_signal
+from tl_cli.datasets import as_is, ignore_preemption_signal, worker_context
 from tl_cli.errors import TLError
 from tl_cli.transforms import crop_pipeline, decode_resized
 
@@ -55,6 +55,7 @@ class Prepared:
     samples: Samples  # the usable samples, in order
     images: Optional[tuple[np.ndarray, np.ndarray, np.ndarray]] = None
     features: Optional[torch.Tensor] = None
+    image_file: Optional[Path] = None  # the cache file `images` was read from
 
 
 class _Decode(Dataset):
@@ -107,6 +108,7 @@ def _share_pass(
         collate_fn=as_is,
         prefetch_factor=8 if workers else None,
         worker_init_fn=ignore_preemption_signal,
+        multiprocessing_context=worker_context(workers, distributed.world_size()),
         generator=torch.Generator().manual_seed(0),  # the global generator stays untouched
     )
     bad: list[tuple[int, str]] = []
@@ -181,19 +183,20 @@ def prepare(
             feature_store = FeatureStore(cache_dir, key)
         return image_store, feature_store
 
-    def loaded(of: Samples) -> tuple[Any, Any]:
+    def loaded(of: Samples) -> tuple[Any, Any, Optional[Path]]:
+        """The images, the features, and the cache file the images were read from."""
         image_store, feature_store = stores(of)
         got_images = image_store.load(len(of), ram_budget) if image_store else None
         got_features = feature_store.load(len(of), extractor.dim) if feature_store else None
-        return got_images, got_features
+        return got_images, got_features, image_store.data_path if got_images is not None else None
 
     if known is not None:
-        got_images, got_features = loaded(kept)
+        got_images, got_features, image_file = loaded(kept)
         # rank 0 decides whether to build, so every rank takes the same path
         missing = distributed.broadcast((images and got_images is None, extractor is not None and got_features is None))
         if not any(missing):
             _report(say, where, len(kept), got_images, got_features, None)
-            return Prepared(kept, got_images, got_features)
+            return Prepared(kept, got_images, got_features, image_file)
     start = time.perf_counter()
     todo = samples if known is None else kept
     image_store, feature_store = stores(todo)
@@ -230,11 +233,11 @@ def prepare(
                 written.move_to(final)
 
     distributed.on_rank_zero(finish, distributed.timeout_for(len(todo), 0.01))
-    got_images, got_features = loaded(kept)
+    got_images, got_features, image_file = loaded(kept)
     if (images and got_images is None) or (extractor is not None and got_features is None):
         raise RuntimeError(f"the cache entries for {where} are missing right after they were built")
     _report(say, where, len(kept), got_images, got_features, time.perf_counter() - start)
-    return Prepared(kept, got_images, got_features)
+    return Prepared(kept, got_images, got_features, image_file)
 
 
 def _apply(where: Path, samples: Samples, bad: list[dict[str, str]], on_bad_image: str, say: Callable) -> Samples:
