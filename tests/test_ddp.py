@@ -4,11 +4,13 @@ launcher and through torchrun, DataLoader workers on; what every rank ends with 
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -46,9 +48,23 @@ def _env() -> dict[str, str]:
 
 
 def run(args: list, timeout: float = 420, launcher: list | None = None) -> subprocess.CompletedProcess:
+    """The command in a session of its own: on a timeout the whole tree goes (ranks, workers, the
+    workers' fork servers), not just the launcher, whose orphans would hold this machine's 2
+    cores through the rest of the suite."""
     command = [*(launcher or TL), *[str(a) for a in args]]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=_env())
-    return done
+    with subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), start_new_session=True
+    ) as process:
+        try:
+            out, err = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+            raise
+        finally:  # ranks left behind by a launcher that ended (a crash) go too
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+    return subprocess.CompletedProcess(command, process.returncode, out, err)
 
 
 def _ok(done: subprocess.CompletedProcess) -> str:
