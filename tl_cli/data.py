@@ -35,8 +35,7 @@ from tl_cli.datasets import (
     FeatureDataset,
     ImageFiles,
     ResumableSampler,
-    ignore_preemption_signal,
-    worker_context,
+    worker_options,
 )
 from tl_cli.errors import TLError
 from tl_cli.folders import class_folders, labelled_samples, predict_images, target_train_images
@@ -307,11 +306,9 @@ class ImageFolderData(pl.LightningDataModule):
             dataset,
             batch_size=self.batch_size,
             sampler=sampler,
-            num_workers=workers,
             pin_memory=torch.cuda.is_available(),
             persistent_workers=workers > 0 and split in ("train", "val", "target_train", "target_val"),
-            worker_init_fn=ignore_preemption_signal,
-            multiprocessing_context=worker_context(workers, distributed.world_size()),
+            **worker_options(workers),
             # a generator of its own: starting an epoch never draws from the global generator
             # (dropout's), so a run resumed mid-epoch draws what the uninterrupted one drew
             generator=torch.Generator().manual_seed(self._seed),

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, DistributedSampler
 
+from tl_cli import distributed
 from tl_cli.errors import TLError
 from tl_cli.transforms import decode_resized
 
@@ -56,6 +57,16 @@ def worker_context(workers: int, world_size: int) -> Optional[multiprocessing.co
     # imported once in the server, not in every worker: torch, numpy, PIL, the transforms
     context.set_forkserver_preload(["tl_cli._forkserver", "tl_cli.datasets"])
     return context
+
+
+def worker_options(workers: int) -> dict[str, Any]:
+    """The DataLoader keywords that start `workers` worker processes the way every tl loader
+    does: from a fork server under DDP (`worker_context`), deaf to SLURM's preemption signal."""
+    return {
+        "num_workers": workers,
+        "worker_init_fn": ignore_preemption_signal,
+        "multiprocessing_context": worker_context(workers, distributed.world_size()),
+    }
 
 
 def ignore_preemption_signal(worker_id: int) -> None:

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from tl_cli import distributed
 from tl_cli.cache import FeatureStore, ImageStore, ScreenStore, files_fingerprint, make_key
-from tl_cli.datasets import as_is, ignore_preemption_signal, worker_context
+from tl_cli.datasets import as_is, worker_options
 from tl_cli.errors import TLError
 from tl_cli.transforms import crop_pipeline, decode_resized
 
@@ -104,11 +104,9 @@ def _share_pass(
     loader = DataLoader(
         _Decode(samples, preprocessing, inspect),
         batch_size=None,
-        num_workers=workers,
         collate_fn=as_is,
         prefetch_factor=8 if workers else None,
-        worker_init_fn=ignore_preemption_signal,
-        multiprocessing_context=worker_context(workers, distributed.world_size()),
+        **worker_options(workers),
         generator=torch.Generator().manual_seed(0),  # the global generator stays untouched
     )
     bad: list[tuple[int, str]] = []
