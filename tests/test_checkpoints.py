@@ -5,6 +5,7 @@ tests/data_legacy/, optimizer states stripped) still load."""
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -62,3 +63,25 @@ def test_a_class_path_in_a_file_never_imports_code(tiny_data, tmp_path, capsys):
     torch.save(ckpt, tmp_path / "odd.ckpt")
     assert tl("test", "--ckpt_path", tmp_path / "odd.ckpt", "--data.root", tiny_data) == 2
     assert "tl does not import code named by a file" in capsys.readouterr().err
+
+
+def test_resuming_under_a_new_monitor_says_the_best_checkpoint_and_patience_start_over(tiny_data, caplog):
+    """Lightning skips a callback state saved under other settings without a word (tl's CLI
+    filters its generic warning); a user who changed the monitor must learn that the best
+    checkpoint and early stopping's patience restart, and one who did not must hear nothing."""
+    args = ["fit", "--config", CONFIGS / "feature_extract.yaml", *TINY, "--data.root", tiny_data]
+    assert tl(*args, "--trainer.max_epochs", "1", "-o", "first") == 0
+    last = Path("first/latest/checkpoints/last.ckpt")
+    caplog.set_level(logging.INFO)  # Lightning's rank-zero messages: its logger, not stdout, under pytest
+    assert tl(*args, "--trainer.max_epochs", "2", "-o", "same", "--ckpt_path", last) == 0
+    assert "Restored all states" in caplog.text and "other settings" not in caplog.text
+    caplog.clear()
+    new = ["--checkpoint.monitor", "val/acc", "--checkpoint.mode", "max", "--early_stopping.monitor", "val/acc"]
+    new += ["--early_stopping.mode", "max"]
+    assert tl(*args, *new, "--trainer.max_epochs", "2", "-o", "moved", "--ckpt_path", last) == 0
+    said = caplog.text
+    assert "checkpoint.monitor val/loss -> val/acc, checkpoint.mode min -> max): the best checkpoint" in said, said
+    assert "early_stopping.monitor val/loss -> val/acc, early_stopping.mode min -> max): early stopping" in said
+    best = torch.load("moved/latest/checkpoints/best.ckpt", weights_only=True)
+    (state,) = [v for k, v in best["callbacks"].items() if k.startswith("BestAndLast")]
+    assert state["monitor"] == "val/acc" and best["epoch"] == 1

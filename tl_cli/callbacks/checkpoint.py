@@ -5,12 +5,14 @@ compete with), and which can write at most every few seconds when epochs are fas
 
 from __future__ import annotations
 
+import ast
 import time
 from typing import Any, Literal, Optional
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 from lightning_utilities.core.apply_func import apply_to_collection
 
@@ -124,6 +126,41 @@ class BestAndLast(ModelCheckpoint):
         super().load_state_dict(state_dict)
         self.tie_scores = dict(state_dict.get("tie_scores", {}))
 
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        """Resuming: say so when the checkpoint's or early stopping's state cannot carry over.
+
+        Lightning files a callback's state under its settings (``state_key``: the monitor, the
+        mode, ...) and silently skips a state saved under other settings, so a resume with a
+        new monitor starts the best checkpoint and early stopping's patience over (and tl's CLI
+        hides Lightning's generic warning, meant for test/validate). Starting over is right, the
+        old scores measure something else; silence is not."""
+        if trainer.state.fn != TrainerFn.FITTING:
+            return
+        saved = list(checkpoint.get("callbacks") or {})
+        for callback in trainer.callbacks:
+            if not isinstance(callback, (ModelCheckpoint, EarlyStopping)) or callback.state_key in saved:
+                continue
+            name, now = _settings(callback.state_key)
+            # a state of the same class that no callback of this run claims
+            current = {c.state_key for c in trainer.callbacks}
+            was = next((_settings(k)[1] for k in saved if _settings(k)[0] == name and k not in current), None)
+            if was is None:
+                continue
+            section, what = (
+                ("checkpoint", "the best checkpoint")
+                if isinstance(callback, ModelCheckpoint)
+                else ("early_stopping", "early stopping's patience")
+            )
+            changed = ", ".join(
+                f"{section}.{k} {was.get(k)} -> {now.get(k)}" for k in {**was, **now} if was.get(k) != now.get(k)
+            )
+            rank_zero_info(
+                f"tl: {trainer.ckpt_path} was saved under other settings ({changed}): {what} starts over "
+                "from this epoch; the scores before it measured something else."
+            )
+
     # -- deferred writes ----------------------------------------------------------------------
 
     def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
@@ -160,3 +197,14 @@ class BestAndLast(ModelCheckpoint):
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         super().on_exception(trainer, pl_module, exception)
         self.flush(trainer)
+
+
+def _settings(state_key: str) -> tuple[str, dict[str, Any]]:
+    """``"EarlyStopping{'monitor': 'val/loss', 'mode': 'min'}"`` -> the class name and the
+    settings (Lightning's ``Callback._generate_state_key`` format)."""
+    name, brace, rest = state_key.partition("{")
+    try:
+        settings = ast.literal_eval(brace + rest)
+    except (ValueError, SyntaxError):
+        return name, {}
+    return name, settings if isinstance(settings, dict) else {}
