@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import lightning.pytorch as pl
@@ -56,20 +57,35 @@ class CollectiveAtEpochEnd(pl.Callback):
         trainer.strategy.reduce_boolean_decision(False, all=False)
 
 
+def descendants(pid: int) -> list[int]:
+    """Every process under `pid`, parents before children (from /proc: no psutil needed)."""
+    from pathlib import Path
+
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            children = [int(c) for c in (task / "children").read_text().split()]
+        except OSError:  # the task ended meanwhile
+            continue
+        for child in children:
+            found += [child, *descendants(child)]
+    return found
+
+
 class SignalSelf(pl.Callback):
-    """Each rank sends itself (and its DataLoader workers) SIGUSR1 at a given batch, as SLURM
-    signals every process of a job step."""
+    """Each rank sends itself and every process under it (DataLoader workers, their fork
+    server, multiprocessing's resource tracker) SIGUSR1 at a given batch, as SLURM signals every
+    process of a job step."""
 
     def __init__(self, epoch: int = 1, batch: int = 1) -> None:
         self.epoch, self.batch = epoch, batch
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int) -> None:
         import signal
-        from pathlib import Path
 
         if (trainer.current_epoch, batch_idx) != (self.epoch, self.batch) or os.environ.get("TL_TEST_RESUMED"):
             return
-        for task in Path("/proc/self/task").iterdir():
-            for pid in (task / "children").read_text().split():
-                os.kill(int(pid), signal.SIGUSR1)
+        for pid in descendants(os.getpid()):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGUSR1)
         os.kill(os.getpid(), signal.SIGUSR1)

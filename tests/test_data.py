@@ -308,3 +308,57 @@ def test_distributed_loaders_start_workers_from_a_fork_server_sharing_the_image_
         ForkingPickler(buffer).dump(dataset)
         assert len(buffer.getvalue()) < 10_000
     assert dataset._shared.is_shared() and dataset.data.ctypes.data == dataset._shared.data_ptr()
+
+
+_SIGNALLED = """
+import multiprocessing.forkserver as fs, multiprocessing.resource_tracker as rt, os, signal, sys, time
+from torch.utils.data import DataLoader
+from tl_cli.cli import short_tmpdir
+from tl_cli.datasets import worker_context
+if __name__ == "__main__":
+    print("given up", short_tmpdir())
+    print("single process", [b.tolist() for b in DataLoader(range(4), batch_size=2, num_workers=2, timeout=60)])
+    signal.signal(signal.SIGUSR1, lambda *a: print("the rank handled SIGUSR1"))
+    context = worker_context(2, world_size=2)
+    pids = [fs._forkserver._forkserver_pid, rt._resource_tracker._pid]
+    for pid in pids:  # at once: the server may still be importing what it preloads
+        os.kill(pid, signal.SIGUSR1)
+    time.sleep(1)
+    print("alive", [os.waitpid(pid, os.WNOHANG) == (0, 0) for pid in pids])
+    loader = DataLoader(range(4), batch_size=2, num_workers=2, multiprocessing_context=context, timeout=60)
+    print("distributed", [b.tolist() for b in loader])
+"""
+
+
+def test_workers_start_under_slurms_signal_and_a_deep_tmpdir(tmp_path):
+    """SLURM's SIGUSR1 reaches every process of a step: the workers' fork server and
+    multiprocessing's resource tracker must outlive it (without tl's blocking, the tracker dies
+    and warns "process died unexpectedly"). Workers return batches through UNIX sockets in
+    $TMPDIR: under a folder too deep for an AF_UNIX address (job scratch folders) every worker
+    failed and the DataLoader waited forever; tl moves TMPDIR to /tmp and says so."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    script = tmp_path / "signalled.py"
+    script.write_text(_SIGNALLED)
+    deep = tmp_path / ("d" * 100)
+    deep.mkdir()
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    for tmp, given_up in ((None, "None"), (deep, str(deep))):
+        run_env = env if tmp is None else {**env, "TMPDIR": str(tmp)}
+        done = subprocess.run([sys.executable, script], capture_output=True, text=True, env=run_env, timeout=180)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert f"given up {given_up}" in done.stdout and "alive [True, True]" in done.stdout, done.stdout
+        assert "single process [[0, 1], [2, 3]]" in done.stdout and "distributed [[0, 1], [2, 3]]" in done.stdout
+        assert "died unexpectedly" not in done.stderr and "AF_UNIX" not in done.stderr, done.stderr[-3000:]
+    # the CLI does it first, and says so
+    done = subprocess.run(
+        [sys.executable, "-m", "tl_cli.cli", "--version"],
+        capture_output=True,
+        text=True,
+        env={**env, "TMPDIR": str(deep)},
+    )
+    assert done.returncode == 0 and f"TMPDIR={deep} is too deep" in done.stderr, done.stderr

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from tests.conftest import CONFIGS, REPO
+from tests.helpers import descendants
 
 TINY = [
     "--model.backbone",
@@ -48,22 +49,20 @@ def _env() -> dict[str, str]:
 
 
 def run(args: list, timeout: float = 420, launcher: list | None = None) -> subprocess.CompletedProcess:
-    """The command in a session of its own: on a timeout the whole tree goes (ranks, workers, the
-    workers' fork servers), not just the launcher, whose orphans would hold this machine's 2
-    cores through the rest of the suite."""
+    """On a timeout every process under the command goes (ranks, workers, fork servers; torchrun
+    starts each rank in a session of its own), not just the launcher: orphans would hold this
+    machine's 2 cores through the rest of the suite, and the pipes they hold open would block
+    the wait for the output. What the command printed comes with the exception."""
     command = [*(launcher or TL), *[str(a) for a in args]]
-    with subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), start_new_session=True
-    ) as process:
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env()) as process:
         try:
             out, err = process.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.communicate()
+        except subprocess.TimeoutExpired as exc:
+            for pid in [process.pid, *descendants(process.pid)]:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            exc.stdout, exc.stderr = process.communicate(timeout=60)
             raise
-        finally:  # ranks left behind by a launcher that ended (a crash) go too
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
     return subprocess.CompletedProcess(command, process.returncode, out, err)
 
 
@@ -305,7 +304,9 @@ def test_two_process_preemption_resumes_like_an_uninterrupted_run(data, at):
     args += ["--model.mixup_alpha", "0.2", "--model.cutmix_alpha", "1.0"]
     _ok(run([*args, "-o", "straight"]))
     signal = ["--trainer.callbacks+", "tests.helpers.SignalSelf", "--trainer.callbacks.epoch", str(at[0])]
-    _ok(run([*args, "-o", "pre", *signal, "--trainer.callbacks.batch", str(at[1])]))
+    log = _ok(run([*args, "-o", "pre", *signal, "--trainer.callbacks.batch", str(at[1])]))
+    # the workers' fork server and multiprocessing's resource tracker were signalled too, and lived
+    assert "died unexpectedly" not in log and "SIGUSR1" not in log, log[-3000:]
     assert list(Path("pre").glob("hpc_ckpt_*.ckpt")) and not Path("pre/latest").exists()  # not complete
     os.environ["TL_TEST_RESUMED"] = "1"
     try:

@@ -184,6 +184,7 @@ def test_preempted_job_requeues_and_ends_like_an_uninterrupted_one(tiny_data, ca
     text = Path(f"slurm-tl-test-preempt-{job}.out").read_text()
     assert "tl: preemption signal: training state saved" in text and "Restored all states from the checkpoint" in text
     assert "User defined signal" not in text  # no process (worker or rank) died of the signal
+    assert "died unexpectedly" not in text  # nor the workers' fork server or resource tracker
 
     a = torch.load("runs/straight/latest/checkpoints/last.ckpt", weights_only=True)
     b = torch.load("runs/preempted/latest/checkpoints/last.ckpt", weights_only=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from collections.abc import Sequence
 from typing import Optional
 
@@ -131,11 +132,41 @@ def _rank() -> int:
     return 0
 
 
+def short_tmpdir() -> Optional[str]:
+    """Point ``$TMPDIR`` at ``/tmp`` when it is too deep for the UNIX sockets of DataLoader
+    workers; returns the folder given up, None when it fits.
+
+    Workers hand every batch back through a socket at ``$TMPDIR/pymp-XXXXXXXX/listener-XXXXXXXX``
+    (multiprocessing's resource sharer; the fork server listens there too), and an AF_UNIX
+    address holds 107 bytes: under a deeper folder (job-specific scratch on clusters) each worker
+    fails with "AF_UNIX path too long" and the DataLoader waits for it forever. Called by the CLI
+    before anything starts a process; children inherit the environment."""
+    deep = tempfile.gettempdir()
+    if len(os.fsencode(os.path.join(deep, "pymp-xxxxxxxx", "listener-xxxxxxxx"))) < 108:
+        return None
+    short = next((d for d in ("/tmp", "/var/tmp", "/dev/shm") if os.access(d, os.W_OK | os.X_OK)), None)
+    if short is None:
+        raise TLError(
+            f"TMPDIR={deep} is too deep for the UNIX sockets of DataLoader workers (an address holds 107 "
+            "bytes) and /tmp is not writable: set TMPDIR to a shorter folder, or --data.num_workers 0."
+        )
+    os.environ["TMPDIR"] = short
+    tempfile.tempdir = None  # gettempdir() looks again
+    return deep
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``tl`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         try:
+            deep = short_tmpdir()
+            if deep and not _rank():
+                print(
+                    f"tl: TMPDIR={deep} is too deep for the UNIX sockets of DataLoader workers; this run "
+                    f"keeps its temporary files in {os.environ['TMPDIR']}",
+                    file=sys.stderr,
+                )
             return _dispatch(argv)
         except Exception as wrapped:
             cause = find_tl_error(wrapped)

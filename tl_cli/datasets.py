@@ -15,6 +15,8 @@ from __future__ import annotations
 import math
 import multiprocessing
 import multiprocessing.context
+import multiprocessing.forkserver
+import multiprocessing.resource_tracker
 import signal
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -48,14 +50,29 @@ def worker_context(workers: int, world_size: int) -> Optional[multiprocessing.co
     thread state around the work they finish, and a ``fork()`` in that instant leaves the child
     waiting forever for the interpreter's thread-list lock (CPython gh-112275, fixed in later
     patch releases; this machine runs 3.11.7, and CI saw a DDP fine-tuning whose train worker
-    never started: rare, 0 of 6 repeats here, but a hang, not an error). A
-    fork server is a fresh single-threaded process, so its forks are safe on any Python; the
-    dataset is pickled to each worker once (`CachedImages` shares its array, not copies it)."""
-    if workers == 0 or world_size <= 1 or "forkserver" not in multiprocessing.get_all_start_methods():
+    never started: rare, 0 of 6 repeats here, but a hang, not an error). A fork server is a
+    fresh single-threaded process, so its forks are safe on any Python; the dataset is pickled
+    to each worker once (`CachedImages` shares its array, not copies it). Where there is no
+    fork server (Windows), the platform's default (spawn)."""
+    if workers == 0 or world_size <= 1:
         return None
-    context = multiprocessing.get_context("forkserver")
-    # imported once in the server, not in every worker: torch, numpy, PIL, the transforms
-    context.set_forkserver_preload(["tl_cli._forkserver", "tl_cli.datasets"])
+    server = "forkserver" in multiprocessing.get_all_start_methods()
+    context = multiprocessing.get_context("forkserver" if server else "spawn")
+    if server:  # imported once in the server, not in every worker: torch, numpy, PIL, the transforms
+        context.set_forkserver_preload(["tl_cli._forkserver", "tl_cli.datasets"])
+    # SLURM signals every process of the step (``--signal=SIGUSR1@90``): the fork server and
+    # multiprocessing's resource tracker would die of it (the default action) before they could
+    # ignore it. Started with it blocked, they keep it blocked (the tracker unblocks only SIGINT
+    # and SIGTERM, bpo-33613's method); one arriving meanwhile waits for the rank's handler.
+    blockable = hasattr(signal, "pthread_sigmask")
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1}) if blockable else None
+    try:
+        multiprocessing.resource_tracker.ensure_running()
+        if server:
+            multiprocessing.forkserver.ensure_running()
+    finally:
+        if before is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, before)
     return context
 
 
@@ -148,7 +165,8 @@ class CachedImages(_Augmented):
         self.data, self.offsets, self.shapes = data, offsets, shapes
         if file is None and isinstance(data, np.memmap) and data.filename is not None and data.offset == 0:
             file = Path(data.filename)
-        self.file = file
+        # absolute: a worker maps it whatever its working directory
+        self.file = Path(file).resolve() if file is not None else None
 
     def __getstate__(self) -> dict[str, Any]:
         """What a worker started by a fork server (`worker_context`) receives instead of a copy
@@ -156,7 +174,7 @@ class CachedImages(_Augmented):
         pages for all processes); without a file, the array moved once to shared memory (torch's
         pickler hands the workers a descriptor)."""
         state = {k: v for k, v in self.__dict__.items() if k != "_shared"}
-        if self.file is not None:
+        if self.file is not None and self.data.size:  # (an empty file cannot be mapped)
             state["data"] = ("file", str(self.file), int(self.data.size))
             return state
         if getattr(self, "_shared", None) is None:

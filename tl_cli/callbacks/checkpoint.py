@@ -136,29 +136,36 @@ class BestAndLast(ModelCheckpoint):
         new monitor starts the best checkpoint and early stopping's patience over (and tl's CLI
         hides Lightning's generic warning, meant for test/validate). Starting over is right, the
         old scores measure something else; silence is not."""
-        if trainer.state.fn != TrainerFn.FITTING:
+        first = next(c for c in trainer.callbacks if isinstance(c, BestAndLast))
+        if trainer.state.fn != TrainerFn.FITTING or first is not self:  # said once, by the first
             return
         saved = list(checkpoint.get("callbacks") or {})
+        # states that no callback of this run claims, each paired with one callback of its class
+        unclaimed = [k for k in saved if k not in {c.state_key for c in trainer.callbacks}]
         for callback in trainer.callbacks:
             if not isinstance(callback, (ModelCheckpoint, EarlyStopping)) or callback.state_key in saved:
                 continue
             name, now = _settings(callback.state_key)
-            # a state of the same class that no callback of this run claims
-            current = {c.state_key for c in trainer.callbacks}
-            was = next((_settings(k)[1] for k in saved if _settings(k)[0] == name and k not in current), None)
-            if was is None:
+            old = next((k for k in unclaimed if _settings(k)[0] == name), None)
+            if old is None:
                 continue
+            unclaimed.remove(old)
+            was = _settings(old)[1]
             section, what = (
                 ("checkpoint", "the best checkpoint")
                 if isinstance(callback, ModelCheckpoint)
                 else ("early_stopping", "early stopping's patience")
             )
-            changed = ", ".join(
-                f"{section}.{k} {was.get(k)} -> {now.get(k)}" for k in {**was, **now} if was.get(k) != now.get(k)
+            changed = (
+                ", ".join(
+                    f"{section}.{k} {was.get(k)} -> {now.get(k)}" for k in {**was, **now} if was.get(k) != now.get(k)
+                )
+                if was and now
+                else f"{old} -> {callback.state_key}"
             )
             rank_zero_info(
                 f"tl: {trainer.ckpt_path} was saved under other settings ({changed}): {what} starts over "
-                "from this epoch; the scores before it measured something else."
+                "from this epoch (Lightning restores a callback's state only under the settings it was saved with)."
             )
 
     # -- deferred writes ----------------------------------------------------------------------
