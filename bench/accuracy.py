@@ -51,9 +51,10 @@ def probe(root: Path) -> float:
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
 
-    from tl_cli.backbones import create_backbone, load_weights
-    from tl_cli.folders import class_folders, labelled_samples
-    from tl_cli.transforms import preprocess
+    from tl_cli.backbones.factory import create_backbone
+    from tl_cli.backbones.weights import load_weights
+    from tl_cli.data.folders import class_folders, labelled_samples
+    from tl_cli.data.transforms import preprocess
 
     spec = create_backbone(BACKBONE[1])
     load_weights(spec, BACKBONE[3])

@@ -32,7 +32,7 @@ def median_time(fn, repeats: int) -> float:
 
 
 def synth_data(name: str, per_class_train: int, per_class_val: int, size: int = 256, classes: int = 2) -> Path:
-    from tl_cli.synth import synthesize
+    from tl_cli.datatools.synth import synthesize
 
     root = WORK / name
     if not (root / "train").exists():

@@ -90,7 +90,7 @@ def make_domains() -> tuple:
 
 
 def run(name: str, data_root, target_root, dann: bool, seed: int) -> float:
-    from tl_cli.cli import main
+    from tl_cli.cli.main import main
 
     out = ROOT / "runs" / f"{name}_seed{seed}"
     common = [

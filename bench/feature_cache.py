@@ -23,7 +23,7 @@ EPOCHS = 10
 def run(root, cached: bool) -> tuple[float, list[float], float]:
     import lightning.pytorch as pl
 
-    from tl_cli.data import ImageFolderData
+    from tl_cli.data.module import ImageFolderData
     from tl_cli.models import FeatureExtraction
 
     class EpochTimer(pl.Callback):

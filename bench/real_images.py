@@ -100,7 +100,7 @@ def _shrink(job: tuple[Path, Path]) -> None:
     """A JPEG copy of `src` at most MAX_SIDE px a side, as tl would see it (alpha on white)."""
     from PIL import Image
 
-    from tl_cli.images import load_rgb
+    from tl_cli.data.images import load_rgb
 
     Image.MAX_IMAGE_PIXELS = None  # the package's own files, not user input
     src, dst = job

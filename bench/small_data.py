@@ -39,7 +39,7 @@ def wall(cmd: list[str], env_cache: Path | None = None) -> float:
 
 
 def main() -> None:
-    from tl_cli.synth import synthesize
+    from tl_cli.datatools.synth import synthesize
 
     data = WORK / "small_data"
     if not (data / "train").exists():

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from tl_cli.cli import main
-from tl_cli.synth import synthesize
+from tl_cli.cli.main import main
+from tl_cli.datatools.synth import synthesize
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from tl_cli.transforms import RRC_SCALE, crop_pipeline
+from tl_cli.data.transforms import RRC_SCALE, crop_pipeline
 
 PREP = {"image_size": [32, 32], "mean": [0.5] * 3, "std": [0.25] * 3, "interpolation": "bilinear", "crop_pct": 1.0}
 

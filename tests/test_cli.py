@@ -12,8 +12,8 @@ import pytest
 import yaml
 
 from tests.conftest import CONFIGS, REPO, TINY, tl
-from tl_cli.lightning_cli import TLCLI
-from tl_cli.trainer import resolve_precision
+from tl_cli.cli.lightning_cli import TLCLI
+from tl_cli.cli.trainer import resolve_precision
 
 CONTRACT_KEYS = [
     "data.root",
@@ -49,7 +49,11 @@ def test_top_level_help_is_fast_and_lists_commands():
     for sub in ("fit", "validate", "test", "predict", "tl data synth", "tl weights fetch", "tl export", "tl slurm"):
         assert sub in done.stdout
     imported = subprocess.run(
-        [sys.executable, "-c", "import sys, tl_cli.cli; print('torch' in sys.modules, 'lightning' in sys.modules)"],
+        [
+            sys.executable,
+            "-c",
+            "import sys, tl_cli.cli.main; print('torch' in sys.modules, 'lightning' in sys.modules)",
+        ],
         capture_output=True,
         text=True,
         cwd=REPO,
@@ -153,7 +157,7 @@ def test_target_root_needs_domain_adaptation(tiny_data, capsys):
 def test_precision_auto_asks_the_driver_not_cuda(monkeypatch):
     import torch
 
-    import tl_cli.trainer as trainer_mod
+    import tl_cli.cli.trainer as trainer_mod
 
     assert resolve_precision("16-mixed", "cpu")[0] == "16-mixed"
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
@@ -167,7 +171,7 @@ def test_precision_auto_asks_the_driver_not_cuda(monkeypatch):
 
 
 def test_gpu_capabilities_parse_nvidia_smi(monkeypatch, tmp_path):
-    import tl_cli.trainer as trainer_mod
+    import tl_cli.cli.trainer as trainer_mod
 
     smi = tmp_path / "nvidia-smi"
     smi.write_text("#!/bin/sh\necho '0, GPU-aaa, 7.0'\necho '1, GPU-bbb, 8.0'\n")

@@ -10,11 +10,11 @@ import pytest
 import torch
 from PIL import Image
 
-from tl_cli.data import ImageFolderData
+from tl_cli.data.folders import scan_split
+from tl_cli.data.module import ImageFolderData
+from tl_cli.data.transforms import AUGMENTS, Normalize, crop_pipeline, decode_resized, load_rgb
+from tl_cli.datatools.synth import CLASSES, synthesize
 from tl_cli.errors import TLError
-from tl_cli.folders import scan_split
-from tl_cli.synth import CLASSES, synthesize
-from tl_cli.transforms import AUGMENTS, Normalize, crop_pipeline, decode_resized, load_rgb
 
 PREP = {"image_size": [32, 32], "mean": [0.5] * 3, "std": [0.25] * 3, "interpolation": "bicubic", "crop_pct": 0.875}
 
@@ -48,7 +48,7 @@ def test_setup_fit_labels_and_batches(data):
 
 @pytest.mark.parametrize("world", [1, 2])
 def test_steps_per_epoch_makes_fresh_passes_over_small_data(world):
-    from tl_cli.datasets import ResumableSampler
+    from tl_cli.data.datasets import ResumableSampler
 
     one = ResumableSampler(10, seed=3, num_replicas=world, rank=0)
     ranks = [ResumableSampler(10, seed=3, num_replicas=world, rank=r, passes=3) for r in range(world)]
@@ -270,7 +270,7 @@ def test_distributed_loaders_start_workers_from_a_fork_server_sharing_the_image_
 
     from torch.utils.data import DataLoader
 
-    from tl_cli.datasets import CachedImages, ignore_preemption_signal, worker_context
+    from tl_cli.data.datasets import CachedImages, ignore_preemption_signal, worker_context
 
     assert worker_context(2, world_size=1) is None and worker_context(0, world_size=2) is None
     context = worker_context(2, world_size=2)
@@ -313,8 +313,8 @@ def test_distributed_loaders_start_workers_from_a_fork_server_sharing_the_image_
 _SIGNALLED = """
 import multiprocessing.forkserver as fs, multiprocessing.resource_tracker as rt, os, signal, sys, time
 from torch.utils.data import DataLoader
-from tl_cli.cli import short_tmpdir
-from tl_cli.datasets import worker_context
+from tl_cli.cli.main import short_tmpdir
+from tl_cli.data.datasets import worker_context
 if __name__ == "__main__":
     print("given up", short_tmpdir())
     print("single process", [b.tolist() for b in DataLoader(range(4), batch_size=2, num_workers=2, timeout=60)])

@@ -15,7 +15,7 @@ from tests.conftest import tl
 
 def _messy(root):
     """A dataset with one of every kind of file `tl data check` must recognise."""
-    from tl_cli.synth import synthesize
+    from tl_cli.datatools.synth import synthesize
 
     synthesize(root, seed=2, num_classes=2, per_split={"train": 6, "val": 3, "test": 3}, size=64)
     rng = np.random.default_rng(0)
@@ -66,7 +66,7 @@ def test_data_check_reports_every_kind_of_problem(tmp_path, capsys):
 
 
 def test_data_check_human_report_and_clean_exit(tmp_path, capsys):
-    from tl_cli.synth import synthesize
+    from tl_cli.datatools.synth import synthesize
 
     synthesize(tmp_path / "clean", seed=1, num_classes=2, per_split={"train": 4, "val": 2}, size=48)
     assert tl("data", "check", tmp_path / "clean", "--workers", "0") == 0
@@ -128,7 +128,7 @@ def test_data_split_from_class_folders_with_copy(tmp_path):
 
 
 def test_data_check_strict_fails_on_leaks_and_min_size_sets_small(tmp_path, capsys):
-    from tl_cli.synth import synthesize
+    from tl_cli.datatools.synth import synthesize
 
     root = tmp_path / "d"
     synthesize(root, seed=3, num_classes=2, per_split={"train": 3, "val": 2, "test": 2}, size=64)

@@ -12,7 +12,7 @@ import pytest
 
 from tests.conftest import CONFIGS, tl
 from tests.test_backbones import needs_demo_weights
-from tl_cli.synth import synthesize
+from tl_cli.datatools.synth import synthesize
 
 
 @needs_demo_weights

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from tests.conftest import fit_tiny, tl
-from tl_cli.data import ImageFolderData
+from tl_cli.data.module import ImageFolderData
 from tl_cli.models import FeatureExtraction
 
 

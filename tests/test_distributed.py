@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from tl_cli import distributed
+from tl_cli.cluster import distributed
 from tl_cli.errors import TLError
 
 

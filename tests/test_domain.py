@@ -15,7 +15,7 @@ from PIL import Image
 
 from tests.conftest import CONFIGS, TINY, tl
 from tl_cli.callbacks import UnfreezeSchedule
-from tl_cli.data import ImageFolderData
+from tl_cli.data.module import ImageFolderData
 from tl_cli.models import DomainAdaptation
 from tl_cli.models.domain import annealed_lr_factor, dann_lambda, reverse_gradient
 

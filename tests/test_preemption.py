@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from tl_cli.callbacks import UnfreezeSchedule
-from tl_cli.data import ImageFolderData
+from tl_cli.cli.trainer import TLTrainer
+from tl_cli.data.module import ImageFolderData
 from tl_cli.models import FeatureExtraction, FineTune
-from tl_cli.trainer import TLTrainer
 
 
 def _children() -> list[int]:

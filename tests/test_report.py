@@ -15,7 +15,7 @@ from PIL import Image
 from torch import nn
 
 from tests.conftest import REPO, fit_tiny, tl
-from tl_cli.report_html import class_activation_maps
+from tl_cli.reports.html import class_activation_maps
 
 
 class ObjectNet(nn.Module):

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tl_cli.reports import classification_metrics, plot_confusion_matrix, plot_mistakes
+from tl_cli.reports.files import classification_metrics, plot_confusion_matrix, plot_mistakes
 
 
 def test_metrics_match_a_hand_computed_case():

@@ -1,5 +1,6 @@
-"""The code's shape, as issue 11 asked: one-way dependencies (no import cycles, no private
-names imported across modules), no class over about 250 lines."""
+"""The code's shape: subpackages that depend on each other one way only, no import cycles, no
+private names imported across modules, no public name defined twice, no class over about 250
+lines."""
 
 from __future__ import annotations
 
@@ -75,3 +76,66 @@ def test_no_class_over_about_250_lines():
             if isinstance(node, ast.ClassDef) and node.end_lineno - node.lineno + 1 > 260:
                 big.append(f"{name}.{node.name}: {node.end_lineno - node.lineno + 1} lines")
     assert not big, big
+
+
+# Each subpackage (or top-level module) may import only those listed: the architecture, from the
+# bottom (errors) to the top (the command line). A new dependency is a decision, made here.
+LAYERS = {
+    "tl_cli": set(),
+    "tl_cli.errors": set(),
+    "tl_cli.cluster": {"tl_cli.errors"},
+    "tl_cli.backbones": {"tl_cli.errors"},
+    "tl_cli.data": {"tl_cli.errors", "tl_cli.cluster"},
+    "tl_cli.reports": {"tl_cli.errors", "tl_cli.data"},
+    "tl_cli.datatools": {"tl_cli.errors", "tl_cli.data"},
+    "tl_cli.callbacks": {"tl_cli", "tl_cli.errors", "tl_cli.cluster", "tl_cli.data"},
+    "tl_cli.models": {
+        "tl_cli",
+        "tl_cli.errors",
+        "tl_cli.cluster",
+        "tl_cli.data",
+        "tl_cli.backbones",
+        "tl_cli.reports",
+        "tl_cli.callbacks",
+    },
+    "tl_cli.export": {"tl_cli.errors", "tl_cli.data", "tl_cli.datatools", "tl_cli.reports", "tl_cli.models"},
+}
+LAYERS["tl_cli.cli"] = set(LAYERS) - {"tl_cli.cli"}
+
+
+def _layer(module: str) -> str:
+    parts = module.split(".")
+    return ".".join(parts[:2]) if len(parts) > 1 else module
+
+
+def test_subpackages_depend_on_each_other_one_way():
+    modules = _modules()
+    unknown = sorted({_layer(name) for name in modules} - set(LAYERS))
+    assert not unknown, f"add {unknown} to LAYERS (and to the README's Layout section)"
+    wrong = sorted(
+        f"{name} imports {target}"
+        for name, path in modules.items()
+        for target, _ in _imports(path, modules)
+        if _layer(target) != _layer(name) and _layer(target) not in LAYERS[_layer(name)]
+    )
+    assert not wrong, wrong
+
+
+def test_no_public_function_or_class_name_is_defined_in_two_modules():
+    seen: dict[str, list[str]] = {}
+    for name, path in _modules().items():
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and not node.name.startswith("_"):
+                seen.setdefault(node.name, []).append(name)
+    assert not {k: v for k, v in seen.items() if len(v) > 1}
+
+
+def test_the_readme_layout_lists_every_module():
+    readme = (PACKAGE.parent / "README.md").read_text()
+    layout = readme.split("## Layout", 1)[1].split("\n## ", 1)[0]
+    missing = [
+        name
+        for name, path in _modules().items()
+        if path.name != "__init__.py" and f"{path.relative_to(PACKAGE.parent).as_posix()}" not in layout
+    ]
+    assert not missing, missing

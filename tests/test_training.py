@@ -15,7 +15,7 @@ import torch
 from tests.conftest import CONFIGS, TINY, fit_tiny, tl
 from tl_cli.callbacks import FreezeBackbone, UnfreezeSchedule
 from tl_cli.callbacks.freezing import backbone_stages
-from tl_cli.data import ImageFolderData
+from tl_cli.data.module import ImageFolderData
 from tl_cli.errors import TLError
 from tl_cli.models import FeatureExtraction, FineTune
 

@@ -11,7 +11,8 @@ import torch
 import torchvision
 
 from tests.conftest import tl
-from tl_cli.backbones import create_backbone, load_weights
+from tl_cli.backbones.factory import create_backbone
+from tl_cli.backbones.weights import load_weights
 
 
 @pytest.fixture

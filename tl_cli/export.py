@@ -45,16 +45,16 @@ def load_classifier(ckpt_path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
 
 def sample_images(preprocessing: dict[str, Any], images: str | Path | None, count: int = 8) -> torch.Tensor:
     """A batch of real decoded images, preprocessed: from `images` or, without it, generated ones."""
-    from tl_cli.folders import list_images
-    from tl_cli.synth import CLASSES, image_rng, render
-    from tl_cli.transforms import preprocess
+    from tl_cli.data.folders import list_images
+    from tl_cli.data.transforms import preprocess
+    from tl_cli.datatools.synth import CLASSES, image_rng, render_shape
 
     if images is not None:
         pictures = list_images(Path(images))[:count]
         if not pictures:
             raise TLError(f"--images {images} holds no images to check the export with.")
     else:
-        pictures = [render(CLASSES[i % len(CLASSES)], image_rng(99, i), 256) for i in range(count)]
+        pictures = [render_shape(CLASSES[i % len(CLASSES)], image_rng(99, i), 256) for i in range(count)]
     return torch.stack([preprocess(p, preprocessing) for p in pictures])
 
 
@@ -176,11 +176,11 @@ def _export_onnx(module: nn.Module, batch: torch.Tensor, path: Path) -> None:
 
 def predict_with_exported(model_path: str | Path, predict_dir: str | Path, out: Path, batch_size: int = 32) -> int:
     """`tl predict --model M --data.predict_dir DIR`: predictions.csv like the checkpoint's."""
-    from tl_cli.checks import inspect_image
-    from tl_cli.datasets import UNREADABLE, ImageFiles
-    from tl_cli.folders import list_images
-    from tl_cli.reports import write_predictions
-    from tl_cli.transforms import Normalize, crop_pipeline
+    from tl_cli.data.datasets import UNREADABLE, ImageFiles
+    from tl_cli.data.folders import list_images
+    from tl_cli.data.screening import inspect_image
+    from tl_cli.data.transforms import Normalize, crop_pipeline
+    from tl_cli.reports.files import write_predictions
 
     exported = ExportedModel(model_path)
     predict_dir = Path(predict_dir)

@@ -99,7 +99,7 @@ class BackboneFreezing(pl.Callback):
         if self.output_fixed and getattr(pl_module, "supports_feature_cache", False):
             offer = getattr(trainer.datamodule, "offer_features", None)
             if offer is not None:
-                from tl_cli.prepare import Extractor
+                from tl_cli.data.first_pass import Extractor
 
                 offer(
                     Extractor(

@@ -27,7 +27,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-from tl_cli import distributed
+from tl_cli.cluster import distributed
 
 
 class PreemptionCheckpoint(pl.Callback):

@@ -14,8 +14,8 @@ from typing import Any, Optional
 import lightning.pytorch as pl
 import torch
 
-from tl_cli import distributed
-from tl_cli.datasets import ResumableSampler
+from tl_cli.cluster import distributed
+from tl_cli.data.datasets import ResumableSampler
 
 
 def _rng_state() -> dict[str, Any]:

@@ -6,7 +6,7 @@ Which backbone stages are frozen, and when, is the freezing callbacks' business
 (`tl_cli.callbacks`); they find the backbone at ``model.backbone`` and its stages at
 ``model.backbone.tl_stages``.
 
-With the DataModule the model shares a small documented hook (`tl_cli.data`): in ``setup`` it
+With the DataModule the model shares a small documented hook (`tl_cli.data.module`): in ``setup`` it
 takes the class names the data found (or imposes its own order, from a checkpoint), reads
 ``image_size`` and hands back its preprocessing.
 """
@@ -22,13 +22,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from tl_cli import CHECKPOINT_FORMAT, __version__
-from tl_cli.backbones import create_backbone, load_weights
+from tl_cli.backbones.factory import create_backbone
+from tl_cli.backbones.weights import load_weights
+from tl_cli.data.transforms import Normalize
 from tl_cli.errors import TLError
 from tl_cli.models.inputs import Inputs
 from tl_cli.models.metrics import Metrics
 from tl_cli.models.optim import Optimization
 from tl_cli.models.reporting import Reporting
-from tl_cli.transforms import Normalize
 
 
 def class_weights(spec: Union[str, list[float], None], class_names: list[str], dm: Any) -> Optional[torch.Tensor]:

@@ -51,8 +51,8 @@ class FeatureExtraction(StartingPoint, Classifier):
         """Set the head to the tuned linear probe on the cached train/val features."""
         import torch
 
-        from tl_cli import distributed
-        from tl_cli.datasets import FeatureDataset
+        from tl_cli.cluster import distributed
+        from tl_cli.data.datasets import FeatureDataset
         from tl_cli.models.probe import fit_linear_probe
 
         dm = self.trainer.datamodule

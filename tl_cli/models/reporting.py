@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from tl_cli import distributed
+from tl_cli.cluster import distributed
 
 
 def gather_outputs(outputs: list[dict[str, torch.Tensor]], keys: tuple[str, ...]) -> dict[str, torch.Tensor]:
@@ -51,7 +51,7 @@ class Reporting:
     def on_fit_end(self) -> None:
         out_dir = self.out_dir()
         if self.trainer.is_global_zero and self.history:
-            from tl_cli.curves import curves_svg
+            from tl_cli.reports.curves import curves_svg
 
             (out_dir / "curves.svg").write_text(curves_svg(self.history))
             self.print(f"tl: learning curves in {out_dir / 'curves.svg'}")
@@ -69,7 +69,7 @@ class Reporting:
         self._outputs.append({"probs": probs.cpu(), "target": y.cpu(), "index": index.cpu(), "loader": dataloader_idx})
 
     def on_test_epoch_end(self) -> None:
-        from tl_cli.reports import write_test_reports
+        from tl_cli.reports.files import write_test_reports
 
         out_dir, dm = self.out_dir(), self.trainer.datamodule
         loaders = self.trainer.test_dataloaders
@@ -107,7 +107,7 @@ class Reporting:
         self._outputs = []
 
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
-        from tl_cli.datasets import UNREADABLE
+        from tl_cli.data.datasets import UNREADABLE
 
         x, label, index = batch
         probs = self.predict_logits(x).float().softmax(1)
@@ -115,8 +115,8 @@ class Reporting:
         return probs
 
     def on_predict_epoch_end(self) -> None:
-        from tl_cli.checks import inspect_image
-        from tl_cli.reports import write_predictions
+        from tl_cli.data.screening import inspect_image
+        from tl_cli.reports.files import write_predictions
 
         got = gather_outputs(self._outputs, ("probs", "index", "unreadable"))
         self._outputs = []

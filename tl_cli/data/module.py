@@ -28,19 +28,19 @@ from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from lightning.pytorch.utilities import CombinedLoader
 from torch.utils.data import DataLoader, Dataset
 
-from tl_cli import distributed
-from tl_cli.cache import cache_root, image_ram_budget
-from tl_cli.datasets import (
+from tl_cli.cluster import distributed
+from tl_cli.data.cache import cache_root, image_ram_budget
+from tl_cli.data.datasets import (
     CachedImages,
     FeatureDataset,
     ImageFiles,
     ResumableSampler,
     worker_options,
 )
+from tl_cli.data.first_pass import Extractor, prepare
+from tl_cli.data.folders import class_folders, labelled_samples, predict_images, target_train_images
+from tl_cli.data.transforms import Augment, crop_pipeline, is_deterministic
 from tl_cli.errors import TLError
-from tl_cli.folders import class_folders, labelled_samples, predict_images, target_train_images
-from tl_cli.prepare import Extractor, prepare
-from tl_cli.transforms import Augment, crop_pipeline, is_deterministic
 
 CacheMode = Union[bool, Literal["auto"]]
 

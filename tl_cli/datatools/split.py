@@ -21,7 +21,7 @@ FLAT_NAME = re.compile(r"^([A-Za-z][A-Za-z_-]*)\.\d+\.[A-Za-z0-9]+$")
 
 
 def _images(folder: Path) -> list[Path]:
-    from tl_cli.folders import IMAGE_SUFFIXES, is_ignored
+    from tl_cli.data.folders import IMAGE_SUFFIXES, is_ignored
 
     return sorted(
         p

@@ -3,7 +3,7 @@
 - ``precision: auto``: bf16-mixed on CUDA GPUs of compute capability 8.0+, 16-mixed on older
   ones (Expanse's V100s), 32-true on CPU; decided without initialising CUDA in the process
   that launches the ranks.
-- Logs (TensorBoard + CSV) in a run folder of its own (`tl_cli.runs`), ``latest`` pointing at
+- Logs (TensorBoard + CSV) in a run folder of its own (`tl_cli.cli.runs`), ``latest`` pointing at
   the newest complete run.
 - Callbacks always present: metric synchronisation first (Lightning issue 21264), preemption
   at a batch boundary, exact resume, and a progress display fit for where the output goes
@@ -24,7 +24,7 @@ from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities import rank_zero_info
 
 from tl_cli.callbacks import ExactResume, PlainProgress, PreemptionCheckpoint, SyncEpochMetrics, TLRichProgressBar
-from tl_cli.runs import RunCSVLogger, RunFolder, RunTensorBoardLogger, mark_complete
+from tl_cli.cli.runs import RunCSVLogger, RunFolder, RunTensorBoardLogger, mark_complete
 
 
 def _visible_gpu_ids() -> Optional[list[str]]:

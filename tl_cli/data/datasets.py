@@ -26,9 +26,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, DistributedSampler
 
-from tl_cli import distributed
+from tl_cli.cluster import distributed
+from tl_cli.data.transforms import decode_resized
 from tl_cli.errors import TLError
-from tl_cli.transforms import decode_resized
 
 UNREADABLE = -2  # label of a `tolerant` dataset's item whose file could not be decoded
 
@@ -59,7 +59,7 @@ def worker_context(workers: int, world_size: int) -> Optional[multiprocessing.co
     server = "forkserver" in multiprocessing.get_all_start_methods()
     context = multiprocessing.get_context("forkserver" if server else "spawn")
     if server:  # imported once in the server, not in every worker: torch, numpy, PIL, the transforms
-        context.set_forkserver_preload(["tl_cli._forkserver", "tl_cli.datasets"])
+        context.set_forkserver_preload(["tl_cli.data._forkserver", "tl_cli.data.datasets"])
     # SLURM signals every process of the step (``--signal=SIGUSR1@90``): the fork server and
     # multiprocessing's resource tracker would die of it (the default action) before they could
     # ignore it. Started with it blocked, they keep it blocked (the tracker unblocks only SIGINT

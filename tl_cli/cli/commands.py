@@ -81,7 +81,7 @@ def _data_command(argv: list[str]) -> int:
     check.add_argument("--strict", action="store_true", help="also fail on duplicates across splits")
     args = parser.parse_args(argv)
     if args.command == "split":
-        from tl_cli.split import split_dataset
+        from tl_cli.datatools.split import split_dataset
 
         counts = {"train": args.train, "val": args.val}
         if args.test:
@@ -91,14 +91,14 @@ def _data_command(argv: list[str]) -> int:
             print(f"tl: {args.out / split_name}: " + ", ".join(f"{c} {n}" for c, n in classes.items()))
         return 0
     if args.command == "check":
-        from tl_cli.checks import check_dataset, format_report, write_json
+        from tl_cli.datatools.check import check_dataset, check_report_json, format_check_report
 
         workers = args.workers if args.workers is not None else (os.cpu_count() or 1)
         report = check_dataset(args.root, workers=workers, min_size=args.min_size, progress=not args.json)
-        print(write_json(report) if args.json else format_report(report))
+        print(check_report_json(report) if args.json else format_check_report(report))
         leaks = bool(report["duplicates"]["across_splits"])
         return 0 if report["ok"] and not (args.strict and leaks) else 1
-    from tl_cli.synth import synthesize
+    from tl_cli.datatools.synth import synthesize
 
     counts = synthesize(
         args.out_dir,
@@ -129,7 +129,8 @@ def _weights_command(argv: list[str]) -> int:
     )
     fetch.add_argument("spec", help="timm:<name> or torchvision:<name>")
     args = parser.parse_args(argv)
-    from tl_cli.backbones import cached_weights_path, create_backbone, load_weights
+    from tl_cli.backbones.factory import create_backbone
+    from tl_cli.backbones.weights import cached_weights_path, load_weights
 
     backbone = create_backbone(args.spec)
     load_weights(backbone, "imagenet")
@@ -188,8 +189,8 @@ def predict_exported(argv: list[str]) -> int:
         help="results folder: predictions.csv goes to OUTPUT/version_N/ (default: runs/predict)",
     )
     args = parser.parse_args(argv)
+    from tl_cli.cli.runs import claim, mark_complete
     from tl_cli.export import predict_with_exported
-    from tl_cli.runs import claim, mark_complete
 
     name, _ = claim(args.output)
     out = args.output / name / "predictions.csv"
@@ -230,9 +231,9 @@ def _slurm_command(argv: list[str]) -> int:
     parser.add_argument("--dry-run", action="store_true", help="print the script instead of submitting it")
     args, extra = parser.parse_known_args(argv)
     extra = [a for a in extra if a != "--"]
-    from tl_cli.slurm import render, submit
+    from tl_cli.cluster.slurm import render_job_script, submit
 
-    script = render(
+    script = render_job_script(
         args.config,
         partition=args.partition,
         account=args.account,
@@ -254,7 +255,7 @@ def _slurm_command(argv: list[str]) -> int:
 
 
 def _compare_command(argv: list[str]) -> int:
-    from tl_cli.compare import PRESETS
+    from tl_cli.cli.compare import PRESETS
 
     parser = argparse.ArgumentParser(
         prog="tl compare",
@@ -283,7 +284,7 @@ def _compare_command(argv: list[str]) -> int:
     )
     args, extra = parser.parse_known_args(argv)
     extra = [a for a in extra if a != "--"]
-    from tl_cli.compare import compare, parse_backbones, write_outputs
+    from tl_cli.cli.compare import compare, parse_backbones, write_outputs
 
     entries = compare(args.config, parse_backbones(args.backbones, args.preset), args.output, extra)
     print("\n" + write_outputs(entries, args.output))

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from tl_cli.curves import curves_svg
+from tl_cli.reports.curves import curves_svg
 
 STYLE = """
 body { font-family: sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
@@ -113,7 +113,7 @@ def _mistakes(
     preprocessing: dict[str, Any],
     limit: int,
 ) -> list[str]:
-    from tl_cli.transforms import Normalize, crop_pipeline, decode_resized
+    from tl_cli.data.transforms import Normalize, crop_pipeline, decode_resized
 
     conf, pred = probs.max(1)
     wrong = sorted((pred != target).nonzero().flatten().tolist(), key=lambda i: -float(conf[i]))[:limit]

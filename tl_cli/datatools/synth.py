@@ -58,7 +58,7 @@ def _colour(rng: np.random.Generator) -> tuple[int, ...]:
     return tuple(int(v) for v in rng.uniform(0, 255, 3))
 
 
-def render(kind: str, rng: np.random.Generator, size: int, distractors: int = DISTRACTORS) -> Image.Image:
+def render_shape(kind: str, rng: np.random.Generator, size: int, distractors: int = DISTRACTORS) -> Image.Image:
     """One image of class `kind`, with `distractors` small shapes of random classes behind it."""
     width = int(size * rng.uniform(0.85, 1.25))
     height = int(size * rng.uniform(0.75, 1.0))
@@ -131,7 +131,7 @@ def synthesize(
             folder = out / split / kind
             folder.mkdir(parents=True, exist_ok=True)
             for i in range(n):
-                render(kind, image_rng(seed, split, kind, i), size, distractors).save(
+                render_shape(kind, image_rng(seed, split, kind, i), size, distractors).save(
                     folder / f"{kind}.{i}.jpg", quality=90
                 )
             counts[split][kind] = n

@@ -1,7 +1,7 @@
 """``tl``: Lightning's fit/validate/test/predict plus tl's own commands.
 
 Lightning's subcommands go through `TLCLI` (a thin `LightningCLI`, imported only for them).
-``tl --help`` and tl's own commands (`tl_cli.commands`) start without importing torch or
+``tl --help`` and tl's own commands (`tl_cli.cli.commands`) start without importing torch or
 Lightning. User mistakes (`TLError`) are printed as one paragraph, without a traceback.
 """
 
@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from typing import Optional
 
 from tl_cli import __version__
-from tl_cli.commands import COMMANDS, TL_COMMANDS, predict_exported
+from tl_cli.cli.commands import COMMANDS, TL_COMMANDS, predict_exported
 from tl_cli.errors import TLError, find_tl_error
 
 LIGHTNING_COMMANDS = {
@@ -90,7 +90,7 @@ def _dispatch(argv: list[str]) -> int:
         return predict_exported(argv[1:])
     if argv[0] not in LIGHTNING_COMMANDS:
         raise TLError(f"Unknown command {argv[0]!r}.\n\n{usage()}")
-    from tl_cli.lightning_cli import TLCLI
+    from tl_cli.cli.lightning_cli import TLCLI
 
     try:
         TLCLI(args=lightning_args(argv))
@@ -105,7 +105,7 @@ def _close_process_group() -> None:
     finished run, and SLURM then reports the job as failed."""
     import torch.distributed as dist
 
-    from tl_cli import distributed
+    from tl_cli.cluster import distributed
 
     if dist.is_available() and dist.is_initialized():
         distributed.reset()

@@ -23,11 +23,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from tl_cli import distributed
-from tl_cli.cache import FeatureStore, ImageStore, ScreenStore, files_fingerprint, make_key
-from tl_cli.datasets import as_is, worker_options
+from tl_cli.cluster import distributed
+from tl_cli.data.cache import FeatureStore, ImageStore, ScreenStore, files_fingerprint, make_key
+from tl_cli.data.datasets import as_is, worker_options
+from tl_cli.data.transforms import crop_pipeline, decode_resized
 from tl_cli.errors import TLError
-from tl_cli.transforms import crop_pipeline, decode_resized
 
 Samples = list[tuple[Path, int]]
 
@@ -69,7 +69,7 @@ class _Decode(Dataset):
         return len(self.samples)
 
     def __getitem__(self, i: int) -> tuple[Optional[str], Optional[torch.Tensor]]:
-        from tl_cli.checks import inspect_image
+        from tl_cli.data.screening import inspect_image
 
         path = self.samples[i][0]
         if not self.inspect:

@@ -75,7 +75,7 @@ def _resolve(name: str, configured: Any, asked: Optional[int], default: int) -> 
     return fixed or asked or default
 
 
-def render(
+def render_job_script(
     configs: list[Path],
     *,
     partition: str = "gpu-shared",

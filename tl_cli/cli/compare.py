@@ -133,7 +133,7 @@ def speed(model: Any, input_size: int, batch: int = 32, repeats: int = 3) -> tup
 def run_one(
     spec: str, weights: Optional[str], configs: list[Path], out: Path, data_root: Optional[Path], extra: list[str]
 ) -> Entry:
-    from tl_cli.lightning_cli import TLCLI
+    from tl_cli.cli.lightning_cli import TLCLI
     from tl_cli.models import load_model, read_tl_checkpoint
 
     entry = Entry(spec, weights or "(config)")

@@ -47,7 +47,7 @@ def classification_metrics(target: torch.Tensor, pred: torch.Tensor, num_classes
     }
 
 
-def format_report(metrics: dict, class_names: Sequence[str]) -> str:
+def format_test_report(metrics: dict, class_names: Sequence[str]) -> str:
     width = max(12, *(len(c) for c in class_names))
     lines = [
         f"accuracy {metrics['accuracy']:.4f} on {metrics['n_samples']} images "
@@ -140,7 +140,7 @@ def plot_mistakes(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from tl_cli.transforms import load_rgb
+    from tl_cli.data.transforms import load_rgb
 
     conf, pred = probs.max(1)
     wrong = (pred != target).nonzero().flatten().tolist()
@@ -192,7 +192,7 @@ def write_test_reports(
     plot_mistakes(paths, target, probs, class_names, out_dir / "mistakes.png")
     written = "metrics.json, confusion_matrix.png, mistakes.png, predictions.csv"
     if preprocessing is not None:
-        from tl_cli.report_html import write_report
+        from tl_cli.reports.html import write_report
 
         write_report(
             out_dir / "report.html",
@@ -206,6 +206,6 @@ def write_test_reports(
             model=model,
         )
         written += ", report.html"
-    print_fn(format_report(metrics, class_names))
+    print_fn(format_test_report(metrics, class_names))
     print_fn(f"\ntl: test reports ({written}) in {out_dir}")
     return metrics

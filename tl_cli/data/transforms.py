@@ -19,7 +19,7 @@ from typing import Any, Literal
 import torch
 from PIL import Image
 
-from tl_cli.images import load_rgb, to_rgb
+from tl_cli.data.images import load_rgb, to_rgb
 
 Augment = Literal["none", "flip", "standard", "randaugment"]
 AUGMENTS: tuple[str, ...] = ("none", "flip", "standard", "randaugment")

@@ -22,11 +22,11 @@ from lightning.pytorch.callbacks import EarlyStopping
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from tl_cli.callbacks import BestAndLast, FreezeBackbone, UnfreezeSchedule
-from tl_cli.data import ImageFolderData
+from tl_cli.cli.trainer import TLTrainer
+from tl_cli.data.module import ImageFolderData
 from tl_cli.errors import TLError
 from tl_cli.models import Classifier, DomainAdaptation
 from tl_cli.models.checkpoints import model_arguments, model_class_path, read_tl_checkpoint, resolve_class
-from tl_cli.trainer import TLTrainer
 
 #: callback sections: (key, class, help)
 SECTIONS = (
@@ -216,7 +216,7 @@ class TLCLI(LightningCLI):
             self.model.hparams.lr = 1e-3
 
     def after_lr_find(self) -> None:
-        from tl_cli.runs import mark_complete
+        from tl_cli.cli.runs import mark_complete
 
         run = getattr(self.trainer, "run_folder", None)
         if run is not None and self.trainer.is_global_zero:

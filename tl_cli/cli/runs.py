@@ -21,7 +21,7 @@ from typing import Any, Optional
 
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
-from tl_cli import distributed
+from tl_cli.cluster import distributed
 
 MARKER = ".tl-run.json"
 

@@ -1,4 +1,4 @@
-"""Imported by the DataLoader workers' fork server (`tl_cli.datasets.worker_context`) only.
+"""Imported by the DataLoader workers' fork server (`tl_cli.data.datasets.worker_context`) only.
 
 SLURM signals every process of a job step (``--signal=SIGUSR1@90``), whose default action
 would kill the fork server, and then no loader could start workers after a preemption notice.

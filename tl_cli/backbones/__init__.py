@@ -1,0 +1,2 @@
+"""Backbones: the factory (`factory`: ``timm:``/``torchvision:``/``tl:`` networks, their
+preprocessing and stages) and their weights (`weights`)."""
