@@ -6,9 +6,11 @@ decoded picture goes straight on into the decoded-image cache and/or through the
 backbone into the bottleneck-feature cache. A later run with the same files reads the
 remembered screening result and the caches and decodes nothing.
 
-Under DDP every rank does every world-th sample (its share), writes its part, and rank 0
-joins the parts; every decision (what exists, what is bad) is rank 0's, broadcast, so the
-ranks never take different paths. A failure on any rank stops all of them with its message.
+Under DDP the ranks that see the same cache folder (`sharing.folder_group`: all of them for a
+shared folder, a node's ranks for node-local scratch) build its entries once: each does its
+share, writes its part, and the group's first rank joins the parts. Every decision (what is
+bad) is rank 0's group's, so the ranks never take different paths. A failure on any rank
+stops all of them with its message.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 from tl_cli.cluster import distributed
 from tl_cli.data.cache import FeatureStore, ImageStore, ScreenStore, files_fingerprint, make_key
 from tl_cli.data.datasets import as_is, worker_options
+from tl_cli.data.sharing import folder_group
 from tl_cli.data.transforms import crop_pipeline, decode_resized
 from tl_cli.errors import TLError
 
@@ -52,6 +55,8 @@ class Extractor:
 
 @dataclass
 class Prepared:
+    """A split after `screen_and_cache`: its usable samples and their caches, if asked for."""
+
     samples: Samples  # the usable samples, in order
     images: Optional[tuple[np.ndarray, np.ndarray, np.ndarray]] = None
     features: Optional[torch.Tensor] = None
@@ -151,7 +156,7 @@ def _share_pass(
     return bad
 
 
-def prepare(
+def screen_and_cache(
     where: Path,
     samples: Samples,
     preprocessing: dict[str, Any],
@@ -165,7 +170,11 @@ def prepare(
     ram_budget: int,
     say: Callable[[str], None],
 ) -> Prepared:
-    """Screen `samples` (remembered per file set) and load or build the asked-for caches."""
+    """Screen `samples` for bad images (the result is remembered per file set) and load or
+    build the caches asked for: decoded images (`images`), bottleneck features (`extractor`).
+
+    Returns the usable samples and what was cached of them.
+    """
     screen = ScreenStore(cache_dir, make_key("check", files=files_fingerprint(samples)))
     known = distributed.broadcast(screen.load())
     kept = samples if known is None else _apply(where, samples, known, on_bad_image, say)
@@ -188,49 +197,64 @@ def prepare(
         got_features = feature_store.load(len(of), extractor.dim) if feature_store else None
         return got_images, got_features, image_store.data_path if got_images is not None else None
 
+    # ranks that see the same cache folder (a node's local scratch, or one shared folder for
+    # all) build its entries once, together; every group builds its own
+    group = folder_group(cache_dir)
+    build = True
     if known is not None:
         got_images, got_features, image_file = loaded(kept)
-        # rank 0 decides whether to build, so every rank takes the same path
-        missing = distributed.broadcast((images and got_images is None, extractor is not None and got_features is None))
+        lacking = (images and got_images is None) or (extractor is not None and got_features is None)
+        missing = distributed.on_every_rank(lambda: lacking, distributed.timeout_for(len(kept), 0.0))
         if not any(missing):
             _report(say, where, len(kept), got_images, got_features, None)
             return Prepared(kept, got_images, got_features, image_file)
+        build = any(missing[r] for r in group.ranks)
     start = time.perf_counter()
     todo = samples if known is None else kept
     image_store, feature_store = stores(todo)
-    world, rank = distributed.world_size(), distributed.rank()
-    mine = todo[rank::world]
+    share = group.size
+    mine = todo[group.index :: share] if build else []
+    # the same timeout on every rank (it names the gloo group), whatever its share
+    timeout = distributed.timeout_for(len(todo))
     bad_parts = distributed.on_every_rank(
-        lambda: _share_pass(
-            mine,
-            preprocessing,
-            inspect=known is None,
-            image_store=image_store,
-            feature_store=feature_store,
-            extractor=extractor,
-            batch_size=batch_size,
-            workers=workers,
-            part=rank if world > 1 else None,
+        lambda: (
+            _share_pass(
+                mine,
+                preprocessing,
+                inspect=known is None,
+                image_store=image_store,
+                feature_store=feature_store,
+                extractor=extractor,
+                batch_size=batch_size,
+                workers=workers,
+                part=group.index if share > 1 else None,
+            )
+            if build
+            else []
         ),
-        distributed.timeout_for(len(mine)),
+        timeout,
     )
-    bad = sorted((r + world * p, problem) for r, found in enumerate(bad_parts) for p, problem in found)
+    # every decision is rank 0's group's, so all ranks keep the same samples
+    first = distributed.on_every_rank(lambda: group.ranks, timeout)[0]
+    bad = sorted((i + len(first) * p, problem) for i, r in enumerate(first) for p, problem in bad_parts[r])
     if known is None:
         problems = [{"path": str(todo[i][0]), "problem": problem} for i, problem in bad]
-        if rank == 0:
+        if group.leader:
             screen.save(problems)
         kept = _apply(where, samples, problems, on_bad_image, say)
     final_images, final_features = stores(kept)
 
-    def finish() -> None:  # rank 0: the entries of `kept` from what the pass wrote
+    def finish() -> None:  # a group's leader: the entries of `kept` from what the pass wrote
         drop = {i for i, _ in bad}
         for written, final in ((image_store, final_images), (feature_store, final_features)):
-            if written is not None and world > 1:
-                written.join_into(final, world, drop)
+            if written is not None and share > 1:
+                written.join_into(final, share, drop)
             elif written is not None and len(kept) != len(todo):
                 written.move_to(final)
 
-    distributed.on_rank_zero(finish, distributed.timeout_for(len(todo), 0.01))
+    distributed.on_every_rank(
+        lambda: finish() if build and group.leader else None, distributed.timeout_for(len(todo), 0.01)
+    )
     got_images, got_features, image_file = loaded(kept)
     if (images and got_images is None) or (extractor is not None and got_features is None):
         raise RuntimeError(f"the cache entries for {where} are missing right after they were built")
@@ -245,7 +269,7 @@ def _apply(where: Path, samples: Samples, bad: list[dict[str, str]], on_bad_imag
     listing = "\n  ".join(f"{b['path']}: {b['problem']}" for b in bad[:20])
     more = f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else ""
     if on_bad_image == "error":
-        raise distributed.everywhere(
+        raise distributed.printed_by_rank_zero(
             TLError(
                 f"{len(bad)} file(s) in {where} cannot be used:\n  {listing}{more}\n"
                 "Remove or replace them, or pass --data.on_bad_image skip to train without them "
