@@ -94,7 +94,7 @@ def main() -> None:
         dm.setup("fit")
         dm.preprocessing = prep  # standalone: no model to hand it over
         start = time.perf_counter()
-        dm.served("train")  # builds the cache: the first epoch's extra cost
+        dm.dataset_for("train")  # builds the cache: the first epoch's extra cost
         build = time.perf_counter() - start
         # batches stay uint8 through the workers; normalising them is part of the pipeline
         normalize = Normalize(prep["mean"], prep["std"])

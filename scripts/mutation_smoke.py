@@ -41,7 +41,7 @@ MUTATIONS = {
     ),
     "frozen-bn-not-pinned": (
         "tl_cli/callbacks/freezing.py",
-        "pin = not self.train_bn or (is_frozen and not self.frozen_bn_trains)",
+        'pin = self.bn_stats == "none" or (is_frozen and self.bn_stats == "unfrozen")',
         "pin = False",
         ["tests/test_training.py::test_feature_extraction_freezes_weights_and_bn_statistics"],
     ),

@@ -27,7 +27,7 @@ TINY = [
     "8",
     "--data.num_workers",
     "0",
-    "--data.steps_per_epoch",
+    "--data.min_steps_per_epoch",
     "null",
     "--trainer.accelerator",
     "cpu",

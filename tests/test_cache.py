@@ -91,10 +91,10 @@ def test_cached_features_give_the_same_metrics_as_recomputing(data, monkeypatch)
     counts = _count_extracted(monkeypatch)
     counts.append(0)
     model_a, dm_a, cached = _fit(data, test=True)
-    assert type(dm_a.served("train")).__name__ == "FeatureDataset"
+    assert type(dm_a.dataset_for("train")).__name__ == "FeatureDataset"
     assert counts == [36]  # 24 train + 12 val images, once, for two epochs
     _, dm_b, plain = _fit(data, test=True, cache_features=False, cache_images=False)
-    assert type(dm_b.served("train")).__name__ == "ImageFiles"
+    assert type(dm_b.dataset_for("train")).__name__ == "ImageFiles"
     for key in ("val/acc", "test/acc"):
         assert cached[key] == plain[key], key
     for key in ("val/loss", "test/loss", "train/loss_epoch"):
@@ -132,9 +132,9 @@ def test_a_second_model_with_other_weights_never_trains_on_the_first_ones_featur
     """The weights hash is in the key: same everything else, different weights, different features."""
     model_a, dm_a, _ = _fit(data, epochs=1, seed=0)
     model_b, dm_b, _ = _fit(data, epochs=1, seed=1)
-    assert not torch.equal(dm_a.served("train").features, dm_b.served("train").features)
+    assert not torch.equal(dm_a.dataset_for("train").features, dm_b.dataset_for("train").features)
     images = crop_pipeline("none", dm_b.preprocessing)(decode_resized(dm_b.paths("train")[0], dm_b.preprocessing))
-    assert torch.allclose(dm_b.served("train").features[0], model_b.extract_features(images[None])[0], atol=1e-5)
+    assert torch.allclose(dm_b.dataset_for("train").features[0], model_b.extract_features(images[None])[0], atol=1e-5)
 
 
 def test_first_run_decodes_each_image_once(data, monkeypatch):
@@ -165,14 +165,14 @@ def test_feature_cache_off_when_it_cannot_be_right(data, monkeypatch):
     counts = _count_extracted(monkeypatch)
     counts.append(0)
     _, dm, _ = _fit(data, epochs=1, augment="flip")  # auto: train augmented -> images; val: features
-    assert type(dm.served("train")).__name__ == "CachedImages"
-    assert type(dm.served("val")).__name__ == "FeatureDataset" and counts == [12]
+    assert type(dm.dataset_for("train")).__name__ == "CachedImages"
+    assert type(dm.dataset_for("val")).__name__ == "FeatureDataset" and counts == [12]
     with pytest.raises(TLError, match="data.augment=flip changes every training image"):
         _fit(data, epochs=1, augment="flip", cache_features=True)
     with pytest.raises(TLError, match="not frozen for the whole run"):
         _fit(data, epochs=1, cache_features=True, model_cls=FineTune, callbacks=[UnfreezeSchedule({0: 1})])
     _, dm, _ = _fit(data, epochs=1, model_cls=FineTune, callbacks=[UnfreezeSchedule({0: 1})])
-    assert type(dm.served("train")).__name__ == "CachedImages"  # auto: the backbone trains
+    assert type(dm.dataset_for("train")).__name__ == "CachedImages"  # auto: the backbone trains
 
 
 # --------------------------------------------------------------------------- decoded images
@@ -253,7 +253,7 @@ def test_ram_budget_follows_the_job_memory_limit(monkeypatch):
 def test_image_cache_serves_training_and_is_reused(data, capsys):
     cb = [UnfreezeSchedule({0: 1})]
     _, dm, metrics = _fit(data, epochs=1, augment="standard", model_cls=FineTune, callbacks=cb)
-    assert type(dm.served("train")).__name__ == "CachedImages"
+    assert type(dm.dataset_for("train")).__name__ == "CachedImages"
     assert "train: 24 decoded images prepared in" in capsys.readouterr().out
     _fit(data, epochs=1, augment="standard", model_cls=FineTune, callbacks=cb)
     assert "train: 24 decoded images loaded" in capsys.readouterr().out

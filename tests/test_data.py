@@ -42,12 +42,12 @@ def test_setup_fit_labels_and_batches(data):
     x, y, index = next(iter(dm.train_dataloader()))
     assert x.dtype == torch.uint8 and x.shape[1:] == (3, 48, 48)  # normalised on the device, later
     assert set(y.tolist()) <= {0, 1} and len(index) == len(y)
-    assert len(dm.served("train")) == 24 and len(dm.served("val")) == 12
+    assert len(dm.dataset_for("train")) == 24 and len(dm.dataset_for("val")) == 12
     assert dm.class_counts("train") == [12, 12]
 
 
 @pytest.mark.parametrize("world", [1, 2])
-def test_steps_per_epoch_makes_fresh_passes_over_small_data(world):
+def test_min_steps_per_epoch_makes_fresh_passes_over_small_data(world):
     from tl_cli.data.datasets import ResumableSampler
 
     one = ResumableSampler(10, seed=3, num_replicas=world, rank=0)
@@ -66,13 +66,24 @@ def test_steps_per_epoch_makes_fresh_passes_over_small_data(world):
         assert got[0][: len(one)] == list(one)  # the first pass is a one-pass epoch
 
 
-def test_steps_per_epoch_sets_the_number_of_training_batches(data):
+def test_min_steps_per_epoch_sets_the_number_of_training_batches(data):
     assert len(_dm(data, image_size=32, batch_size=4).train_dataloader()) == 6
-    assert len(_dm(data, image_size=32, batch_size=4, steps_per_epoch=6).train_dataloader()) == 6
-    assert len(_dm(data, image_size=32, batch_size=4, steps_per_epoch=7).train_dataloader()) == 12
-    assert len(_dm(data, image_size=32, batch_size=4, steps_per_epoch=7).val_dataloader()) == 3  # val: once
-    with pytest.raises(TLError, match="steps_per_epoch=0"):
-        ImageFolderData(root=str(data), steps_per_epoch=0)
+    assert len(_dm(data, image_size=32, batch_size=4, min_steps_per_epoch=6).train_dataloader()) == 6
+    assert len(_dm(data, image_size=32, batch_size=4, min_steps_per_epoch=7).train_dataloader()) == 12
+    assert len(_dm(data, image_size=32, batch_size=4, min_steps_per_epoch=7).val_dataloader()) == 3  # val: once
+    with pytest.raises(TLError, match="min_steps_per_epoch=0"):
+        ImageFolderData(root=str(data), min_steps_per_epoch=0)
+
+
+def test_deprecated_steps_per_epoch_still_works_and_names_its_new_key(data, capsys):
+    dm = _dm(data, image_size=32, batch_size=4, steps_per_epoch=7)
+    assert dm.min_steps_per_epoch == 7 and len(dm.train_dataloader()) == 12
+    err = capsys.readouterr().err
+    assert (
+        err.count("\n") == 1 and "data.steps_per_epoch is deprecated" in err and "use data.min_steps_per_epoch" in err
+    )
+    _dm(data, image_size=32, batch_size=4, min_steps_per_epoch=7)
+    assert capsys.readouterr().err == ""
 
 
 def test_checkpoint_class_order_wins_for_test(data):
@@ -120,7 +131,7 @@ def test_hidden_files_are_not_images(data):
 
 def test_file_going_bad_after_the_check_is_named(data):
     dm = _dm(data, cache_images=False)
-    dataset = dm.served("train")
+    dataset = dm.dataset_for("train")
     bad = data / "train" / "ellipses" / "ellipses.0.jpg"
     bad.write_bytes(bad.read_bytes()[:100])
     index = [i for i, (p, _) in enumerate(dm.samples("train")) if p == bad][0]
@@ -149,7 +160,9 @@ def test_bad_images_stop_before_training_with_the_full_list(data):
 def test_bad_images_skipped_with_a_warning_each(data, capsys):
     names = _break_files(data)
     dm = _dm(data, on_bad_image="skip")
-    assert len(dm.served("train")) == 23 and len(dm.served("val")) == 12  # 24 + empty.jpg - 2; 12 + fake.png - 1
+    assert (
+        len(dm.dataset_for("train")) == 23 and len(dm.dataset_for("val")) == 12
+    )  # 24 + empty.jpg - 2; 12 + fake.png - 1
     warned = capsys.readouterr().err
     assert all(str(p) in warned for p in names)
     kept = {p for p, _ in dm.samples("train") + dm.samples("val")}

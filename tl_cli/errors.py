@@ -1,4 +1,7 @@
-"""User-facing errors: one clear paragraph, no traceback."""
+"""User-facing errors (one clear paragraph, no traceback) and deprecation notices."""
+
+import os
+import sys
 
 
 class TLError(Exception):
@@ -23,3 +26,13 @@ def find_tl_error(exc: BaseException) -> "TLError | None":
         seen.add(id(exc))
         exc = exc.__cause__ or exc.__context__
     return None
+
+
+def warn_deprecated(old: str, new: str) -> None:
+    """Say, in one line on standard error, that config key `old` is now `new`.
+
+    Printed once per run: by rank 0 only (the rank variables of torchrun and SLURM).
+    """
+    rank = next((os.environ[k] for k in ("RANK", "SLURM_PROCID", "LOCAL_RANK") if os.environ.get(k, "").isdigit()), "0")
+    if int(rank) == 0:
+        print(f"tl: {old} is deprecated and will be removed in the next release: use {new}", file=sys.stderr)

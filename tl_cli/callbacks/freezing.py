@@ -8,9 +8,10 @@ epoch start, state in ``state_dict``) without its traps:
   ``on_train_start`` (Lightning skips ``on_train_epoch_start`` when it resumes inside an
   epoch), so a resumed run trains what an uninterrupted one would (``BaseFinetuning``
   forgets unfrozen stages on resume: Lightning issue 21901).
-- Frozen layers, and unless ``train_bn`` every BatchNorm layer of the backbone, are pinned in
-  eval mode, so their statistics never move (issue 15062: ``freeze(train_bn=False)`` kept
-  updating them), and re-pinned before every step in case anything called ``.train()``.
+- Frozen layers, and every BatchNorm layer whose statistics are not asked to update
+  (``freeze.update_bn_stats``, ``unfreeze.update_unfrozen_bn_stats``), are pinned in eval
+  mode, so their statistics never move (issue 15062: ``freeze(train_bn=False)`` kept updating
+  them), and re-pinned before every step in case anything called ``.train()``.
 - Under DDP, torch registers only the parameters that require grad when it wraps the model,
   so stages unfrozen later would never be all-reduced and every rank would fine-tune its own
   backbone. When the trainable set changes, the model is wrapped again (which also
@@ -23,15 +24,19 @@ or torchvision's top-level children), else the backbone's top-level children.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
+from typing_extensions import override
 
-from tl_cli.errors import TLError
+from tl_cli.errors import TLError, warn_deprecated
 
 BN_TYPES = (nn.modules.batchnorm._BatchNorm,)
+
+#: which BatchNorm layers of the backbone update their running statistics while training
+BNStats = Literal["none", "unfrozen", "all"]
 
 
 def backbone_stages(backbone: nn.Module) -> list[tuple[str, list[nn.Parameter]]]:
@@ -47,18 +52,15 @@ class BackboneFreezing(pl.Callback):
 
     Args:
         schedule: ``{epoch: n}``: from that epoch on, the last ``n`` backbone stages train.
-        train_bn: whether BatchNorm layers of unfrozen stages update their running statistics
-            (false keeps the pretrained statistics, better for small data sets).
+        bn_stats: which BatchNorm layers update their running statistics: ``none`` (all keep
+            the pretrained ones), ``unfrozen`` (those of trainable stages), ``all``.
     """
 
-    #: with ``train_bn``, BatchNorm layers of frozen stages update their statistics too
-    frozen_bn_trains = False
-
-    def __init__(self, schedule: Optional[dict[int, int]] = None, train_bn: bool = False) -> None:
+    def __init__(self, schedule: Optional[dict[int, int]] = None, bn_stats: BNStats = "none") -> None:
         self.schedule = {int(k): int(v) for k, v in (schedule or {}).items()}
         if any(k < 0 or v < 0 for k, v in self.schedule.items()):
             raise TLError(f"unfreeze.schedule={schedule}: epochs and stage counts must be >= 0.")
-        self.train_bn = train_bn
+        self.bn_stats = bn_stats
         self.trainable_stages = 0
         self._stages: list[tuple[str, list[nn.Parameter]]] = []
         self._pinned: list[nn.Module] = []
@@ -72,13 +74,14 @@ class BackboneFreezing(pl.Callback):
     @property
     def output_fixed(self) -> bool:
         """The backbone's output for an image never changes this run: it can be cached."""
-        return not self.unfreezes and not (self.train_bn and self.frozen_bn_trains)
+        return not self.unfreezes and self.bn_stats != "all"
 
     def stages_for_epoch(self, epoch: int) -> int:
         """How many trailing backbone stages train at `epoch` under the schedule."""
         applicable = [k for k in self.schedule if k <= epoch]
         return min(self.schedule[max(applicable)], len(self._stages)) if applicable else 0
 
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
@@ -110,12 +113,15 @@ class BackboneFreezing(pl.Callback):
                     )
                 )
 
+    @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.apply(trainer, pl_module, trainer.current_epoch)  # resumed runs, inside an epoch too
 
+    @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.apply(trainer, pl_module, trainer.current_epoch)
 
+    @override
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
@@ -149,7 +155,7 @@ class BackboneFreezing(pl.Callback):
             )
             frozen[name] = is_frozen
             if isinstance(module, BN_TYPES):
-                pin = not self.train_bn or (is_frozen and not self.frozen_bn_trains)
+                pin = self.bn_stats == "none" or (is_frozen and self.bn_stats == "unfrozen")
             else:
                 pin = is_frozen
             module.training = training and not pin
@@ -167,13 +173,15 @@ class BackboneFreezing(pl.Callback):
             self._registered = trainable  # what DDP registers when it wraps the model
             return
         if trainable != self._registered:
+            # Lightning 2.6 has no public way to re-wrap a model in DDP: its strategy's own steps
             strategy.model = strategy._setup_model(pl_module)
             strategy._register_ddp_hooks()
             self._registered = trainable
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         # informational: the trainable stages are a function of the epoch, restored from it
-        return {"schedule": self.schedule, "train_bn": self.train_bn, "trainable_stages": self.trainable_stages}
+        return {"schedule": self.schedule, "bn_stats": self.bn_stats, "trainable_stages": self.trainable_stages}
 
 
 class FreezeBackbone(BackboneFreezing):
@@ -181,15 +189,17 @@ class FreezeBackbone(BackboneFreezing):
     the whole run; its output is then cached (``data.cache_features``).
 
     Args:
-        train_bn: let the frozen backbone's BatchNorm layers update their running statistics
-            on the new images (their weights stay frozen; adapts the normalisation to a data set
-            far from ImageNet, at the price of the feature cache: the features then change).
+        update_bn_stats: let the frozen backbone's BatchNorm layers update their running
+            statistics on the new images (their weights stay frozen): adapts the normalisation
+            to images far from ImageNet, at the price of the feature cache.
+        train_bn: deprecated: use update_bn_stats.
     """
 
-    frozen_bn_trains = True
-
-    def __init__(self, train_bn: bool = False) -> None:
-        super().__init__(schedule=None, train_bn=train_bn)
+    def __init__(self, update_bn_stats: bool = False, train_bn: Optional[bool] = None) -> None:
+        if train_bn is not None:
+            warn_deprecated("freeze.train_bn", "freeze.update_bn_stats")
+            update_bn_stats = train_bn
+        super().__init__(schedule=None, bn_stats="all" if update_bn_stats else "none")
 
 
 class UnfreezeSchedule(BackboneFreezing):
@@ -199,9 +209,19 @@ class UnfreezeSchedule(BackboneFreezing):
         schedule: ``{epoch: n}``: from that epoch on, the last ``n`` backbone stages train
             (``tl fit`` prints the backbone's stages). Example: ``{0: 2, 3: 4}``. Empty or
             null: nothing unfreezes.
-        train_bn: whether BatchNorm layers of unfrozen stages update their running statistics
-            (false keeps the pretrained statistics, better for small data sets).
+        update_unfrozen_bn_stats: whether BatchNorm layers of unfrozen stages update their
+            running statistics (false keeps the pretrained statistics, better for small data
+            sets); those of frozen stages never do.
+        train_bn: deprecated: use update_unfrozen_bn_stats.
     """
 
-    def __init__(self, schedule: Optional[dict[int, int]] = None, train_bn: bool = False) -> None:
-        super().__init__(schedule=schedule, train_bn=train_bn)
+    def __init__(
+        self,
+        schedule: Optional[dict[int, int]] = None,
+        update_unfrozen_bn_stats: bool = False,
+        train_bn: Optional[bool] = None,
+    ) -> None:
+        if train_bn is not None:
+            warn_deprecated("unfreeze.train_bn", "unfreeze.update_unfrozen_bn_stats")
+            update_unfrozen_bn_stats = train_bn
+        super().__init__(schedule=schedule, bn_stats="unfrozen" if update_unfrozen_bn_stats else "none")

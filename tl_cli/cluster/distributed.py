@@ -63,8 +63,8 @@ def reset() -> None:
     _GROUPS.clear()
 
 
-def everywhere(exc: TLError) -> TLError:
-    """Mark an error every rank meets alike: only rank 0 prints it."""
+def printed_by_rank_zero(exc: TLError) -> TLError:
+    """Mark an error that every rank raises alike, so that only rank 0 prints it."""
     exc.quiet = rank() != 0
     return exc
 

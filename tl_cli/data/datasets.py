@@ -236,7 +236,7 @@ class ResumableSampler(DistributedSampler):
     is rather than wrapping it in one that reshuffles).
 
     `passes` > 1 makes an epoch that many passes over the data, each in an order of its own and
-    with augmentation seeds of its own (`data.steps_per_epoch`: small sets get enough steps an
+    with augmentation seeds of its own (`data.min_steps_per_epoch`: small sets get enough steps an
     epoch for schedules that count in epochs, as TLlib's ``iters_per_epoch``).
     """
 

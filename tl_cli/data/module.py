@@ -37,28 +37,30 @@ from tl_cli.data.datasets import (
     ResumableSampler,
     worker_options,
 )
-from tl_cli.data.first_pass import Extractor, prepare
+from tl_cli.data.first_pass import Extractor, screen_and_cache
 from tl_cli.data.folders import class_folders, labelled_samples, predict_images, target_train_images
 from tl_cli.data.transforms import Augment, crop_pipeline, is_deterministic
-from tl_cli.errors import TLError
+from tl_cli.errors import TLError, warn_deprecated
 
 CacheMode = Union[bool, Literal["auto"]]
 
 
-def _check_sizes(batch_size: int, steps_per_epoch: Optional[int], image_size: Optional[int]) -> None:
+def _check_sizes(batch_size: int, min_steps_per_epoch: Optional[int], image_size: Optional[int]) -> None:
     if batch_size < 1:
         raise TLError(f"data.batch_size={batch_size} must be at least 1.")
-    if steps_per_epoch is not None and steps_per_epoch < 1:
-        raise TLError(f"data.steps_per_epoch={steps_per_epoch} must be at least 1, or null (one pass an epoch).")
+    if min_steps_per_epoch is not None and min_steps_per_epoch < 1:
+        raise TLError(
+            f"data.min_steps_per_epoch={min_steps_per_epoch} must be at least 1, or null (one pass an epoch)."
+        )
     if image_size is not None and image_size < 16:
         raise TLError(f"data.image_size={image_size} is too small; use at least 16 pixels or null.")
 
 
-def passes_for(steps: Optional[int], n: int, world: int, batch_size: int) -> int:
-    """Passes over `n` training samples an epoch for at least `steps` batches a rank."""
-    if steps is None:
+def passes_for(min_steps: Optional[int], n: int, world: int, batch_size: int) -> int:
+    """Passes over `n` training samples an epoch for at least `min_steps` batches a rank."""
+    if min_steps is None:
         return 1
-    return max(1, math.ceil(steps / math.ceil(math.ceil(n / world) / batch_size)))
+    return max(1, math.ceil(min_steps / math.ceil(math.ceil(n / world) / batch_size)))
 
 
 def validation_sampler(dataset: Dataset) -> Optional[UnrepeatedDistributedSampler]:
@@ -83,10 +85,10 @@ class ImageFolderData(pl.LightningDataModule):
         root: folder holding ``train/`` and ``val/`` (and ``test/`` for `tl test`), each with one
             sub-folder per class (``data/catsVsDogs/train/cats/cat.1.jpg``). See data/README.md.
         batch_size: images per batch (per device; domain adaptation: per domain).
-        steps_per_epoch: at least this many training batches an epoch (per device): a small
-            training set is passed over several times an epoch, each pass in a fresh order
-            with fresh augmentations (TLlib's ``iters_per_epoch``); null: one pass an epoch.
-            Epoch-counted settings (warmup, schedules, patience) then count these longer epochs.
+        min_steps_per_epoch: at least this many training batches an epoch (per device): a
+            small training set is passed over several times an epoch, each pass in a fresh
+            order with fresh augmentations (TLlib's ``iters_per_epoch``); null: one pass an
+            epoch. Epoch-counted settings (warmup, schedules, patience) count these epochs.
         num_workers: DataLoader worker processes; null picks min(8, available CPU cores).
         augment: train-time augmentation: ``none`` (deterministic), ``flip`` (horizontal flip),
             ``standard`` (random resized crop + flip), ``randaugment`` (standard + RandAugment).
@@ -109,13 +111,14 @@ class ImageFolderData(pl.LightningDataModule):
             once before the first epoch, in the same pass that fills the caches; the result is
             remembered until the files change): ``error`` stops with the list of bad files;
             ``skip`` leaves them out and warns with each one's name.
+        steps_per_epoch: deprecated: use min_steps_per_epoch.
     """
 
     def __init__(
         self,
         root: str = "data/catsVsDogs",
         batch_size: int = 32,
-        steps_per_epoch: Optional[int] = None,
+        min_steps_per_epoch: Optional[int] = None,
         num_workers: Optional[int] = None,
         augment: Augment = "none",
         image_size: Optional[int] = None,
@@ -125,11 +128,15 @@ class ImageFolderData(pl.LightningDataModule):
         cache_images: CacheMode = "auto",
         cache_dir: Optional[str] = None,
         on_bad_image: Literal["error", "skip"] = "error",
+        steps_per_epoch: Optional[int] = None,
     ) -> None:
         super().__init__()
-        _check_sizes(batch_size, steps_per_epoch, image_size)
+        if steps_per_epoch is not None:
+            warn_deprecated("data.steps_per_epoch", "data.min_steps_per_epoch")
+            min_steps_per_epoch = steps_per_epoch
+        _check_sizes(batch_size, min_steps_per_epoch, image_size)
         self.root = Path(root)
-        self.steps_per_epoch = steps_per_epoch
+        self.min_steps_per_epoch = min_steps_per_epoch
         self.batch_size, self.num_workers, self.augment, self.image_size = batch_size, num_workers, augment, image_size
         self.predict_dir = Path(predict_dir) if predict_dir else None
         self.target_root = Path(target_root) if target_root else None
@@ -139,7 +146,7 @@ class ImageFolderData(pl.LightningDataModule):
         self.preprocessing: Optional[dict[str, Any]] = None
         self._extractor: Optional[Extractor] = None
         self._samples: dict[str, list[tuple[Path, int]]] = {}
-        self._served: dict[str, Dataset] = {}
+        self._datasets: dict[str, Dataset] = {}
         self._seed: Optional[int] = None
         self._resume: Optional[dict[str, int]] = None
 
@@ -155,7 +162,7 @@ class ImageFolderData(pl.LightningDataModule):
         split = {"fit": "train", "validate": "val", "test": "test"}.get(stage)
         if split and self.class_names is None:
             self.class_names = class_folders(self.root / split)
-        self._samples, self._served = {}, {}
+        self._samples, self._datasets = {}, {}
 
     def offer_features(self, extractor: Extractor) -> None:
         """The backbone stays frozen for the whole run: its output may be cached."""
@@ -224,10 +231,10 @@ class ImageFolderData(pl.LightningDataModule):
                 )
         return self.cache_features is not False and self._extractor is not None and is_deterministic(augment)
 
-    def served(self, split: str) -> Dataset:
+    def dataset_for(self, split: str) -> Dataset:
         """The dataset a loader of `split` iterates: cached features, cached images, or files."""
-        if split in self._served:
-            return self._served[split]
+        if split in self._datasets:
+            return self._datasets[split]
         if self.preprocessing is None:
             raise TLError("ImageFolderData needs preprocessing (set by the model) before loading data.")
         prep, augment = self.preprocessing, self.augment if split.endswith("train") else "none"
@@ -236,7 +243,7 @@ class ImageFolderData(pl.LightningDataModule):
         if split == "predict":
             dataset: Dataset = ImageFiles(self.samples(split), prep, crop_pipeline("none", prep), tolerant=True)
         else:
-            ready = prepare(
+            ready = screen_and_cache(
                 self._folder(split),
                 self.samples(split),
                 prep,
@@ -257,7 +264,7 @@ class ImageFolderData(pl.LightningDataModule):
                 dataset = CachedImages(*ready.images, labels, crop_pipeline(augment, prep), file=ready.image_file)
             else:
                 dataset = ImageFiles(ready.samples, prep, crop_pipeline(augment, prep))
-        self._served[split] = dataset
+        self._datasets[split] = dataset
         return dataset
 
     # -- loaders ------------------------------------------------------------------------------
@@ -283,7 +290,7 @@ class ImageFolderData(pl.LightningDataModule):
             print(f"tl: {text}", flush=True, file=sys.stderr if text.startswith("warning") else sys.stdout)
 
     def _loader(self, split: str, shuffle: bool = False) -> DataLoader:
-        dataset = self.served(split)
+        dataset = self.dataset_for(split)
         # features are tensors in memory already: worker processes would only add latency
         workers = 0 if isinstance(dataset, FeatureDataset) else self._workers()
         if self._seed is None:  # the same order on every rank, whatever each was seeded with
@@ -296,7 +303,7 @@ class ImageFolderData(pl.LightningDataModule):
                 self._seed,
                 world,
                 distributed.rank(),
-                passes_for(self.steps_per_epoch, len(dataset), world, self.batch_size),
+                passes_for(self.min_steps_per_epoch, len(dataset), world, self.batch_size),
             )
             if self._resume:
                 sampler.resume_at(batch_size=self.batch_size, **self._resume)

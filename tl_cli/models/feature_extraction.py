@@ -56,8 +56,8 @@ class FeatureExtraction(StartingPoint, Classifier):
         from tl_cli.models.probe import fit_linear_probe
 
         dm = self.trainer.datamodule
-        served = getattr(dm, "served", None)
-        sets = [served(s) for s in ("train", "val")] if served else []
+        dataset_for = getattr(dm, "dataset_for", None)
+        sets = [dataset_for(s) for s in ("train", "val")] if dataset_for else []
         if len(sets) != 2 or not all(isinstance(s, FeatureDataset) for s in sets):
             self.print("tl: head_init probe needs cached features (data.augment none); the head starts random")
             return
