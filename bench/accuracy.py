@@ -97,7 +97,7 @@ def one(name: str, seed: int, epochs: list[str], args: argparse.Namespace) -> di
     shutil.rmtree(runs / "ft", ignore_errors=True)  # `latest` is this run's, whatever ran before
     ft = ["--model.init_from", fe_best, *args.ft_args, "-o", runs / "ft"]
     out = tl("fit", "--config", "configs/finetune.yaml", *common, *epochs, *ft)
-    # which epoch best.ckpt holds, or that the starting point stayed best (item 1 of issue 12)
+    # which epoch best.ckpt holds, or that the starting point stayed best
     verdict = [
         line
         for line in out.splitlines()
@@ -148,7 +148,7 @@ def main() -> None:
             rows.append(f"| {name} ({kind}) | {_fmt(col['probe'])} | {_fmt(col['fe'])} | | | | {_fmt(gain_fe)} | | |")
             continue
         gain_ft = [r["ft"] - max(r["fe"], r["probe"]) for r in results]
-        # issue 12's yardstick: fine-tuning against the tuned probe, per seed (paired: same split)
+        # the yardstick: fine-tuning against the tuned probe, per seed (paired: same split)
         over_probe = [r["ft"] - r["probe"] for r in results]
         above = sum(g > 0 for g in over_probe)
         rows.append(

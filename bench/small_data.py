@@ -56,7 +56,7 @@ def main() -> None:
     ]
     fit += [
         "--data.image_size",
-        "224",  # demo.yaml trains at 128 px since the demo set got harder; the targets were set at 224
+        "224",  # the targets were set at 224 px (demo.yaml trains at 128)
         "--data.root",
         str(data),
         "--trainer.max_epochs",

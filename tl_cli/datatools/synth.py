@@ -2,15 +2,15 @@
 
 Each image shows one large filled shape (the class) over a random colour gradient with noise,
 a few thin lines and a few smaller shapes, each any of the four (distractors, at most two
-thirds of the class shape's radius, also in a set of fewer classes). Shape colour, background colour, size, aspect, rotation and position
-are drawn independently of the class, so the mean colour and brightness of an image say
-nothing about its class; a classifier has to find the largest outline. Every image is a
-function of (seed, split, class, index) alone: the same command writes the same bytes.
+thirds of the class shape's radius, also in a set of fewer classes). Shape colour, background
+colour, size, aspect, rotation and position are drawn independently of the class, so the mean
+colour and brightness of an image say nothing about its class; a classifier has to find the
+largest outline. Every image is a function of (seed, split, class, index) alone: the same
+command writes the same bytes.
 
-Why distractors: without them ImageNet features separate the shapes almost perfectly, so the
-demo's feature extraction and fine-tuning both end at 100 % and show nothing. Pooled frozen
-features mix the small shapes in with the large one (a tuned linear probe: about 0.85 on four
-classes); fine-tuning learns to tell them apart (about 0.90+ after 100 steps at 128 px).
+Why distractors: without them frozen ImageNet features already separate the shapes, and the
+demo could not show what fine-tuning adds. Pooled frozen features mix the small shapes in with
+the large one; fine-tuning learns to tell them apart (figures: bench/README.md).
 """
 
 from __future__ import annotations

@@ -10,8 +10,8 @@ from collections.abc import Sequence
 def curves_svg(history: Sequence[dict[str, float]]) -> str:
     """Loss and accuracy per epoch, train and val, side by side, as an SVG document.
 
-    Written by hand rather than with matplotlib: importing and rendering with it costs most of a
-    second, at the end of every `tl fit`, more than a cached-feature run's whole training.
+    Written by hand rather than with matplotlib, whose import and rendering at the end of every
+    `tl fit` would cost more than a cached-feature run's whole training.
     """
     width, height, pad = 420, 300, 48
     colours = {"train": "#1f77b4", "val": "#ff7f0e"}
