@@ -18,6 +18,8 @@ TL_COMMANDS = {
     "slurm": "render a SLURM batch script from a config (ntasks = devices, nodes = num_nodes); submit it",
     "weights fetch": "download a backbone's pretrained weights into the cache (run on a login node)",
     "compare": "feature extraction with each of several backbones on your data: a leaderboard",
+    "sweep": "a grid of runs over config keys, here or as one SLURM job array (--slurm)",
+    "sweep gather": "the runs of a sweep, finished or failed, as a leaderboard",
 }
 
 
@@ -297,7 +299,104 @@ def _compare_command(argv: list[str]) -> int:
     return 0 if ok else 1
 
 
+def _sweep_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tl sweep",
+        usage="tl sweep -c CONFIG --grid KEY=V1,V2 [--grid ...] [-o DIR] [--slurm ...] [-- FIT ARGS]\n"
+        "       tl sweep gather DIR",
+        description=(
+            "Run `tl fit` for every combination of the --grid values, each in DIR/point_<i>/ "
+            "(its own run folder, checkpoints and logs/point_<i>.log). Here: one after the other. "
+            "With --slurm: one job array (array_<job>_<task>/ run folders), at most --max-concurrent "
+            "tasks at once, --runs-per-task small runs side by side on one GPU. Then `tl sweep gather "
+            "DIR` writes DIR/leaderboard.csv and leaderboard.png and prints the table, best validation "
+            "accuracy first, failed runs with their error. Arguments after -- go to every `tl fit`."
+        ),
+    )
+    parser.add_argument("-c", "--config", action="append", type=Path, required=True)
+    parser.add_argument(
+        "--grid",
+        action="append",
+        default=[],
+        metavar="KEY=V1,V2",
+        help="a config key and its values, e.g. model.lr=1e-3,1e-4 or 'unfreeze.schedule={0: 2},{0: 4}'",
+    )
+    parser.add_argument("-o", "--output", type=Path, default=None, help="sweep folder (default runs/sweep_<config>)")
+    slurm = parser.add_argument_group("SLURM (with --slurm)")
+    slurm.add_argument("--slurm", action="store_true", help="submit one job array instead of running here")
+    slurm.add_argument("--dry-run", action="store_true", help="print the array script instead of submitting it")
+    slurm.add_argument("--max-concurrent", type=int, default=None, help="array tasks running at once (%%N)")
+    slurm.add_argument("--runs-per-task", type=int, default=1, help="runs side by side in one task (one GPU)")
+    slurm.add_argument("--partition", default="gpu-shared")
+    slurm.add_argument("--account", default=None)
+    slurm.add_argument("--cpu", action="store_true", help="CPU tasks instead of one GPU each")
+    slurm.add_argument("--cpus-per-task", type=int, default=10)
+    slurm.add_argument("--mem", default="92G")
+    slurm.add_argument("--time", default="04:00:00")
+    slurm.add_argument("--job-name", default="tl-sweep")
+    slurm.add_argument("--venv", default=os.environ.get("VIRTUAL_ENV", ".venv"))
+    return parser
+
+
+def _gather_command(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="tl sweep gather",
+        description="Write DIR/leaderboard.csv and leaderboard.png from the runs of the sweep in DIR "
+        "(finished, requeued, failed with their error, not started) and print the table.",
+    )
+    parser.add_argument("folder", type=Path)
+    args = parser.parse_args(argv)
+    from tl_cli.cli.compare import write_outputs
+    from tl_cli.cli.sweep import gather
+
+    entries = gather(args.folder)
+    print(write_outputs(entries, args.folder))
+    print(f"\ntl: leaderboard.csv and leaderboard.png in {args.folder}")
+    return 0 if any(e.status == "ok" for e in entries) else 1
+
+
+def _sweep_command(argv: list[str]) -> int:
+    if argv[:1] == ["gather"]:
+        return _gather_command(argv[1:])
+    args, extra = _sweep_parser().parse_known_args(argv)
+    extra = [a for a in extra if a != "--"]
+    from tl_cli.cli.sweep import make_plan, parse_grid, points, render_array_script, run_here
+
+    grid = parse_grid(args.grid)
+    folder = args.output or Path("runs") / f"sweep_{args.config[-1].stem}"
+    plan = make_plan(args.config, points(grid), folder, extra, runs_per_task=args.runs_per_task)
+    if not args.dry_run:
+        print(f"tl sweep: {len(plan['points'])} runs in {folder}")
+    if not args.slurm:
+        failed = run_here(plan)
+        print(f"tl sweep: done ({failed} failed); the leaderboard: tl sweep gather {folder}")
+        return 0 if failed < len(plan["points"]) else 1
+    from tl_cli.cluster.slurm import submit
+
+    script = render_array_script(
+        plan,
+        runs_per_task=args.runs_per_task,
+        max_concurrent=args.max_concurrent,
+        cpu=args.cpu,
+        cpus_per_task=args.cpus_per_task,
+        job_name=args.job_name,
+        account=args.account,
+        partition=args.partition,
+        mem=args.mem,
+        time_limit=args.time,
+        venv=args.venv,
+    )
+    (folder / "sweep.sbatch").write_text(script)
+    if args.dry_run:
+        print(script, end="")
+        return 0
+    print(f"tl: {submit(script, args.job_name)}")
+    print(f"tl sweep: watch with `squeue --me`; then: tl sweep gather {folder}")
+    return 0
+
+
 COMMANDS = {
+    "sweep": _sweep_command,
     "data": _data_command,
     "export": _export_command,
     "slurm": _slurm_command,

@@ -56,6 +56,7 @@ COLUMNS = [
     "images_per_s",
     "latency_ms",
     "checkpoint",
+    "settings",
     "note",
 ]
 
@@ -76,6 +77,7 @@ class Entry:
     checkpoint: str = ""
     note: str = ""
     rank: Optional[int] = field(default=None)
+    settings: str = ""  # a sweep's grid point (``model.lr=1e-3 ...``); empty for tl compare
 
 
 def parse_backbones(specs: list[str], preset: Optional[str]) -> list[tuple[str, Optional[str]]]:
@@ -97,7 +99,7 @@ def _slug(spec: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", spec)
 
 
-def _best_val_acc(run: Path, ckpt: dict[str, Any]) -> Optional[float]:
+def best_val_acc(run: Path, ckpt: dict[str, Any]) -> Optional[float]:
     """val/acc of the epoch best.ckpt was taken at (metrics.csv)."""
     try:
         with open(run / "metrics.csv", newline="") as fh:
@@ -156,7 +158,7 @@ def run_one(
     best = folder / "latest" / "checkpoints" / "best.ckpt"
     ckpt = read_tl_checkpoint(best)
     entry.checkpoint = str(best)
-    entry.val_acc = _best_val_acc(best.parent.parent, ckpt)
+    entry.val_acc = best_val_acc(best.parent.parent, ckpt)
     if data_root is not None and (data_root / "test").is_dir():
         test_dir = folder / "test"
         TLCLI(
@@ -213,12 +215,13 @@ def write_outputs(entries: list[Entry], out: Path) -> str:
         for e in entries:
             writer.writerow({k: ("" if v is None else v) for k, v in asdict(e).items()})
     fmt = lambda v, p=4: "-" if v is None else (f"{v:.{p}f}" if isinstance(v, float) else str(v))  # noqa: E731
+    width = max([34, *(len(e.settings) for e in entries)])
     lines = [
-        f"{'#':>2} {'backbone':<34} {'val acc':>8} {'test acc':>8} {'params M':>8} {'feat':>5} {'px':>4} {'img/s':>7} {'ms/img':>7}  status"
+        f"{'#':>2} {'run' if any(e.settings for e in entries) else 'backbone':<{width}} {'val acc':>8} {'test acc':>8} {'params M':>8} {'feat':>5} {'px':>4} {'img/s':>7} {'ms/img':>7}  status"
     ]
     for e in entries:
         lines.append(
-            f"{fmt(e.rank):>2} {e.backbone:<34} {fmt(e.val_acc):>8} {fmt(e.test_acc):>8} {fmt(e.params_m, 1):>8} "
+            f"{fmt(e.rank):>2} {e.settings or e.backbone:<{width}} {fmt(e.val_acc):>8} {fmt(e.test_acc):>8} {fmt(e.params_m, 1):>8} "
             f"{fmt(e.features):>5} {fmt(e.input_size):>4} {fmt(e.images_per_s, 1):>7} {fmt(e.latency_ms, 1):>7}  "
             + (e.status if e.status == "ok" else f"{e.status}: {e.note}")
         )

@@ -52,12 +52,16 @@ def claim(root: Path) -> tuple[str, bool]:
     root.mkdir(parents=True, exist_ok=True)
     earlier = _continued(root)
     if earlier:
+        _count_restart(root / earlier)
         return earlier, True
     array, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
     if array and task:
         name = f"array_{array}_{task}"
-        continued = (root / name).is_dir()
+        continued = (root / name / MARKER).is_file()
         (root / name).mkdir(exist_ok=True)
+        if continued:
+            _count_restart(root / name)
+            return name, True
     else:
         taken = [int(m.group(1)) for p in root.iterdir() if (m := re.fullmatch(r"version_(\d+)", p.name))]
         n = max(taken, default=-1) + 1
@@ -72,6 +76,16 @@ def claim(root: Path) -> tuple[str, bool]:
     marker["started"] = time.strftime("%Y-%m-%d %H:%M:%S")
     (root / name / MARKER).write_text(json.dumps(marker) + "\n")
     return name, continued
+
+
+def _count_restart(folder: Path) -> None:
+    """Record in the run's marker that a requeued job continued it (`tl sweep gather` says so)."""
+    try:
+        marker = json.loads((folder / MARKER).read_text())
+    except (OSError, ValueError):
+        return
+    marker["restarts"] = int(marker.get("restarts", 0)) + 1
+    (folder / MARKER).write_text(json.dumps(marker) + "\n")
 
 
 def mark_complete(root: Path, name: str) -> None:

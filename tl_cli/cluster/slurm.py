@@ -75,6 +75,55 @@ def _resolve(name: str, configured: Any, asked: Optional[int], default: int) -> 
     return fixed or asked or default
 
 
+def job_header(
+    what: str,
+    *,
+    job_name: str,
+    account: Optional[str],
+    partition: str,
+    nodes: int,
+    tasks_per_node: int,
+    gpus_per_node: int,
+    cpus_per_task: int,
+    mem: str,
+    time_limit: str,
+    venv: str,
+    output: str = "slurm-%x-%j.out",
+    array: Optional[str] = None,
+) -> list[str]:
+    """The ``#SBATCH`` lines and the environment set-up every tl batch script starts with."""
+    lines = [
+        "#!/usr/bin/env bash",
+        f"# Rendered by `tl` on {time.strftime('%Y-%m-%d %H:%M')}: {what}",
+        f"#SBATCH --job-name={job_name}",
+    ]
+    if account:
+        lines.append(f"#SBATCH --account={account}")
+    lines += [
+        f"#SBATCH --partition={partition}",
+        f"#SBATCH --nodes={nodes}                    # = trainer.num_nodes",
+        f"#SBATCH --ntasks-per-node={tasks_per_node}          # = trainer.devices",
+    ]
+    if gpus_per_node:
+        lines.append(f"#SBATCH --gpus-per-node={gpus_per_node}")
+    if array:
+        lines.append(f"#SBATCH --array={array}")
+    lines += [
+        f"#SBATCH --cpus-per-task={cpus_per_task}",
+        f"#SBATCH --mem={mem}",
+        f"#SBATCH --time={time_limit}",
+        "#SBATCH --signal=SIGUSR1@90          # Lightning saves hpc_ckpt_N.ckpt and requeues the job",
+        "#SBATCH --requeue",
+        f"#SBATCH --output={output}",
+        "#SBATCH --open-mode=append           # a requeued job's log continues the first one's",
+        "",
+        "set -euo pipefail",
+        f"source {shlex.quote(venv)}/bin/activate",
+        "export HF_HUB_OFFLINE=1              # compute nodes: weights come from the cache (tl weights fetch)",
+    ]
+    return lines
+
+
 def render_job_script(
     configs: list[Path],
     *,
@@ -98,34 +147,19 @@ def render_job_script(
     n_nodes = _resolve("num_nodes", trainer.get("num_nodes"), nodes, 1)
     n_devices = _resolve("devices", trainer.get("devices"), devices, 1)
     accelerator = "cpu" if cpu else "gpu"
-    lines = [
-        "#!/usr/bin/env bash",
-        f"# Rendered by `tl slurm` on {time.strftime('%Y-%m-%d %H:%M')}: {n_nodes} node(s) x {n_devices} "
-        f"{'process(es)' if cpu else 'GPU(s)'}, one DDP process per device.",
-        f"#SBATCH --job-name={job_name}",
-    ]
-    if account:
-        lines.append(f"#SBATCH --account={account}")
-    lines += [
-        f"#SBATCH --partition={partition}",
-        f"#SBATCH --nodes={n_nodes}                    # = trainer.num_nodes",
-        f"#SBATCH --ntasks-per-node={n_devices}          # = trainer.devices",
-    ]
-    if not cpu:
-        lines.append(f"#SBATCH --gpus-per-node={n_devices}")
-    lines += [
-        f"#SBATCH --cpus-per-task={cpus_per_task}",
-        f"#SBATCH --mem={mem}",
-        f"#SBATCH --time={time_limit}",
-        "#SBATCH --signal=SIGUSR1@90          # Lightning saves hpc_ckpt_N.ckpt and requeues the job",
-        "#SBATCH --requeue",
-        "#SBATCH --output=slurm-%x-%j.out",
-        "#SBATCH --open-mode=append           # a requeued job's log continues the first one's",
-        "",
-        "set -euo pipefail",
-        f"source {shlex.quote(venv)}/bin/activate",
-        "export HF_HUB_OFFLINE=1              # compute nodes: weights come from the cache (tl weights fetch)",
-    ]
+    lines = job_header(
+        f"{n_nodes} node(s) x {n_devices} {'process(es)' if cpu else 'GPU(s)'}, one DDP process per device.",
+        job_name=job_name,
+        account=account,
+        partition=partition,
+        nodes=n_nodes,
+        tasks_per_node=n_devices,
+        gpus_per_node=0 if cpu else n_devices,
+        cpus_per_task=cpus_per_task,
+        mem=mem,
+        time_limit=time_limit,
+        venv=venv,
+    )
     # srun does not inherit sbatch's --cpus-per-task (Slurm >= 22.05): DataLoader workers
     # would share one core; --kill-on-bad-exit: a rank that dies takes the others with it
     # instead of leaving them waiting in a collective until the time limit
