@@ -18,6 +18,7 @@ from tl_cli.cli.trainer import resolve_precision
 CONTRACT_KEYS = [
     "data.root",
     "data.batch_size",
+    "data.min_steps_per_epoch",
     "data.num_workers",
     "data.augment",
     "data.image_size",
@@ -33,9 +34,9 @@ CONTRACT_KEYS = [
     "model.optimizer",
     "model.scheduler",
     "model.class_weights",
-    "freeze.train_bn",
+    "freeze.update_bn_stats",
     "unfreeze.schedule",
-    "unfreeze.train_bn",
+    "unfreeze.update_unfrozen_bn_stats",
     "early_stopping.patience",
     "checkpoint.monitor",
     "trainer.precision",
@@ -126,6 +127,47 @@ def test_callback_sections_are_one_short_flag_away():
     )
     names = {type(c).__name__ for c in cli.trainer.callbacks}
     assert "EarlyStopping" not in names and not any("Progress" in n for n in names)
+    cli = _cli("--config", CONFIGS / "finetune.yaml", "--trainer.callbacks", "LearningRateMonitor")
+    names = [type(c).__name__ for c in cli.trainer.callbacks]
+    assert {"LearningRateMonitor", "UnfreezeSchedule", "EarlyStopping", "BestAndLast"} <= set(names)
+    assert len(names) == len(set(names))  # each once
+
+
+DEPRECATED = [  # (section, old key, value, new key, attribute, value it sets)
+    ("freeze", "train_bn", "true", "update_bn_stats", "bn_stats", "all"),
+    ("unfreeze", "train_bn", "true", "update_unfrozen_bn_stats", "bn_stats", "unfrozen"),
+    ("data", "steps_per_epoch", "5", "min_steps_per_epoch", "min_steps_per_epoch", 5),
+]
+
+
+def _built(cli, section):
+    if section == "data":
+        return cli.datamodule
+    cls = {"freeze": "FreezeBackbone", "unfreeze": "UnfreezeSchedule"}[section]
+    return next(c for c in cli.trainer.callbacks if type(c).__name__ == cls)
+
+
+@pytest.mark.parametrize(("section", "old", "value", "new", "attribute", "expected"), DEPRECATED)
+def test_deprecated_keys_still_work_and_name_their_new_key(
+    section, old, value, new, attribute, expected, tmp_path, capsys
+):
+    config = CONFIGS / ("feature_extract.yaml" if section == "freeze" else "finetune.yaml")
+    notice = f"tl: {section}.{old} is deprecated and will be removed in the next release: use {section}.{new}"
+    # on the command line
+    cli = _cli("--config", config, *TINY, f"--{section}.{old}", value)
+    assert getattr(_built(cli, section), attribute) == expected
+    assert capsys.readouterr().err.splitlines().count(notice) == 1
+    # in a YAML file
+    overlay = tmp_path / "old.yaml"
+    inner = {"init_args": {old: yaml.safe_load(value)}} if section == "data" else {old: yaml.safe_load(value)}
+    overlay.write_text(yaml.safe_dump({section: inner}))
+    cli = _cli("--config", config, "--config", overlay, *TINY)
+    assert getattr(_built(cli, section), attribute) == expected
+    assert capsys.readouterr().err.splitlines().count(notice) == 1
+    # the new key: the same effect, no notice
+    cli = _cli("--config", config, *TINY, f"--{section}.{new}", value)
+    assert getattr(_built(cli, section), attribute) == expected
+    assert f"{section}.{old} " not in capsys.readouterr().err
 
 
 def test_model_switch_on_the_command_line():
@@ -144,7 +186,7 @@ def test_configs_stack_later_one_wins(tmp_path):
 
 
 def test_freeze_and_unfreeze_together_are_refused(capsys):
-    assert tl("fit", "--config", CONFIGS / "finetune.yaml", "--freeze.train_bn", "false", *TINY) == 2
+    assert tl("fit", "--config", CONFIGS / "finetune.yaml", "--freeze.update_bn_stats", "false", *TINY) == 2
     assert "both freeze" in capsys.readouterr().err
 
 

@@ -26,6 +26,7 @@ from typing import Any, Optional
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info
+from typing_extensions import override
 
 from tl_cli.cluster import distributed
 
@@ -53,6 +54,7 @@ class PreemptionCheckpoint(pl.Callback):
     def _flag(self, signum: int, frame: Any) -> None:
         self.requested = True
 
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
@@ -63,6 +65,7 @@ class PreemptionCheckpoint(pl.Callback):
         self.preempted = False
         self._stop_at_epoch_end = False
 
+    @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self._pending is not None:
             self._pending[0].wait()  # every rank launched it: it completes
@@ -73,9 +76,11 @@ class PreemptionCheckpoint(pl.Callback):
             signal.signal(self.signum, signal.SIG_IGN if self._previous == signal.SIG_DFL else self._previous)
             self._previous = None
 
+    @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._started = time.monotonic()
 
+    @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
@@ -90,6 +95,7 @@ class PreemptionCheckpoint(pl.Callback):
         else:
             self._stop_at_epoch_end = True
 
+    @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._stop_at_epoch_end:
             self._stop_at_epoch_end = False
@@ -133,6 +139,7 @@ class PreemptionCheckpoint(pl.Callback):
 
     def _preempt(self, trainer: pl.Trainer) -> None:
         self.requested, self.preempted = False, True
+        # Lightning 2.6 names the hpc_ckpt_N.ckpt it resumes from only in its private connector
         path = trainer._checkpoint_connector.hpc_save_path(trainer.default_root_dir)
         trainer.save_checkpoint(path)
         rank_zero_info(f"tl: preemption signal: training state saved to {path}")

@@ -10,6 +10,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
+from typing_extensions import override
 
 
 class SyncEpochMetrics(pl.Callback):
@@ -28,12 +29,15 @@ class SyncEpochMetrics(pl.Callback):
         if trainer.world_size > 1:
             _ = trainer.callback_metrics
 
+    @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._compute(trainer)
 
+    @override
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._compute(trainer)
 
+    @override
     def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._compute(trainer)
 
@@ -47,6 +51,9 @@ class TLRichProgressBar(RichProgressBar):
         self.metrics_every = metrics_every
         self._last = 0.0
 
+    # Lightning 2.6's RichProgressBar reads the metrics here on every step and offers no public
+    # hook or setting for how often: overriding its private method is the only way
+    @override
     def _update_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         now = time.monotonic()
         training = trainer.training and not trainer.sanity_checking
@@ -89,9 +96,11 @@ class PlainProgress(ProgressBar):
         self._images = 0
         self._steps_done = 0
 
+    @override
     def disable(self) -> None:
         self._enabled = False
 
+    @override
     def enable(self) -> None:
         self._enabled = True
 
@@ -103,14 +112,17 @@ class PlainProgress(ProgressBar):
         if self.is_enabled:
             print(f"tl: {text}", file=sys.stdout, flush=True)
 
+    @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._fit_start = time.monotonic()
         self._steps_done = 0
 
+    @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._epoch_start = self._last = time.monotonic()
         self._images = 0
 
+    @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
@@ -134,6 +146,7 @@ class PlainProgress(ProgressBar):
             f"~{_duration(per_step * (total - done))} left (at most, if it runs all epochs)"
         )
 
+    @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         metrics = self.get_metrics(trainer, pl_module)
         shown = ", ".join(
@@ -144,12 +157,15 @@ class PlainProgress(ProgressBar):
         seconds = time.monotonic() - self._epoch_start
         self._print(f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs} done in {_duration(seconds)}: {shown}")
 
+    @override
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.sanity_checking and trainer.state.fn != "fit":
             self._print(f"validating {sum(trainer.num_val_batches)} batches")
 
+    @override
     def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._print(f"testing {sum(trainer.num_test_batches)} batches")
 
+    @override
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._print(f"predicting {sum(trainer.num_predict_batches)} batches")

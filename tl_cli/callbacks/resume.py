@@ -13,6 +13,7 @@ from typing import Any, Optional
 
 import lightning.pytorch as pl
 import torch
+from typing_extensions import override
 
 from tl_cli.cluster import distributed
 from tl_cli.data.datasets import ResumableSampler
@@ -47,18 +48,22 @@ class ExactResume(pl.Callback):
         self._restored: Optional[list[dict[str, Any]]] = None
         self._position: Optional[dict[str, int]] = None
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         # Lightning builds the checkpoint on every rank (rank 0 writes it): all take part
         return {"rng": distributed.on_every_rank(_rng_state, 1800.0)}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._restored = state_dict.get("rng")
 
+    @override
     def on_save_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
         checkpoint["tl_position"] = position(trainer)
 
+    @override
     def on_load_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
@@ -67,6 +72,7 @@ class ExactResume(pl.Callback):
         if self._position and resume_at is not None:
             resume_at(**self._position)
 
+    @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._position:
             loaders = trainer.train_dataloader

@@ -2,7 +2,7 @@
 
 A thin `LightningCLI`: ``model.class_path`` picks the LightningModule (`FeatureExtraction` by
 default, ``--model FineTune`` on the command line), ``data.class_path`` the DataModule; the
-callbacks every run has get short sections of their own (``--freeze.train_bn``,
+callbacks every run has get short sections of their own (``--freeze.update_bn_stats``,
 ``--unfreeze.schedule "{0: 4}"``, ``--early_stopping.patience 5``, ``--checkpoint.monitor``);
 a ``--ckpt_path`` of ``test``/``validate``/``predict`` rebuilds the model it names.
 """
@@ -18,8 +18,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Optional
 
+from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import EarlyStopping
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from typing_extensions import override
 
 from tl_cli.callbacks import BestAndLast, FreezeBackbone, UnfreezeSchedule
 from tl_cli.cli.trainer import TLTrainer
@@ -28,8 +30,8 @@ from tl_cli.errors import TLError
 from tl_cli.models import Classifier, DomainAdaptation
 from tl_cli.models.checkpoints import model_arguments, model_class_path, read_tl_checkpoint, resolve_class
 
-#: callback sections: (key, class, help)
-SECTIONS = (
+#: the callbacks with a config section of their own: (key, class, help)
+CALLBACK_SECTIONS = (
     (
         "freeze",
         FreezeBackbone,
@@ -90,7 +92,7 @@ def full_help(parser: LightningArgumentParser, args: list[str]) -> None:
     sub = args[0]
     topics = [[sub, "--help"], [sub, "--model.help", _configured_model(args)], [sub, "--data.help", "ImageFolderData"]]
     if sub == "fit":
-        topics += [[sub, f"--{key}.help", cls.__name__] for key, cls, _ in SECTIONS]
+        topics += [[sub, f"--{key}.help", cls.__name__] for key, cls, _ in CALLBACK_SECTIONS]
     for topic in topics:
         try:
             parser.parse_args(topic)
@@ -108,7 +110,7 @@ class TLCLI(LightningCLI):
             # a requeued job writes the same config.yaml into the run folder it continues
             kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         if run and args and args[0] in TLCLI.subcommands():
-            # build the parser of the command asked for only: each of the others costs ~0.2 s
+            # build only the parser of the command asked for: every parser takes time to build
             only = {args[0]: TLCLI.subcommands()[args[0]]}
             self.subcommands = lambda: only
         parser_kwargs = kwargs.setdefault("parser_kwargs", {})
@@ -127,16 +129,20 @@ class TLCLI(LightningCLI):
         )
 
     @staticmethod
+    @override
     def subcommands() -> dict[str, set[str]]:
         """Lightning's fit/validate/test/predict, and ``lr_find`` (`TLTrainer.lr_find`)."""
         return {**LightningCLI.subcommands(), "lr_find": {"model", "datamodule"}}
 
+    @override
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         args = list(sys.argv[1:] if args is None else args)
         if args and ("-h" in args or "--help" in args) and not any(a.endswith(".help") for a in args):
             full_help(parser, args)
         super().parse_arguments(parser, args)
+        self.model_from_checkpoint()
 
+    @override
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.set_defaults(
             {
@@ -144,16 +150,23 @@ class TLCLI(LightningCLI):
                 "data": {"class_path": "tl_cli.data.ImageFolderData"},
             }
         )
-        for key, cls, text in SECTIONS:
+        for key, cls, text in CALLBACK_SECTIONS:
             parser.add_argument(f"--{key}", type=Optional[cls], default=None, help=f"{text}; null: none")
-            parser.callback_keys.append(key)
 
-    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Any]) -> Any:
-        return super()._instantiate_trainer(config, [c for c in callbacks if c is not None])
+    @override
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        """The Trainer, given the ``trainer.callbacks`` list and the callback sections that are
+        set (a section set to null adds no callback)."""
+        init = self.config_init[self.subcommand] if self.subcommand else self.config_init
+        listed = init.trainer.get("callbacks") or []
+        callbacks = list(listed) if isinstance(listed, (list, tuple)) else [listed]
+        callbacks += [c for c in (init.get(key) for key, _, _ in CALLBACK_SECTIONS) if c is not None]
+        return super().instantiate_trainer(callbacks=callbacks, **kwargs)
 
-    def _parse_ckpt_path(self) -> None:
+    def model_from_checkpoint(self) -> None:
         """A checkpoint given to test/validate/predict rebuilds the model class it names, with
-        its own hyperparameters; ``fit --ckpt_path`` resumes the configured model."""
+        its own hyperparameters; ``fit --ckpt_path`` resumes the configured model (its class
+        must be the checkpoint's)."""
         sub = self.config.get("subcommand")
         if not sub:
             return
@@ -180,6 +193,15 @@ class TLCLI(LightningCLI):
             print(f"tl: {ckpt_path}: a {cls.__name__} checkpoint ({ckpt.get('tl', {}).get('backbone')})")
         self.config = self.parser.parse_object({sub: {"model": model}}, self.config)
 
+    # Lightning 2.6 has no public hook to replace this step, run right after `parse_arguments`: it
+    # would merge the checkpoint's saved hyperparameters into the model's config, overriding this
+    # command's options (``model.tta``), the configured model of ``fit --ckpt_path``, and failing
+    # on arguments tl's models no longer take. `model_from_checkpoint` does tl's version instead.
+    @override
+    def _parse_ckpt_path(self) -> None:
+        pass
+
+    @override
     def before_instantiate_classes(self) -> None:
         sub = self.config.get("subcommand")
         cfg = self.config[sub] if sub else self.config
@@ -204,7 +226,7 @@ class TLCLI(LightningCLI):
 
     def before_fit(self) -> None:
         if self.config.fit.get("ckpt_path"):
-            self.model._weights_ready = True  # resuming: the checkpoint brings every weight
+            self.model.skip_starting_weights()  # resuming: the checkpoint brings every weight
         elif self.model.hparams.lr == "auto":
             self.model.hparams.lr = 1e-3  # a placeholder for building the optimizer; the search replaces it
             suggestion = self.trainer.lr_find(self.model, self.datamodule)

@@ -1,8 +1,8 @@
 """`TLTrainer`: Lightning's Trainer with tl's defaults.
 
 - ``precision: auto``: bf16-mixed on CUDA GPUs of compute capability 8.0+, 16-mixed on older
-  ones (Expanse's V100s), 32-true on CPU; decided without initialising CUDA in the process
-  that launches the ranks.
+  ones, 32-true on CPU; decided without initialising CUDA in the process that launches the
+  ranks.
 - Logs (TensorBoard + CSV) in a run folder of its own (`tl_cli.cli.runs`), ``latest`` pointing at
   the newest complete run.
 - Callbacks always present: metric synchronisation first (Lightning issue 21264), preemption
@@ -22,6 +22,7 @@ from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import Checkpoint, ProgressBar
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities import rank_zero_info
+from typing_extensions import override
 
 from tl_cli.callbacks import ExactResume, PlainProgress, PreemptionCheckpoint, SyncEpochMetrics, TLRichProgressBar
 from tl_cli.cli.runs import RunCSVLogger, RunFolder, RunTensorBoardLogger, mark_complete
@@ -89,23 +90,27 @@ class CompleteRun(Callback):
     def __init__(self, run: RunFolder) -> None:
         self.run = run
 
-    def _done(self, trainer: Trainer) -> None:
+    def _mark_if_complete(self, trainer: Trainer) -> None:
         preempted = any(getattr(c, "preempted", False) for c in trainer.callbacks)
         if trainer.is_global_zero and not preempted and not trainer.interrupted:
             mark_complete(self.run.root, self.run.name)
 
+    @override
     def on_fit_end(self, trainer: Trainer, pl_module: Any) -> None:
-        self._done(trainer)
+        self._mark_if_complete(trainer)
 
+    @override
     def on_test_end(self, trainer: Trainer, pl_module: Any) -> None:
-        self._done(trainer)
+        self._mark_if_complete(trainer)
 
+    @override
     def on_predict_end(self, trainer: Trainer, pl_module: Any) -> None:
-        self._done(trainer)
+        self._mark_if_complete(trainer)
 
+    @override
     def on_validation_end(self, trainer: Trainer, pl_module: Any) -> None:
         if trainer.state.fn == "validate":
-            self._done(trainer)
+            self._mark_if_complete(trainer)
 
 
 def _as_list(value: Any) -> list:
@@ -131,7 +136,7 @@ class TLTrainer(Trainer):
             self.run_folder = RunFolder(root)
             kwargs["logger"] = [RunTensorBoardLogger(self.run_folder), RunCSVLogger(self.run_folder)]
             callbacks.append(CompleteRun(self.run_folder))
-        callbacks = self._consistent(callbacks, kwargs)
+        callbacks = self._reconcile_callbacks(callbacks, kwargs)
         callbacks += [PreemptionCheckpoint(), ExactResume()]
         kwargs["callbacks"] = callbacks
         if SLURMEnvironment.detect():
@@ -209,7 +214,7 @@ class TLTrainer(Trainer):
         return suggestion
 
     @staticmethod
-    def _consistent(callbacks: list, kwargs: dict[str, Any]) -> list:
+    def _reconcile_callbacks(callbacks: list, kwargs: dict[str, Any]) -> list:
         """Flags win over listed callbacks (Lightning would refuse the combination), and the
         progress display suits where the output goes."""
         bars = [c for c in callbacks if isinstance(c, ProgressBar)]

@@ -46,14 +46,11 @@ def worker_context(workers: int, world_size: int) -> Optional[multiprocessing.co
     """How the DataLoader starts its worker processes: forked from the rank (PyTorch's default)
     in a single process, from a fork server when the run is distributed.
 
-    Why: a rank's process-group threads (gloo's ``pt_gloo_runloop``) take and drop a Python
-    thread state around the work they finish, and a ``fork()`` in that instant leaves the child
-    waiting forever for the interpreter's thread-list lock (CPython gh-112275, fixed in later
-    patch releases; this machine runs 3.11.7, and CI saw a DDP fine-tuning whose train worker
-    never started: rare, 0 of 6 repeats here, but a hang, not an error). A fork server is a
-    fresh single-threaded process, so its forks are safe on any Python; the dataset is pickled
-    to each worker once (`CachedImages` shares its array, not copies it). Where there is no
-    fork server (Windows), the platform's default (spawn)."""
+    Why: a ``fork()`` while one of the rank's gloo threads holds the interpreter's thread-list
+    lock leaves the child waiting for it forever (CPython gh-112275). A fork server is a fresh
+    single-threaded process, so its forks are safe; the dataset is pickled to each worker once
+    (`CachedImages` shares its array). Without a fork server (Windows): spawn.
+    """
     if workers == 0 or world_size <= 1:
         return None
     server = "forkserver" in multiprocessing.get_all_start_methods()
@@ -284,7 +281,3 @@ def shard(indices: Sequence[int], rank: int, world: int) -> list[int]:
 def as_is(item: Any) -> Any:
     """collate_fn for loaders that yield one item at a time."""
     return item
-
-
-def labels_of(dataset: Any) -> Optional[list[int]]:
-    return getattr(dataset, "labels", None)

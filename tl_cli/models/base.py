@@ -223,6 +223,10 @@ class Classifier(Metrics, Reporting, Inputs, Optimization, pl.LightningModule):
         self._weights_ready = True  # a tl checkpoint brings every weight
         self.history = list(checkpoint.get("tl_history", []))
 
+    def skip_starting_weights(self) -> None:
+        """Load no starting weights: a checkpoint restored (or about to be) brings every weight."""
+        self._weights_ready = True
+
     def ensure_weights(self) -> None:
         """Load the starting weights unless a checkpoint was restored (then: nothing to load)."""
         if not self._weights_ready:
