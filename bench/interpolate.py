@@ -12,7 +12,7 @@ runs `accuracy.py` left (it needs them: run that first, same sets and seeds):
 
 For each run and alpha in 0, 0.25, 0.5, 0.75, 1 (0 = the feature-extraction best.ckpt,
 1 = fine-tuning's last.ckpt): ``tl validate`` and ``tl test`` on the interpolated checkpoint
-(BatchNorm statistics are the same in both: fine-tuning keeps ImageNet's, ``train_bn: false``).
+(BatchNorm statistics are the same in both: fine-tuning keeps ImageNet's, ``update_unfrozen_bn_stats: false``).
 Prints test accuracy per alpha, and with alpha chosen on validation (calibrated loss), as means
 over the seeds per set.
 """

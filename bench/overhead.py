@@ -95,7 +95,7 @@ def tl_loop(data) -> float:
         enable_model_summary=False,
         limit_val_batches=0,
         num_sanity_val_steps=0,
-        callbacks=[timer, UnfreezeSchedule({0: 4}, train_bn=True)],
+        callbacks=[timer, UnfreezeSchedule({0: 4}, update_unfrozen_bn_stats=True)],
     )
     loader = torch.utils.data.DataLoader([data[i % len(data)] for i in range(STEPS)], batch_size=None)
     trainer.fit(model, train_dataloaders=loader)

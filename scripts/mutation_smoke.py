@@ -49,13 +49,13 @@ MUTATIONS = {
         "tl_cli/callbacks/freezing.py",
         "applicable = [k for k in self.schedule if k <= epoch]",
         "applicable = [k for k in self.schedule if k < epoch]",
-        ["tests/test_training.py::test_unfreeze_schedule_learning_rates_and_train_bn"],
+        ["tests/test_training.py::test_unfreeze_schedule_learning_rates_and_bn_statistics"],
     ),
     "backbone-lr-ratio-ignored": (
         "tl_cli/models/finetune.py",
         "top = self.hparams.lr * self.hparams.backbone_lr_ratio",
         "top = self.hparams.lr",
-        ["tests/test_training.py::test_unfreeze_schedule_learning_rates_and_train_bn"],
+        ["tests/test_training.py::test_unfreeze_schedule_learning_rates_and_bn_statistics"],
     ),
     "ddp-not-rewrapped": (
         "tl_cli/callbacks/freezing.py",

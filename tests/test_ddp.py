@@ -30,7 +30,7 @@ TINY = [
     "64",
     "--data.batch_size",
     "4",
-    "--data.steps_per_epoch",  # one pass an epoch unless a test asks for more
+    "--data.min_steps_per_epoch",  # one pass an epoch unless a test asks for more
     "null",
     "--trainer.accelerator",
     "cpu",
@@ -106,7 +106,7 @@ def _fe(data: Path, *extra: str) -> Path:
 def test_lightning_launcher_feature_extraction_then_fine_tuning_ranks_agree(data, tmp_path):
     """The shipped configs under `--trainer.devices 2 --trainer.strategy ddp`, a Rich progress
     bar, 2 workers per rank; fine-tuning unfreezes more stages mid-run and passes over the
-    data several times an epoch (`data.steps_per_epoch`)."""
+    data several times an epoch (`data.min_steps_per_epoch`)."""
     rich = ["--trainer.callbacks+", "RichProgressBar"]
     save = ["--trainer.callbacks+", "tests.helpers.SaveRankState", "--trainer.callbacks.folder"]
     out = _fe(data, *DDP, "--data.num_workers", "2", *rich, *save, "fe_state")
@@ -137,7 +137,7 @@ def test_lightning_launcher_feature_extraction_then_fine_tuning_ranks_agree(data
             "--unfreeze.schedule",
             "{0: 1, 1: 3}",
             # 24 images over 2 ranks in batches of 4: 3 batches a pass; 7 steps -> 3 passes
-            "--data.steps_per_epoch",
+            "--data.min_steps_per_epoch",
             "7",
             *rich,
             *save,

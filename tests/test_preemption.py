@@ -56,7 +56,7 @@ def _run(data, workdir: Path, signal_at=None, resume=False, finetune=False, work
     counter = CountBatches()
     callbacks = [pl.callbacks.ModelCheckpoint(dirpath=workdir / "ckpt", monitor="val/loss"), counter]
     if finetune:
-        callbacks.append(UnfreezeSchedule({1: 2}, train_bn=True))
+        callbacks.append(UnfreezeSchedule({1: 2}, update_unfrozen_bn_stats=True))
     signaller = SignalAt(*signal_at) if signal_at else None
     if signaller:
         callbacks.append(signaller)
@@ -99,14 +99,16 @@ def test_feature_extraction_preempted_mid_epoch_resumes_exactly(tiny_data, tmp_p
 @pytest.mark.parametrize("workers", [0, 2])
 def test_fine_tuning_preempted_mid_epoch_resumes_exactly(tiny_data, tmp_path, workers):
     # a stage unfrozen from epoch 1 (the interrupted epoch), flip augmentation drawn in the
-    # workers, cached images, train_bn
+    # workers, cached images, BatchNorm statistics of unfrozen stages updating
     _check_same(tiny_data, tmp_path, finetune=True, workers=workers, augment="flip")
 
 
 def test_preempted_in_a_later_pass_of_a_many_pass_epoch_resumes_exactly(tiny_data, tmp_path):
-    # data.steps_per_epoch 10 over 6 batches: 2 passes (12 batches) an epoch, each its own
+    # data.min_steps_per_epoch 10 over 6 batches: 2 passes (12 batches) an epoch, each its own
     # order and augmentations; the signal lands in epoch 1's second pass
-    _check_same(tiny_data, tmp_path, signal_at=(1, 8), per_epoch=12, finetune=True, augment="flip", steps_per_epoch=10)
+    _check_same(
+        tiny_data, tmp_path, signal_at=(1, 8), per_epoch=12, finetune=True, augment="flip", min_steps_per_epoch=10
+    )
 
 
 @pytest.mark.parametrize("workers", [0, 2])

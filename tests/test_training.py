@@ -65,11 +65,11 @@ def test_feature_extraction_freezes_weights_and_bn_statistics(tiny_data, tmp_pat
     assert not any(m.training for m in model.backbone.modules())  # frozen backbone pinned in eval
 
 
-def test_freeze_backbone_train_bn_moves_only_bn_statistics(tiny_data, tmp_path):
+def test_freeze_backbone_update_bn_stats_moves_only_bn_statistics(tiny_data, tmp_path):
     pl.seed_everything(0)
     model = FeatureExtraction(backbone="timm:test_efficientnet", weights="none", class_names=["ellipses", "rectangles"])
     before = _snapshot(model.backbone)
-    _trainer(tmp_path, 1, callbacks=[FreezeBackbone(train_bn=True)]).fit(model, _data(tiny_data))
+    _trainer(tmp_path, 1, callbacks=[FreezeBackbone(update_bn_stats=True)]).fit(model, _data(tiny_data))
     after = model.backbone.state_dict()
     moved = {k for k in before if not torch.equal(before[k], after[k])}
     assert moved and all(k.endswith(("running_mean", "running_var", "num_batches_tracked")) for k in moved)
@@ -98,7 +98,7 @@ class Recorder(pl.Callback):
         }
 
 
-def test_unfreeze_schedule_learning_rates_and_train_bn(tiny_data, tmp_path):
+def test_unfreeze_schedule_learning_rates_and_bn_statistics(tiny_data, tmp_path):
     pl.seed_everything(0)
     model = FineTune(
         backbone="timm:test_efficientnet", weights="none", lr=0.01, backbone_lr_ratio=0.1, scheduler="none"
@@ -111,7 +111,7 @@ def test_unfreeze_schedule_learning_rates_and_train_bn(tiny_data, tmp_path):
     assert rec.epochs[1]["trainable"] == [False] * (n - 1) + [True]
     assert rec.epochs[2]["trainable"] == [False] * (n - 3) + [True] * 3
     assert rec.epochs[2]["lrs"] == pytest.approx([0.01, 0.001])  # head, backbone = lr x ratio
-    assert not any(any(e["bn_training"]) for e in rec.epochs.values())  # train_bn=false
+    assert not any(any(e["bn_training"]) for e in rec.epochs.values())  # update_unfrozen_bn_stats=false
     after = model.backbone.state_dict()
     frozen = {n for _, names in model.spec.stages[: n - 3] for n in names}
     trained = {n for _, names in model.spec.stages[n - 1 :] for n in names}
@@ -148,11 +148,12 @@ def test_layer_decay_gives_each_stage_its_own_rate_and_every_parameter_one_group
         FineTune(backbone="timm:test_efficientnet", weights="none", layer_decay=0)
 
 
-def test_train_bn_updates_statistics_of_unfrozen_layers_only(tiny_data, tmp_path):
+def test_update_unfrozen_bn_stats_moves_statistics_of_unfrozen_layers_only(tiny_data, tmp_path):
     pl.seed_everything(0)
     model = FineTune(backbone="timm:test_efficientnet", weights="none")
     before = _snapshot(model.backbone)
-    _trainer(tmp_path, 1, callbacks=[UnfreezeSchedule({0: 1}, train_bn=True)]).fit(model, _data(tiny_data))
+    callbacks = [UnfreezeSchedule({0: 1}, update_unfrozen_bn_stats=True)]
+    _trainer(tmp_path, 1, callbacks=callbacks).fit(model, _data(tiny_data))
     after = model.backbone.state_dict()
     last = {k.rsplit(".", 1)[0] for k in model.spec.stages[-1][1]}
     stats = [k for k in before if k.endswith("running_mean")]
