@@ -78,6 +78,17 @@ def validation_sampler(dataset: Dataset) -> Optional[UnrepeatedDistributedSample
     return UnrepeatedDistributedSampler(dataset, num_replicas=world, rank=distributed.rank(), shuffle=False)
 
 
+def default_workers(num_workers: Optional[int]) -> int:
+    """``data.num_workers``, or min(8, the CPU cores this process may use)."""
+    if num_workers is not None:
+        return num_workers
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count() or 1
+    return min(8, cores)
+
+
 class ImageFolderData(pl.LightningDataModule):
     """Labelled images in ``root/{train,val,test}/<class>/`` and unlabelled ones in `predict_dir`.
 
@@ -252,7 +263,7 @@ class ImageFolderData(pl.LightningDataModule):
                 images=images,
                 extractor=self._extractor if features else None,
                 batch_size=self.batch_size,
-                workers=self._workers(),
+                workers=default_workers(self.num_workers),
                 ram_budget=image_ram_budget(self._processes_on_node()),
                 say=self._say,
             )
@@ -276,15 +287,6 @@ class ImageFolderData(pl.LightningDataModule):
         trainer = self._trainer()
         return trainer.num_devices if trainer is not None else 1
 
-    def _workers(self) -> int:
-        if self.num_workers is not None:
-            return self.num_workers
-        try:
-            cores = len(os.sched_getaffinity(0))
-        except AttributeError:
-            cores = os.cpu_count() or 1
-        return min(8, cores)
-
     def _say(self, text: str) -> None:
         if distributed.rank() == 0:
             print(f"tl: {text}", flush=True, file=sys.stderr if text.startswith("warning") else sys.stdout)
@@ -292,7 +294,7 @@ class ImageFolderData(pl.LightningDataModule):
     def _loader(self, split: str, shuffle: bool = False) -> DataLoader:
         dataset = self.dataset_for(split)
         # features are tensors in memory already: worker processes would only add latency
-        workers = 0 if isinstance(dataset, FeatureDataset) else self._workers()
+        workers = 0 if isinstance(dataset, FeatureDataset) else default_workers(self.num_workers)
         if self._seed is None:  # the same order on every rank, whatever each was seeded with
             self._seed = distributed.broadcast(torch.initial_seed() % 2**31)
         sampler = None
