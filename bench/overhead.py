@@ -25,7 +25,7 @@ def make_model():
 
     pl.seed_everything(0)
     model = FineTune(backbone="timm:efficientnet_lite0", weights="none", scheduler="none", class_names=["a", "b"])
-    model.set_preprocessing(dict(model.spec.preprocessing))
+    model.set_preprocessing(dict(model.backbone_info.preprocessing))
     return model
 
 
@@ -84,7 +84,7 @@ def tl_loop(data) -> float:
             self.seconds = time.perf_counter() - self.start
 
     model = make_model()
-    model._weights_ready = True  # same random init as the plain loop, nothing to load
+    model.skip_starting_weights()  # same random init as the plain loop, nothing to load
     timer = StepTimer()
     trainer = pl.Trainer(
         max_steps=STEPS,

@@ -83,7 +83,7 @@ MUTATIONS = {
     ),
     "class-weights-ignored": (
         "tl_cli/models/base.py",
-        'weight=getattr(self, "loss_weight", None)',
+        "weight=self.loss_weight",
         "weight=None",
         ["tests/test_deploy.py::test_class_weights_change_the_training_loss"],
     ),
@@ -152,7 +152,7 @@ MUTATIONS = {
     ),
     "starting-point-never-kept": (
         "tl_cli/models/starting_point.py",
-        'self.trainer.strategy.save_checkpoint(start["checkpoint"], path)',
+        "path = callback.replace_best(model.trainer, checkpoint, begin)",
         "return",
         ["tests/test_training.py::test_fine_tuning_never_ends_worse_than_its_starting_point"],
     ),

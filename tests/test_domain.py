@@ -147,7 +147,7 @@ def test_the_recipe_for_pretrained_backbones_bottleneck_and_heads():
     model = DomainAdaptation(
         backbone="timm:test_resnet", weights="none", class_names=["a", "b"], bottleneck=32, domain_hidden=16
     )
-    width = model.spec.num_features
+    width = model.num_features
     assert [type(m).__name__ for m in model.neck] == ["Linear", "BatchNorm1d", "ReLU"]
     assert model.neck[0].in_features == width and model.head.in_features == 32
     assert model.domain_classifier[0].in_features == 32  # both heads read the bottleneck

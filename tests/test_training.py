@@ -14,6 +14,7 @@ import torch
 
 from tests.conftest import CONFIGS, TINY, fit_tiny, tl
 from tl_cli.callbacks import FreezeBackbone, UnfreezeSchedule
+from tl_cli.callbacks.checkpoint import END_UNLESS_START_BETTER as END_UNLESS_START
 from tl_cli.callbacks.freezing import backbone_stages
 from tl_cli.data.module import ImageFolderData
 from tl_cli.errors import TLError
@@ -103,7 +104,7 @@ def test_unfreeze_schedule_learning_rates_and_bn_statistics(tiny_data, tmp_path)
     model = FineTune(
         backbone="timm:test_efficientnet", weights="none", lr=0.01, backbone_lr_ratio=0.1, scheduler="none"
     )
-    n = len(model.spec.stages)
+    n = len(model.backbone_info.stages)
     before = _snapshot(model.backbone)
     rec = Recorder()
     _trainer(tmp_path, 3, callbacks=[rec, UnfreezeSchedule({1: 1, 2: 3})]).fit(model, _data(tiny_data))
@@ -113,8 +114,8 @@ def test_unfreeze_schedule_learning_rates_and_bn_statistics(tiny_data, tmp_path)
     assert rec.epochs[2]["lrs"] == pytest.approx([0.01, 0.001])  # head, backbone = lr x ratio
     assert not any(any(e["bn_training"]) for e in rec.epochs.values())  # update_unfrozen_bn_stats=false
     after = model.backbone.state_dict()
-    frozen = {n for _, names in model.spec.stages[: n - 3] for n in names}
-    trained = {n for _, names in model.spec.stages[n - 1 :] for n in names}
+    frozen = {n for _, names in model.backbone_info.stages[: n - 3] for n in names}
+    trained = {n for _, names in model.backbone_info.stages[n - 1 :] for n in names}
     assert all(torch.equal(before[k], after[k]) for k in frozen)
     assert any(not torch.equal(before[k], after[k]) for k in trained)
     assert all(torch.equal(before[k], after[k]) for k in before if "running_" in k)
@@ -133,7 +134,7 @@ def test_layer_decay_gives_each_stage_its_own_rate_and_every_parameter_one_group
     )
     groups = model.param_groups()
     stages = [g for g in groups if g["name"].startswith("backbone.")]
-    n = len(model.spec.stages)
+    n = len(model.backbone_info.stages)
     assert [g["lr"] for g in stages] == pytest.approx([0.005 * 0.5 ** (n - 1 - i) for i in range(n)])
     listed = [id(p) for g in groups for p in g["params"]]
     assert len(listed) == len(set(listed)) and set(listed) == {id(p) for p in model.parameters()}
@@ -155,7 +156,7 @@ def test_update_unfrozen_bn_stats_moves_statistics_of_unfrozen_layers_only(tiny_
     callbacks = [UnfreezeSchedule({0: 1}, update_unfrozen_bn_stats=True)]
     _trainer(tmp_path, 1, callbacks=callbacks).fit(model, _data(tiny_data))
     after = model.backbone.state_dict()
-    last = {k.rsplit(".", 1)[0] for k in model.spec.stages[-1][1]}
+    last = {k.rsplit(".", 1)[0] for k in model.backbone_info.stages[-1][1]}
     stats = [k for k in before if k.endswith("running_mean")]
     changed = {k for k in stats if not torch.equal(before[k], after[k])}
     assert changed and all(k.rsplit(".", 1)[0] in last for k in changed)
@@ -391,7 +392,7 @@ def test_validation_logs_the_calibrated_loss_and_the_start_competes_on_it(tiny_d
         assert 0.4999 <= float(r["val/temperature"]) <= 16.001  # the grid
     epochs = {int(r["epoch"]): float(r["val/calibrated_loss"]) for r in rows}
     ckpt = torch.load(best, weights_only=True)
-    # checkpoint.select: last -- the end of the schedule, or the start when clearly better
+    # checkpoint.select: end_unless_start_better -- the end of the schedule, or the start when clearly better
     if "did not beat its starting point" in out:
         assert epochs[2] >= float(start[2]) - 1e-4 and ckpt["epoch"] != 2
     elif "kept:" in out:  # the start scored better, within the noise of 12 images
@@ -439,12 +440,12 @@ class ScriptedLoss(pl.LightningModule):
     val_dataloader = train_dataloader
 
 
-@pytest.mark.parametrize("write_every", [0.0, 30.0])
-def test_last_ckpt_is_the_last_epoch_even_when_it_did_not_improve(tmp_path, write_every):
+@pytest.mark.parametrize("write_every_s", [0.0, 30.0])
+def test_last_ckpt_is_the_last_epoch_even_when_it_did_not_improve(tmp_path, write_every_s):
     from tl_cli.callbacks import BestAndLast
 
     cb = BestAndLast(
-        dirpath=tmp_path, monitor="val/loss", mode="min", filename="best", save_last=True, write_every=write_every
+        dirpath=tmp_path, monitor="val/loss", mode="min", filename="best", save_last=True, write_every_s=write_every_s
     )
     trainer = pl.Trainer(
         max_epochs=4, callbacks=[cb], logger=False, enable_progress_bar=False, enable_model_summary=False
@@ -455,23 +456,26 @@ def test_last_ckpt_is_the_last_epoch_even_when_it_did_not_improve(tmp_path, writ
 
 
 @pytest.mark.parametrize("start, winner", [(0.85, "last epoch"), (0.75, "start")])
-def test_select_last_keeps_the_end_of_the_schedule_and_the_start_competes_with_it_alone(
+def test_select_end_unless_start_better_keeps_the_end_and_the_start_competes_with_it_alone(
     tmp_path, capsys, start, winner
 ):
-    """checkpoint.select=last: best.ckpt is the last epoch (0.8), not the best one (epoch 1, 0.5),
-    and the starting point is compared with that epoch's score only."""
+    """checkpoint.select=end_unless_start_better: best.ckpt is the last epoch (0.8), not the best
+    one (epoch 1, 0.5), and the starting point is compared with that epoch's score only."""
     from tl_cli.callbacks import BestAndLast
     from tl_cli.models.starting_point import StartingPoint
 
-    class WithStart(StartingPoint, ScriptedLoss):
+    class WithStart(ScriptedLoss):
         def on_train_start(self):
             checkpoint = self.trainer._checkpoint_connector.dump_checkpoint()
-            self._start = {"scores": {"val/loss": start}, "checkpoint": {**checkpoint, "epoch": -1}}
+            self.start = StartingPoint()
+            self.start.scores, self.start.checkpoint = {"val/loss": start}, {**checkpoint, "epoch": -1}
 
         def on_train_end(self):
-            self.settle_starting_point()
+            self.start.settle(self)
 
-    cb = BestAndLast(dirpath=tmp_path, monitor="val/loss", mode="min", filename="best", save_last=True, select="last")
+    cb = BestAndLast(
+        dirpath=tmp_path, monitor="val/loss", mode="min", filename="best", save_last=True, select=END_UNLESS_START
+    )
     trainer = pl.Trainer(
         max_epochs=4, callbacks=[cb], logger=False, enable_progress_bar=False, enable_model_summary=False
     )
@@ -485,13 +489,24 @@ def test_select_last_keeps_the_end_of_the_schedule_and_the_start_competes_with_i
         assert best["epoch"] == -1 and "did not beat its starting point: val/loss 0.7500 at the start" in out
     assert torch.load(tmp_path / "last.ckpt", weights_only=True)["epoch"] == 3
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best.ckpt", "last.ckpt"]
-    with pytest.raises(TLError, match="select=last needs checkpoint.monitor"):
-        BestAndLast(dirpath=tmp_path, filename="best", select="last")
+    with pytest.raises(TLError, match="select=end_unless_start_better needs checkpoint.monitor"):
+        BestAndLast(dirpath=tmp_path, filename="best", select=END_UNLESS_START)
+
+
+def test_the_old_select_and_write_every_still_work_and_name_their_new_names(tmp_path, capsys):
+    from tl_cli.callbacks import BestAndLast
+
+    cb = BestAndLast(dirpath=tmp_path, monitor="val/loss", filename="best", select="last", write_every=30)
+    assert cb.select == END_UNLESS_START and cb.keeps_the_end and cb.write_every_s == 30
+    err = capsys.readouterr().err
+    assert "checkpoint.select: last" in err and f"checkpoint.select: {END_UNLESS_START}" in err
+    assert "checkpoint.write_every" in err and "checkpoint.write_every_s" in err
 
 
 def _start_against_end(tmp_path, monitor, y, start, end):
-    """A `StartingPoint` at the end of a select=last run: the start's and the end's logits on the
-    validation images ``y``. Returns (model, the callback, the checkpoints it saved, best.ckpt)."""
+    """A `StartingPoint` at the end of a select=end_unless_start_better run: the start's and the
+    end's logits on the validation images ``y``. Returns (the starting point, its host, the
+    callback, the checkpoints it saved, best.ckpt)."""
     from types import SimpleNamespace
 
     import torch.nn.functional as F
@@ -512,26 +527,32 @@ def _start_against_end(tmp_path, monitor, y, start, end):
         }
 
     mode = "max" if monitor == "val/acc" else "min"
-    cb = BestAndLast(dirpath=tmp_path, monitor=monitor, mode=mode, filename="best", select="last")
+    cb = BestAndLast(dirpath=tmp_path, monitor=monitor, mode=mode, filename="best", select=END_UNLESS_START)
     best = str(tmp_path / "best.ckpt")
     cb.best_model_path, cb.best_model_score = best, torch.tensor(scores(end)[monitor])
     saved = []
-    model = StartingPoint()
     save = SimpleNamespace(save_checkpoint=lambda c, path: saved.append(path))
-    model.trainer = SimpleNamespace(checkpoint_callback=cb, world_size=1, strategy=save)
-    model.device, model.print = torch.device("cpu"), print
-    model._validate_start = lambda per_image=False: (scores(end), image_scores(end, y))
-    model._start = {"scores": scores(start), "checkpoint": {"start": True}, "images": image_scores(start, y)}
-    model.scores = scores
-    return model, cb, saved, best
+    host = SimpleNamespace(
+        trainer=SimpleNamespace(checkpoint_callback=cb, world_size=1, strategy=save),
+        device=torch.device("cpu"),
+        print=print,
+        validation_scores=lambda per_image=False: (scores(end), image_scores(end, y)),
+        scores=scores,
+    )
+    point = StartingPoint()
+    point.scores, point.checkpoint, point.images = scores(start), {"start": True}, image_scores(start, y)
+    return point, host, cb, saved, best
 
 
 @pytest.mark.parametrize("monitor", ["val/calibrated_loss", "val/loss", "val/acc"])
 @pytest.mark.parametrize("gap, winner", [(0.2, "end"), (1.5, "start")])
-def test_select_last_keeps_the_end_unless_the_start_is_better_beyond_the_noise(tmp_path, capsys, monitor, gap, winner):
-    """With select=last, a start that scores better than the end of the schedule keeps best.ckpt
-    only when the per-image paired difference on the validation images exceeds MARGIN standard
-    errors; a small lead (one image more right on 60, a slightly lower loss) is noise."""
+def test_select_end_unless_start_better_keeps_the_end_unless_the_start_wins_beyond_the_noise(
+    tmp_path, capsys, monitor, gap, winner
+):
+    """With select=end_unless_start_better, a start that scores better than the end of the
+    schedule takes best.ckpt only when the per-image paired difference on the validation images
+    exceeds MARGIN standard errors; a small lead (one image more right on 60, a slightly lower
+    loss) is noise."""
     import torch.nn.functional as F
 
     from tl_cli.models.starting_point import MARGIN
@@ -548,14 +569,14 @@ def test_select_last_keeps_the_end_unless_the_start_is_better_beyond_the_noise(t
         start = end.clone()
         for i in wrong[:1] if gap < 1 else wrong:
             start[i, y[i]] = start[i].max() + 1
-    model, cb, saved, best = _start_against_end(tmp_path, monitor, y, start, end)
+    point, host, cb, saved, best = _start_against_end(tmp_path, monitor, y, start, end)
     sign = 1 if cb.mode == "min" else -1
-    mean, se, n = model._paired_difference(cb, model._start, sign)
+    mean, se, n = point.paired_difference(host, cb)
     # the per-image terms add up to the monitored scores: the mean difference is their difference
-    expected = sign * (model.scores(end)[monitor] - model.scores(start)[monitor])
+    expected = sign * (host.scores(end)[monitor] - host.scores(start)[monitor])
     assert mean == pytest.approx(expected, abs=1e-5) and n == 60
     assert mean > 0  # the start scored better in both cases
-    model.settle_starting_point()
+    point.settle(host)
     out = capsys.readouterr().out
     if winner == "end":
         assert mean <= MARGIN * se and saved == [] and "kept:" in out
@@ -575,10 +596,10 @@ def test_a_wrecked_end_loses_to_the_start_although_its_losses_swamp_the_standard
     start = 0.3 * torch.randn(12, 2, generator=g)  # near chance, as a probe on random features
     end = torch.zeros(12, 2)
     end[torch.arange(12), torch.where(torch.arange(12) % 4 < 2, y, 1 - y)] = 1e4  # sure, and wrong on half
-    model, _, saved, best = _start_against_end(tmp_path, "val/calibrated_loss", y, start, end)
+    point, host, _, saved, best = _start_against_end(tmp_path, "val/calibrated_loss", y, start, end)
     raw = image_scores(end, y)[:, 2:].max()
     assert float(raw) == pytest.approx(math.log(2000), rel=1e-5)  # capped, not 1e4 / T
-    model.settle_starting_point()
+    point.settle(host)
     assert saved == [best] and "did not beat its starting point" in capsys.readouterr().out
 
 
@@ -621,13 +642,12 @@ def test_an_accuracy_tie_with_the_starting_point_goes_to_the_lower_val_loss(tmp_
     best = str(tmp_path / "best.ckpt")
     cb.best_model_path, cb.best_model_score, cb.tie_scores = best, torch.tensor(0.6), {best: 0.6}
     saved = []
-    model = StartingPoint()
-    model.trainer = SimpleNamespace(
+    trainer = SimpleNamespace(
         checkpoint_callback=cb, strategy=SimpleNamespace(save_checkpoint=lambda ckpt, path: saved.append(path))
     )
-    model.print = print
-    model._start = {"scores": {"val/loss": start_loss, "val/acc": 0.6}, "checkpoint": {"start": True}}
-    model.settle_starting_point()
+    point = StartingPoint()
+    point.scores, point.checkpoint = {"val/loss": start_loss, "val/acc": 0.6}, {"start": True}
+    point.settle(SimpleNamespace(trainer=trainer, print=print))
     out = capsys.readouterr().out
     if winner == "start":
         assert saved == [best] and "did not beat its starting point" in out

@@ -1,7 +1,6 @@
-"""`BestAndLast`: Lightning's ModelCheckpoint whose ``last.ckpt`` is always the last epoch's,
-which breaks ties of a coarse monitor (accuracy on a small validation split) by a second metric,
-which can keep the last epoch as ``best.ckpt`` (``select: last``, scored for the starting point to
-compete with), and which can write at most every few seconds when epochs are faster than writing."""
+"""`BestAndLast`: Lightning's ModelCheckpoint with ``last.ckpt`` always the last epoch's, ties
+of a coarse monitor broken by a second metric, ``best.ckpt`` optionally the end of the schedule
+(for the starting point to compete with), and writes at most every few seconds."""
 
 from __future__ import annotations
 
@@ -15,35 +14,39 @@ from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 from lightning_utilities.core.apply_func import apply_to_collection
+from typing_extensions import override
 
-from tl_cli.errors import TLError
+from tl_cli.errors import TLError, warn_deprecated
+
+#: ``checkpoint.select``: the epoch best on the monitor, or the end of the schedule unless the
+#: starting model is better beyond the noise (``last``: the old name of the second)
+Select = Literal["best", "end_unless_start_better", "last"]
+END_UNLESS_START_BETTER = "end_unless_start_better"
 
 
 class BestAndLast(ModelCheckpoint):
     """Lightning's `ModelCheckpoint`: the best checkpoints by the monitored metric, and with
-    ``save_last`` a ``last.ckpt`` written after every epoch.
+    ``save_last`` a ``last.ckpt`` of the full training state after every epoch.
 
-    Lightning (2.6) rewrites ``last.ckpt`` only in an epoch that saved a new best one; when the
-    monitored metric stops improving, ``last.ckpt`` silently stays at an earlier epoch, and a
-    run resumed from it repeats epochs. Here it always holds the full training state of the
-    last epoch. (Private hooks of ModelCheckpoint are used for that: it has no public one.)
+    Lightning (2.6) rewrites ``last.ckpt`` only in an epoch that saved a new best one, so a run
+    resumed from it could repeat epochs; private hooks of ModelCheckpoint fix that (it has no
+    public one). The starting-point logic (`tl_cli.models.starting_point`) uses `keeps_the_end`,
+    `tie_break`, `tie_score_of`, `epoch_of` and `replace_best`.
 
     Args:
         tie_break: a metric where lower is better (``val/loss``) that decides between epochs
-            equal on the monitored one: on 40 validation images accuracy moves in steps of 2.5
-            points and epochs often tie; the first of them is not the best of them. Lightning's
-            ModelCheckpoint keeps the earlier epoch on a tie. None: that.
-        select: ``best`` (Lightning's behaviour): ``best.ckpt`` is the epoch best on the monitor.
-            ``last``: ``best.ckpt`` is the last epoch, the end of the schedule, scored on the
-            monitor; with a starting point (FineTune, FeatureExtraction) the start competes with
-            that one epoch only, and replaces it only when better beyond the noise of the
-            validation images (`tl_cli.models.starting_point`). On a small validation split the
-            best of many noisy epoch scores is mostly the luckiest (selection bias): one
-            comparison is less noisy.
-        write_every: with cached features an epoch takes milliseconds and writing a checkpoint
-            (the whole backbone) takes longer than the epoch: then the checkpoints are kept in
-            memory (a copy on the CPU) and written at most every this many seconds, and always
-            when training ends, stops early, is preempted or fails. 0 writes each at once.
+            equal on the monitored one (accuracy on a small validation split often ties;
+            Lightning keeps the earlier epoch). None: no tie break.
+        select: ``best``: ``best.ckpt`` is the epoch best on the monitor (Lightning's choice).
+            ``end_unless_start_better``: ``best.ckpt`` is the last epoch, the end of the
+            schedule, scored on the monitor; a starting point (FineTune, FeatureExtraction)
+            replaces it only when better beyond the noise of the validation images. The best of
+            many noisy epoch scores is mostly the luckiest; one comparison is less noisy.
+            (``last``: the old name of ``end_unless_start_better``.)
+        write_every_s: keep the checkpoints in memory (a copy on the CPU) and write them at most
+            every this many seconds, and always when training ends, stops or fails: for epochs
+            faster than writing a checkpoint (cached features). 0: write each at once.
+        write_every: the old name of ``write_every_s``.
         *args: Lightning's ModelCheckpoint arguments (dirpath, filename, monitor, mode, ...).
         **kwargs: Lightning's ModelCheckpoint arguments (dirpath, filename, monitor, mode, ...).
     """
@@ -52,63 +55,104 @@ class BestAndLast(ModelCheckpoint):
         self,
         *args: Any,
         tie_break: Optional[str] = None,
-        select: Literal["best", "last"] = "best",
-        write_every: float = 0.0,
+        select: Select = "best",
+        write_every_s: float = 0.0,
+        write_every: Optional[float] = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
-        if select not in ("best", "last"):
-            raise TLError(f"checkpoint.select={select!r}: use best or last.")
-        if select == "last" and (self.monitor is None or self.save_top_k != 1):
+        if select == "last":
+            warn_deprecated("checkpoint.select: last", f"checkpoint.select: {END_UNLESS_START_BETTER}")
+            select = END_UNLESS_START_BETTER
+        if select not in ("best", END_UNLESS_START_BETTER):
+            raise TLError(f"checkpoint.select={select!r}: use best or {END_UNLESS_START_BETTER}.")
+        if select == END_UNLESS_START_BETTER and (self.monitor is None or self.save_top_k != 1):
             raise TLError(
-                "checkpoint.select=last needs checkpoint.monitor (the metric the starting point is "
+                f"checkpoint.select={select} needs checkpoint.monitor (the metric the starting point is "
                 "compared on) and checkpoint.save_top_k 1."
             )
-        self.select = select
-        self.tie_break = tie_break
+        if write_every is not None:
+            warn_deprecated("checkpoint.write_every", "checkpoint.write_every_s")
+            write_every_s = write_every
+        self.select: Literal["best", "end_unless_start_better"] = select
+        self.tie_break: Optional[str] = tie_break
         self.tie_scores: dict[str, float] = {}  # the tie_break metric of each best checkpoint file
-        self.write_every = write_every
+        self.write_every_s = write_every_s
         self._pending: dict[str, dict[str, Any]] = {}
         self._written_at = time.monotonic()
-        self.saved_epochs: dict[str, int] = {}  # the epoch each file holds
+        self._epochs: dict[str, int] = {}  # the epoch each file holds
 
-    def _last_too(self, trainer: pl.Trainer) -> None:
+    # -- for the starting point ---------------------------------------------------------------
+
+    @property
+    def keeps_the_end(self) -> bool:
+        """Whether ``best.ckpt`` is the end of the schedule (``select: end_unless_start_better``)."""
+        return self.select == END_UNLESS_START_BETTER
+
+    def epoch_of(self, path: str) -> Optional[int]:
+        """The epoch the checkpoint file ``path`` holds, if this callback saved it."""
+        return self._epochs.get(path)
+
+    def tie_score_of(self, path: str) -> Optional[float]:
+        """The tie_break metric of the checkpoint file ``path`` (None: no tie_break, or unknown)."""
+        return self.tie_scores.get(path) if self.tie_break else None
+
+    def replace_best(self, trainer: pl.Trainer, checkpoint: dict[str, Any], score: float) -> str:
+        """Write ``checkpoint`` (scoring ``score`` on the monitor) as the best one, in place of the
+        best file (or where it would go); every rank calls this. Returns its path."""
+        path = self.best_model_path or str(self.format_checkpoint_name({}))
+        self._pending.pop(path, None)
+        trainer.strategy.save_checkpoint(checkpoint, path)
+        self.best_model_path, self.best_model_score = path, torch.tensor(score)
+        if path in self.best_k_models:
+            self.best_k_models[path] = self.best_model_score
+        self.tie_scores.pop(path, None)
+        self._epochs[path] = int(checkpoint.get("epoch", -1))
+        return path
+
+    # -- last.ckpt after every epoch --------------------------------------------------------------
+
+    def _save_last_every_epoch(self, trainer: pl.Trainer) -> None:
         if self.save_last and not self._should_skip_saving_checkpoint(trainer):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
+    @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_epoch_end(trainer, pl_module)
         if self._should_save_on_train_epoch_end(trainer):
-            self._last_too(trainer)
+            self._save_last_every_epoch(trainer)
 
+    @override
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_validation_end(trainer, pl_module)
         if not self._should_save_on_train_epoch_end(trainer):
-            self._last_too(trainer)
+            self._save_last_every_epoch(trainer)
 
     # -- ties on the monitor --------------------------------------------------------------------
 
-    def tie_score(self, trainer: pl.Trainer) -> Optional[float]:
+    def epoch_tie_score(self, trainer: pl.Trainer) -> Optional[float]:
         """This epoch's tie_break metric (None without one)."""
         value = trainer.callback_metrics.get(self.tie_break) if self.tie_break else None
         return None if value is None else float(value)
 
+    @override
     def check_monitor_top_k(self, trainer: pl.Trainer, current: Optional[torch.Tensor] = None) -> bool:
-        if self.select == "last" and current is not None:
+        if self.keeps_the_end and current is not None:
             return True  # each epoch replaces best.ckpt: it ends as the last one, with its score
         better = super().check_monitor_top_k(trainer, current)
         if better or self.tie_break is None or current is None:
             return better
         held = self.tie_scores.get(self.kth_best_model_path)
-        score = self.tie_score(trainer)
+        score = self.epoch_tie_score(trainer)
         kth = self.best_k_models[self.kth_best_model_path]
         tied = abs(float(current) - float(kth)) <= 1e-6
         wins = tied and None not in (score, held) and score < held
         # the metrics are synced over the ranks; agreeing makes the decision certainly the same
         return trainer.strategy.reduce_boolean_decision(wins)
 
+    @override
     def _update_best_and_save(self, current: torch.Tensor, trainer: pl.Trainer, candidates: dict[str, Any]) -> None:
-        score = self.tie_score(trainer)
+        score = self.epoch_tie_score(trainer)
         super()._update_best_and_save(current, trainer, candidates)
         self.tie_scores = {path: self.tie_scores.get(path, score) for path in self.best_k_models}
         if score is not None:
@@ -119,13 +163,16 @@ class BestAndLast(ModelCheckpoint):
         """The file the last `_update_best_and_save` wrote (Lightning keeps no name for it)."""
         return next(p for p, v in self.best_k_models.items() if v is self.current_score)
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "tie_scores": dict(self.tie_scores)}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         self.tie_scores = dict(state_dict.get("tie_scores", {}))
 
+    @override
     def on_load_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
@@ -170,9 +217,10 @@ class BestAndLast(ModelCheckpoint):
 
     # -- deferred writes ----------------------------------------------------------------------
 
+    @override
     def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
-        self.saved_epochs[filepath] = trainer.current_epoch
-        if self.write_every <= 0:
+        self._epochs[filepath] = trainer.current_epoch
+        if self.write_every_s <= 0:
             return super()._save_checkpoint(trainer, filepath)
         # every rank builds the checkpoint (as Trainer.save_checkpoint does: it may gather);
         # only rank 0 writes, so the ranks need not agree on when
@@ -181,9 +229,10 @@ class BestAndLast(ModelCheckpoint):
         self._pending[filepath] = copy
         self._last_global_step_saved = trainer.global_step
         self._last_checkpoint_saved = filepath
-        if time.monotonic() - self._written_at >= self.write_every:
+        if time.monotonic() - self._written_at >= self.write_every_s:
             self.flush(trainer)
 
+    @override
     def _remove_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
         if self._pending.pop(filepath, None) is None:
             super()._remove_checkpoint(trainer, filepath)
@@ -197,10 +246,12 @@ class BestAndLast(ModelCheckpoint):
         self._pending.clear()
         self._written_at = time.monotonic()
 
+    @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_end(trainer, pl_module)
         self.flush(trainer)
 
+    @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         super().on_exception(trainer, pl_module, exception)
         self.flush(trainer)

@@ -1,4 +1,5 @@
-"""`Classifier`: a pretrained backbone and a new linear head, what every tl model shares.
+"""`Classifier`: a pretrained backbone and a new linear head, what every tl model shares;
+`Network`, its parts.
 
 The subclasses say what trains: `FeatureExtraction` (the head alone), `FineTune` (backbone
 stages too, at a smaller learning rate), `DomainAdaptation` (FineTune plus a domain head).
@@ -20,9 +21,10 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from torch import nn
+from typing_extensions import override
 
 from tl_cli import CHECKPOINT_FORMAT, __version__
-from tl_cli.backbones.factory import create_backbone
+from tl_cli.backbones.factory import Backbone, create_backbone
 from tl_cli.backbones.weights import load_weights
 from tl_cli.data.transforms import Normalize
 from tl_cli.errors import TLError
@@ -30,25 +32,114 @@ from tl_cli.models.inputs import Inputs
 from tl_cli.models.metrics import Metrics
 from tl_cli.models.optim import Optimization
 from tl_cli.models.reporting import Reporting
+from tl_cli.models.starting_point import StartingPoint
 
 
-def class_weights(spec: Union[str, list[float], None], class_names: list[str], dm: Any) -> Optional[torch.Tensor]:
+def class_weights(setting: Union[str, list[float], None], class_names: list[str], dm: Any) -> Optional[torch.Tensor]:
     """``model.class_weights`` as a tensor: ``auto`` (inverse class frequency), a list, or None."""
     n = len(class_names)
-    if spec == "auto":
+    if setting == "auto":
         counts = torch.tensor(dm.class_counts("train"), dtype=torch.float32)
         return counts.sum() / (n * counts.clamp(min=1))
-    if spec is None:
+    if setting is None:
         return None
-    if len(spec) != n or any(w < 0 for w in spec):
+    if len(setting) != n or any(w < 0 for w in setting):
         raise TLError(
-            f"model.class_weights has {len(spec)} values; give {n} non-negative ones, in the order {class_names}."
+            f"model.class_weights has {len(setting)} values; give {n} non-negative ones, in the order {class_names}."
         )
-    return torch.tensor(spec, dtype=torch.float32)
+    return torch.tensor(setting, dtype=torch.float32)
 
 
-class Classifier(Metrics, Reporting, Inputs, Optimization, pl.LightningModule):
+class Network:
+    """Mixin for `Classifier`: the network's parts (backbone, neck, dropout, head), its starting
+    weights, its logits for evaluation and export, its loss. Subclasses change the neck (`build_neck`,
+    `head_in_features`), the training batch (`mix_batch`) or the weights (`load_starting_weights`)."""
+
+    # declared by the host (`Classifier`), besides LightningModule's own
+    backbone_info: Backbone
+    backbone: nn.Module
+    neck: nn.Module
+    dropout: nn.Module
+    head: Optional[nn.Linear]
+    val_balanced_acc: Any
+    val_macro_f1: Any
+    loss_weight: Optional[torch.Tensor]
+    _weights_ready: bool
+
+    @property
+    def num_features(self) -> int:
+        """Width of the backbone's pooled features (what the feature cache stores)."""
+        return self.backbone_info.num_features
+
+    def build_neck(self) -> nn.Module:
+        """What sits between the backbone's pooled features and the head (nothing here)."""
+        return nn.Identity()
+
+    def head_in_features(self) -> int:
+        """Width of what the head takes: the neck's output (here: the backbone's features)."""
+        return self.num_features
+
+    def build_head(self, num_classes: int) -> None:
+        """A new linear head for ``num_classes``, and the validation metrics that need the count."""
+        from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
+
+        self.head = nn.Linear(self.head_in_features(), num_classes)
+        self.val_balanced_acc = MulticlassAccuracy(num_classes, average="macro")  # mean per-class recall
+        self.val_macro_f1 = MulticlassF1Score(num_classes, average="macro")
+
+    def logits_module(self) -> nn.Module:
+        """Images -> logits as a plain module (no LightningModule), for export."""
+        return nn.Sequential(self.backbone, self.neck, self.head)
+
+    def predict_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits for evaluation (test, predict, validate), with test-time augmentation: the
+        log of the mean probability over the views."""
+        if self.hparams.get("tta", "none") == "none" or x.ndim != 4:
+            return self(x)
+        probs = self(x).float().softmax(1) + self(x.flip(-1)).float().softmax(1)
+        return (probs / 2).clamp(min=1e-12).log()
+
+    def loss(self, logits: torch.Tensor, y: torch.Tensor, train: bool) -> torch.Tensor:
+        """Cross-entropy with the class weights (and label smoothing in training); ``y``: labels
+        or class probabilities."""
+        smoothing = self.hparams.label_smoothing if train else 0.0
+        if y.is_floating_point():  # class probabilities (mixed batches): in the logits' type
+            y = y.to(logits.dtype)
+        return F.cross_entropy(logits, y, weight=self.loss_weight, label_smoothing=smoothing)
+
+    def mix_batch(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The training batch as the model trains on it, and its targets (labels, or class
+        probabilities); `FineTune` mixes them (MixUp / CutMix)."""
+        return x, y
+
+    # -- weights ------------------------------------------------------------------------------
+
+    def skip_starting_weights(self) -> None:
+        """Load no starting weights: a checkpoint restored (or about to be) brings every weight."""
+        self._weights_ready = True
+
+    def ensure_weights(self) -> None:
+        """Load the starting weights unless a checkpoint was restored (then: nothing to load)."""
+        if not self._weights_ready:
+            self._weights_ready = True
+            self.load_starting_weights()
+
+    def load_starting_weights(self) -> None:
+        """``model.weights`` into the backbone (`FineTune`: ``model.init_from``)."""
+        what = load_weights(self.backbone_info, self.hparams.weights)
+        self.print(f"tl: backbone {self.hparams.backbone} with {what}")
+
+
+class Classifier(Network, Metrics, Reporting, Inputs, Optimization, pl.LightningModule):
     """A pretrained backbone with a new linear head (the base of tl's models).
+
+    The model's contract in one place: every Lightning hook is defined here, in the order
+    Lightning calls it, and calls named methods of the mixins (`Network`, `Metrics`,
+    `Reporting`, `Inputs`, `Optimization`), which define no hook: the order of the base classes
+    changes nothing. What a mixin reads from the model is declared in its class body and set
+    in ``__init__``. A subclass overrides a hook only to add to it (calling ``super()``); one
+    whose training must not end worse than it started owns a `StartingPoint`
+    (``competes_with_start``). tests/test_model_contract.py holds these rules.
 
     Args:
         backbone: ``timm:<name>`` (any timm model) or ``torchvision:<name>`` (any
@@ -87,6 +178,8 @@ class Classifier(Metrics, Reporting, Inputs, Optimization, pl.LightningModule):
     supports_feature_cache = True
     #: whether backbone parameters are in the optimizer (the unfreeze schedule needs them)
     trains_backbone = False
+    #: whether the starting model competes for best.ckpt (`StartingPoint`)
+    competes_with_start = False
 
     def __init__(
         self,
@@ -110,20 +203,29 @@ class Classifier(Metrics, Reporting, Inputs, Optimization, pl.LightningModule):
         if (lr != "auto" and lr <= 0) or weight_decay < 0 or warmup_epochs < 0:
             raise TLError(f"model.lr={lr} must be > 0, weight_decay and warmup_epochs >= 0.")
         self.save_hyperparameters()
-        self.spec = create_backbone(backbone)
-        self.backbone = self.spec.module
-        self.backbone.tl_stages = self.spec.stages  # the freezing callbacks' handle
+        #: the built backbone: its module (``self.backbone``), stages, feature width, preprocessing
+        self.backbone_info: Backbone = create_backbone(backbone)
+        self.backbone = self.backbone_info.module
+        self.backbone.tl_stages = self.backbone_info.stages  # the freezing callbacks' handle
         self.neck = self.build_neck()
         self.dropout = nn.Dropout(dropout)
+        self.head: Optional[nn.Linear] = None
+        self.val_balanced_acc: Any = None  # torchmetrics, with the head (`build_head`)
+        self.val_macro_f1: Any = None
         self.class_names: Optional[list[str]] = list(class_names) if class_names else None
         self.preprocessing: Optional[dict[str, Any]] = None
-        self.head: Optional[nn.Linear] = None
+        self.normalize: Optional[Normalize] = None
         if preprocessing:
             self.set_preprocessing(dict(preprocessing))
         if self.class_names:
             self.build_head(len(self.class_names))
-        self.history: list[dict[str, float]] = []
-        self._weights_ready = False
+        self.register_buffer("loss_weight", None, persistent=False)  # class weights, set in setup("fit")
+        self.history: list[dict[str, float]] = []  # one row per epoch, kept in checkpoints
+        self.sums: dict[str, torch.Tensor] = {}  # `Metrics`' running sums
+        self.outputs: list[dict[str, Any]] = []  # `Reporting`'s test / predict outputs
+        self.starting_point = StartingPoint() if self.competes_with_start else None
+        self._weights_ready = False  # the starting weights are loaded, or a checkpoint restored
+        self._compiled = False
 
     @classmethod
     def argument_names(cls) -> set[str]:
@@ -134,53 +236,19 @@ class Classifier(Metrics, Reporting, Inputs, Optimization, pl.LightningModule):
                 names |= set(inspect.signature(klass.__init__).parameters) - {"self", "args", "kwargs"}
         return names
 
-    @property
-    def num_features(self) -> int:
-        return self.spec.num_features
+    @override
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits for images ``[B, 3, H, W]`` or for cached backbone features ``[B, F]``."""
+        features = x if x.ndim == 2 else self.backbone(x)
+        return self.head(self.dropout(self.neck(features)))
 
-    def build_head(self, num_classes: int) -> None:
-        from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
+    # -- Lightning's hooks, in the order it calls them ------------------------------------------
 
-        self.head = nn.Linear(self.head_inputs(), num_classes)
-        self.val_balanced_acc = MulticlassAccuracy(num_classes, average="macro")  # mean per-class recall
-        self.val_macro_f1 = MulticlassF1Score(num_classes, average="macro")
-
-    def build_neck(self) -> nn.Module:
-        """What sits between the backbone's pooled features and the head (nothing here)."""
-        return nn.Identity()
-
-    def head_inputs(self) -> int:
-        return self.spec.num_features
-
-    def set_preprocessing(self, preprocessing: dict[str, Any]) -> None:
-        self.preprocessing = preprocessing
-        self.hparams["preprocessing"] = dict(preprocessing)
-        self.normalize = Normalize(preprocessing["mean"], preprocessing["std"])
-
-    # -- the hook with the DataModule ---------------------------------------------------------
-
-    def default_image_size(self) -> Optional[int]:
-        return None
-
+    @override
     def setup(self, stage: str) -> None:
         dm = getattr(self.trainer, "datamodule", None)
-        found = getattr(dm, "class_names", None)
-        if self.class_names is None:
-            if not found:
-                raise TLError("The model has no classes: pass --ckpt_path to evaluate a trained model.")
-            if stage != "fit":
-                self.print("tl: warning: this head was never trained; pass --ckpt_path to evaluate a trained model.")
-            self.class_names = list(found)
-            self.build_head(len(found))
-        elif found is not None:
-            if stage == "fit" and sorted(found) != sorted(self.class_names):
-                raise TLError(
-                    f"train/ has classes {found}, but the checkpoint this run starts from was trained on "
-                    f"{self.class_names}. Fine-tune on data with the same class folders."
-                )
-            dm.class_names = list(self.class_names)  # labels follow the model's order
-        self.hparams["class_names"] = list(self.class_names)
-        self._resolve_preprocessing(getattr(dm, "image_size", None), stage)
+        self.take_class_names(dm, stage)
+        self.resolve_preprocessing(getattr(dm, "image_size", None), stage)
         if dm is not None:
             dm.preprocessing = self.preprocessing
         if stage == "fit":
@@ -188,24 +256,9 @@ class Classifier(Metrics, Reporting, Inputs, Optimization, pl.LightningModule):
             if self.hparams.class_weights == "auto":
                 pairs = zip(self.class_names, weights.tolist(), strict=True)
                 self.print("tl: class weights (auto): " + ", ".join(f"{c} {w:.3f}" for c, w in pairs))
-            self.register_buffer("loss_weight", weights, persistent=False)
+            self.loss_weight = weights
 
-    def _resolve_preprocessing(self, image_size: Optional[int], stage: str) -> None:
-        """Training: the backbone's preprocessing at ``data.image_size``. Evaluation: the one
-        the checkpoint was trained with (``data.image_size`` cannot change it)."""
-        if self.preprocessing is not None and stage != "fit":
-            trained = self.preprocessing["image_size"]
-            if image_size is not None and [image_size, image_size] != trained:
-                self.print(f"note: data.image_size={image_size} ignored; the checkpoint is evaluated at {trained}.")
-            return
-        prep = dict(self.spec.preprocessing)
-        size = image_size or self.default_image_size()
-        if size is not None:
-            prep["image_size"] = [int(size), int(size)]
-        self.set_preprocessing(prep)
-
-    # -- weights ------------------------------------------------------------------------------
-
+    @override
     def configure_model(self) -> None:
         # Training starts from the pretrained weights (or init_from), loaded before Lightning
         # restores a --ckpt_path (which then overwrites them) and before any cached features are
@@ -214,38 +267,63 @@ class Classifier(Metrics, Reporting, Inputs, Optimization, pl.LightningModule):
             self.ensure_weights()
         if self.use_channels_last():
             self.to(memory_format=torch.channels_last)
-        if self.hparams.compile and not getattr(self, "_compiled", False):
+        if self.hparams.compile and not self._compiled:
             self.backbone.compile()
             self.head.compile()
             self._compiled = True
 
+    @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self._weights_ready = True  # a tl checkpoint brings every weight
+        self.skip_starting_weights()
         self.history = list(checkpoint.get("tl_history", []))
 
-    def skip_starting_weights(self) -> None:
-        """Load no starting weights: a checkpoint restored (or about to be) brings every weight."""
-        self._weights_ready = True
+    @override
+    def configure_optimizers(self) -> Any:
+        return self.optimizer_and_schedule()
 
-    def ensure_weights(self) -> None:
-        """Load the starting weights unless a checkpoint was restored (then: nothing to load)."""
-        if not self._weights_ready:
-            self._weights_ready = True
-            self.load_starting_weights()
+    @override
+    def on_train_start(self) -> None:
+        if self.starting_point is not None:
+            self.starting_point.keep(self)
 
-    def load_starting_weights(self) -> None:
-        what = load_weights(self.spec, self.hparams.weights)
-        self.print(f"tl: backbone {self.hparams.backbone} with {what}")
+    @override
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        return self.prepare_batch(batch)
 
+    @override
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y, _ = batch
+        x, targets = self.mix_batch(x, y)
+        logits = self(x)
+        loss = self.loss(logits, targets, train=True)
+        self.accumulate("train", loss, logits, y)
+        self.log_step_loss(loss, batch_idx)
+        return loss
+
+    @override
     def on_validation_start(self) -> None:
         self.ensure_weights()
 
-    def on_test_start(self) -> None:
-        self.ensure_weights()
+    @override
+    def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        x, y, _ = batch
+        logits = self.predict_logits(x) if self.trainer.state.fn == "validate" else self(x)
+        if dataloader_idx == 0:
+            self.val_balanced_acc.update(logits, y)
+            self.val_macro_f1.update(logits, y)
+        self.accumulate("val" if dataloader_idx == 0 else "val_target", self.loss(logits, y, train=False), logits, y)
 
-    def on_predict_start(self) -> None:
-        self.ensure_weights()
+    @override
+    def on_validation_epoch_end(self) -> None:
+        self.log_epoch("val", "val_target")
+        self.log_class_balanced()
 
+    @override
+    def on_train_epoch_end(self) -> None:
+        self.log_epoch("train")
+        self.record_epoch()
+
+    @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["tl_history"] = list(self.history)
         checkpoint["tl"] = {
@@ -257,49 +335,44 @@ class Classifier(Metrics, Reporting, Inputs, Optimization, pl.LightningModule):
             "preprocessing": self.preprocessing,
         }
 
-    # -- steps --------------------------------------------------------------------------------
+    @override
+    def on_train_end(self) -> None:
+        if self.starting_point is not None:
+            self.starting_point.settle(self)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits for images ``[B, 3, H, W]`` or for cached backbone features ``[B, F]``."""
-        features = x if x.ndim == 2 else self.backbone(x)
-        return self.head(self.dropout(self.neck(features)))
+    @override
+    def on_fit_end(self) -> None:
+        self.write_curves()
 
-    def logits_module(self) -> nn.Module:
-        """Images -> logits as a plain module (no LightningModule), for export."""
-        return nn.Sequential(self.backbone, self.neck, self.head)
+    @override
+    def on_test_start(self) -> None:
+        self.ensure_weights()
 
-    def predict_logits(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits for evaluation (test, predict, validate), with test-time augmentation: the
-        log of the mean probability over the views."""
-        if self.hparams.get("tta", "none") == "none" or x.ndim != 4:
-            return self(x)
-        probs = self(x).float().softmax(1) + self(x.flip(-1)).float().softmax(1)
-        return (probs / 2).clamp(min=1e-12).log()
+    @override
+    def on_test_epoch_start(self) -> None:
+        self.sums, self.outputs = {}, []
 
-    def loss(self, logits: torch.Tensor, y: torch.Tensor, train: bool) -> torch.Tensor:
-        smoothing = self.hparams.label_smoothing if train else 0.0
-        if y.is_floating_point():  # class probabilities (mixed batches): in the logits' type
-            y = y.to(logits.dtype)
-        return F.cross_entropy(logits, y, weight=getattr(self, "loss_weight", None), label_smoothing=smoothing)
+    @override
+    def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self.collect_test(batch, dataloader_idx)
 
-    def mix_batch(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The training batch as the model trains on it, and its targets (labels, or class
-        probabilities); `FineTune` mixes them (MixUp / CutMix)."""
-        return x, y
+    @override
+    def on_test_epoch_end(self) -> None:
+        self.log_epoch("test", "test_target")
+        self.report_test()
 
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        x, y, _ = batch
-        x, targets = self.mix_batch(x, y)
-        logits = self(x)
-        loss = self.loss(logits, targets, train=True)
-        self.accumulate("train", loss, logits, y)
-        self.log_step_loss(loss, batch_idx)
-        return loss
+    @override
+    def on_predict_start(self) -> None:
+        self.ensure_weights()
 
-    def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
-        x, y, _ = batch
-        logits = self.predict_logits(x) if self.trainer.state.fn == "validate" else self(x)
-        if dataloader_idx == 0:
-            self.val_balanced_acc.update(logits, y)
-            self.val_macro_f1.update(logits, y)
-        self.accumulate("val" if dataloader_idx == 0 else "val_target", self.loss(logits, y, train=False), logits, y)
+    @override
+    def on_predict_epoch_start(self) -> None:
+        self.outputs = []
+
+    @override
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
+        return self.collect_predictions(batch)
+
+    @override
+    def on_predict_epoch_end(self) -> None:
+        self.report_predictions()

@@ -19,6 +19,7 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+from typing_extensions import override
 
 from tl_cli.errors import TLError
 from tl_cli.models.finetune import FineTune
@@ -78,6 +79,8 @@ class DomainAdaptation(FineTune):
 
     supports_feature_cache = False  # the backbone is what adapts
     supports_batch_mixing = False  # its own training step: source and target batches
+    expects_init_from = False  # domain adaptation starts from pretrained weights by design
+    bottleneck_width: int  # set before Classifier.__init__, which builds the neck and the head
 
     def __init__(
         self,
@@ -90,10 +93,10 @@ class DomainAdaptation(FineTune):
         lr_annealing: bool = True,
         **kwargs: Any,
     ) -> None:
-        self._bottleneck = bottleneck  # read by build_neck(), from Classifier.__init__
+        self.bottleneck_width = bottleneck  # read by build_neck() and head_in_features()
         super().__init__(*args, **kwargs)
         self.save_hyperparameters()
-        width = self.head_inputs()
+        width = self.head_in_features()
         self.domain_classifier = nn.Sequential(
             nn.Linear(width, domain_hidden),
             nn.BatchNorm1d(domain_hidden),
@@ -106,6 +109,7 @@ class DomainAdaptation(FineTune):
         # source only never uses it: DDP must not wait for its gradients
         self.domain_classifier.requires_grad_(dann)
 
+    @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)
         state, own = checkpoint["state_dict"], self.state_dict()
@@ -120,22 +124,21 @@ class DomainAdaptation(FineTune):
             self.strict_loading = False
 
     def build_neck(self) -> nn.Module:
-        width = self._bottleneck
+        """The bottleneck: linear, batch norm, ReLU (or nothing, with width 0)."""
+        width = self.bottleneck_width
         if not width:
             return nn.Identity()
-        return nn.Sequential(nn.Linear(self.spec.num_features, width), nn.BatchNorm1d(width), nn.ReLU())
+        return nn.Sequential(nn.Linear(self.num_features, width), nn.BatchNorm1d(width), nn.ReLU())
 
-    def head_inputs(self) -> int:
-        return self._bottleneck or self.spec.num_features
+    def head_in_features(self) -> int:
+        return self.bottleneck_width or self.num_features
 
+    @override
     def setup(self, stage: str) -> None:
         super().setup(stage)
         dm = getattr(self.trainer, "datamodule", None)
         if stage == "fit" and getattr(dm, "target_root", None) is None:
             raise TLError("DomainAdaptation needs --data.target_root, the folder of unlabelled target images.")
-
-    def on_fit_start(self) -> None:
-        pass  # no init_from note: domain adaptation starts from pretrained weights by design
 
     def progress(self) -> float:
         total = self.trainer.estimated_stepping_batches if self._trainer is not None else 1
@@ -172,7 +175,8 @@ class DomainAdaptation(FineTune):
             out["total"] = out["label"] + out["domain"]
         return out
 
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+    @override
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:  # replaces Classifier's
         out = self.losses(batch)
         n = len(batch["source"][1])
         self.log("train/loss_label", out["label"], on_epoch=True, sync_dist=True, on_step=False, batch_size=n)

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
+from typing_extensions import override
+
 from tl_cli.models.base import Classifier
-from tl_cli.models.starting_point import StartingPoint
 
 
-class FeatureExtraction(StartingPoint, Classifier):
+class FeatureExtraction(Classifier):
     """Feature extraction: the backbone stays frozen, weights and BatchNorm statistics, and a
     new linear head trains on its pooled output ("bottleneck features").
 
@@ -28,10 +29,13 @@ class FeatureExtraction(StartingPoint, Classifier):
         **kwargs: everything `Classifier` takes (backbone, weights, lr, ...).
     """
 
+    competes_with_start = True
+
     def __init__(self, *args: Any, head_init: Literal["probe", "random"] = "probe", **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.save_hyperparameters()
 
+    @override
     def configure_callbacks(self) -> list[Any]:
         from tl_cli.callbacks import BackboneFreezing, FreezeBackbone
 
@@ -39,13 +43,11 @@ class FeatureExtraction(StartingPoint, Classifier):
             return []
         return [FreezeBackbone()]
 
+    @override
     def on_train_start(self) -> None:
         if self.hparams.get("head_init", "random") == "probe" and self.trainer.ckpt_path is None:
             self.start_from_probe()
-        self.keep_starting_point()
-
-    def on_train_end(self) -> None:
-        self.settle_starting_point()
+        super().on_train_start()  # keeps the starting point: the probe, when it set the head
 
     def start_from_probe(self) -> None:
         """Set the head to the tuned linear probe on the cached train/val features."""
@@ -61,7 +63,7 @@ class FeatureExtraction(StartingPoint, Classifier):
         if len(sets) != 2 or not all(isinstance(s, FeatureDataset) for s in sets):
             self.print("tl: head_init probe needs cached features (data.augment none); the head starts random")
             return
-        (train, val), weight = sets, getattr(self, "loss_weight", None)
+        (train, val), weight = sets, self.loss_weight
         smoothing = self.hparams.label_smoothing
 
         def fit() -> Any:

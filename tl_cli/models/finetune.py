@@ -7,14 +7,14 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 from torchvision.transforms import v2
+from typing_extensions import override
 
 from tl_cli.errors import TLError
 from tl_cli.models.base import Classifier
 from tl_cli.models.checkpoints import read_tl_checkpoint
-from tl_cli.models.starting_point import StartingPoint
 
 
-class FineTune(StartingPoint, Classifier):
+class FineTune(Classifier):
     """Fine-tuning: backbone stages train too, at ``lr x backbone_lr_ratio``.
 
     Which stages train, and from which epoch, is the `tl_cli.callbacks.UnfreezeSchedule`
@@ -47,7 +47,11 @@ class FineTune(StartingPoint, Classifier):
     """
 
     trains_backbone = True
+    competes_with_start = True
+    #: whether MixUp / CutMix may be switched on (`DomainAdaptation` has its own training step)
     supports_batch_mixing = True
+    #: whether a run without ``init_from`` is worth a note (the recipe starts from the probe)
+    expects_init_from = True
 
     def __init__(
         self,
@@ -71,9 +75,10 @@ class FineTune(StartingPoint, Classifier):
             raise TLError(
                 f"{type(self).__name__} does not mix batches: leave model.mixup_alpha and model.cutmix_alpha at 0."
             )
-        self._init = read_tl_checkpoint(init_from, what="model.init_from checkpoint") if init_from else None
-        if self._init is not None and not kwargs.get("class_names"):
-            kwargs["class_names"] = list(self._init["tl"]["class_names"])
+        #: the ``init_from`` checkpoint, read once (its classes, input size, backbone and head)
+        self.init_checkpoint = read_tl_checkpoint(init_from, what="model.init_from checkpoint") if init_from else None
+        if self.init_checkpoint is not None and not kwargs.get("class_names"):
+            kwargs["class_names"] = list(self.init_checkpoint["tl"]["class_names"])
         super().__init__(*args, **kwargs)
         self.save_hyperparameters()
         mixers = [mix(alpha=alpha) for mix, alpha in ((v2.MixUp, mixup_alpha), (v2.CutMix, cutmix_alpha)) if alpha > 0]
@@ -81,9 +86,9 @@ class FineTune(StartingPoint, Classifier):
         self.mixer = mixers[0] if len(mixers) == 1 else v2.RandomChoice(mixers) if mixers else None
         if self.mixer is not None:
             self.supports_feature_cache = False  # mixing needs the images, not their features
-        if self._init is not None and self._init["tl"]["backbone"] != self.hparams.backbone:
+        if self.init_checkpoint is not None and self.init_checkpoint["tl"]["backbone"] != self.hparams.backbone:
             raise TLError(
-                f"model.init_from={init_from} was trained with backbone {self._init['tl']['backbone']}, "
+                f"model.init_from={init_from} was trained with backbone {self.init_checkpoint['tl']['backbone']}, "
                 f"but this run asks for {self.hparams.backbone}. Use the same model.backbone."
             )
 
@@ -97,27 +102,22 @@ class FineTune(StartingPoint, Classifier):
         return self.mixer(x, F.one_hot(y, self.head.out_features).to(x.dtype))  # x: normalised already
 
     def default_image_size(self) -> Optional[int]:
-        if self._init is not None and self._init["tl"].get("preprocessing"):
-            return int(self._init["tl"]["preprocessing"]["image_size"][0])
+        if self.init_checkpoint is not None and self.init_checkpoint["tl"].get("preprocessing"):
+            return int(self.init_checkpoint["tl"]["preprocessing"]["image_size"][0])
         return None
 
-    def on_train_start(self) -> None:
-        self.keep_starting_point()
-
-    def on_train_end(self) -> None:
-        self.settle_starting_point()
-
+    @override
     def on_fit_start(self) -> None:
-        if self._init is None and self.trainer.ckpt_path is None:
+        if self.expects_init_from and self.init_checkpoint is None and self.trainer.ckpt_path is None:
             self.print(
                 "tl: note: no model.init_from, so the head starts untrained; for the recipe pass the "
                 "feature-extraction best.ckpt (a random head distorts the pretrained features at first)."
             )
 
     def load_starting_weights(self) -> None:
-        if self._init is None:
+        if self.init_checkpoint is None:
             return super().load_starting_weights()
-        state, own = self._init["state_dict"], self.state_dict()
+        state, own = self.init_checkpoint["state_dict"], self.state_dict()
         wanted = [k for k in own if k.startswith(("backbone.", "head."))]
         missing = [k for k in wanted if k not in state]
         if missing:
@@ -132,7 +132,7 @@ class FineTune(StartingPoint, Classifier):
         groups = super().param_groups() + ([{"params": neck, "lr": self.hparams.lr, "name": "neck"}] if neck else [])
         if decay == 1.0:
             return [*groups, {"params": list(self.backbone.parameters()), "lr": top, "name": "backbone"}]
-        stages = self.spec.stages
+        stages = self.backbone_info.stages
         for i, (name, params) in enumerate(stages):  # one group per stage, input to output
             lr = top * decay ** (len(stages) - 1 - i)
             groups.append(

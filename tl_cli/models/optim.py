@@ -7,10 +7,14 @@ import math
 from typing import Any, Optional
 
 import torch
+from torch import nn
 
 
 class Optimization:
     """AdamW or SGD over the model's parameter groups, cosine or constant learning rate."""
+
+    # declared by the host (`Classifier`), besides LightningModule's own
+    head: nn.Linear
 
     def param_groups(self) -> list[dict[str, Any]]:
         """The optimizer's parameter groups: the head here; subclasses add theirs."""
@@ -32,7 +36,8 @@ class Optimization:
 
         return factor
 
-    def configure_optimizers(self) -> Any:
+    def optimizer_and_schedule(self) -> Any:
+        """What `configure_optimizers` returns: the optimizer, with its per-step schedule."""
         hp = self.hparams
         groups = self.param_groups()
         if hp.optimizer == "sgd":

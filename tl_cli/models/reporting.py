@@ -8,11 +8,13 @@ gathered (on tl's own CPU channel) and de-duplicated by sample index before rank
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from tl_cli.cluster import distributed
 
@@ -32,11 +34,25 @@ def gather_outputs(outputs: list[dict[str, torch.Tensor]], keys: tuple[str, ...]
 
 
 class Reporting:
-    """Mixin for `Classifier`: history and curves, test and predict outputs and reports."""
+    """Mixin for `Classifier`: the history and curves of a fit, the test and predict reports."""
+
+    # declared by the host (`Classifier`), besides LightningModule's own
+    history: list[dict[str, float]]  # one row per training epoch, kept in checkpoints
+    outputs: list[dict[str, Any]]  # this test or predict epoch's outputs, on the CPU
+    class_names: Optional[list[str]]
+    preprocessing: Optional[dict[str, Any]]
+    predict_logits: Callable[[torch.Tensor], torch.Tensor]
+    logits_module: Callable[[], nn.Module]
+    accumulate: Callable[..., None]
+
+    def out_dir(self) -> Path:
+        """The run folder (a collective under DDP: every rank must ask, not only rank 0)."""
+        return Path(self.trainer.log_dir or self.trainer.default_root_dir)
 
     # -- fit: learning curves ------------------------------------------------------------------
 
-    def on_train_epoch_end(self) -> None:
+    def record_epoch(self) -> None:
+        """Add this epoch's losses and accuracies to `history`."""
         metrics = self.trainer.callback_metrics
         row = {"epoch": self.current_epoch}
         for key in ("train/loss_epoch", "train/acc", "val/loss", "val/acc"):
@@ -44,11 +60,8 @@ class Reporting:
                 row[key.replace("_epoch", "")] = float(metrics[key])
         self.history.append(row)
 
-    def out_dir(self) -> Path:
-        # trainer.log_dir is a collective under DDP: every rank must ask, not only rank 0
-        return Path(self.trainer.log_dir or self.trainer.default_root_dir)
-
-    def on_fit_end(self) -> None:
+    def write_curves(self) -> None:
+        """curves.svg in the run folder, from `history`."""
         out_dir = self.out_dir()
         if self.trainer.is_global_zero and self.history:
             from tl_cli.reports.curves import curves_svg
@@ -58,17 +71,16 @@ class Reporting:
 
     # -- test ----------------------------------------------------------------------------------
 
-    def on_test_epoch_start(self) -> None:
-        self._outputs: list[dict[str, Any]] = []
-
-    def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+    def collect_test(self, batch: Any, dataloader_idx: int) -> None:
+        """Score a test batch and keep its class probabilities for the reports."""
         x, y, index = batch
         logits = self.predict_logits(x)
         self.accumulate("test" if dataloader_idx == 0 else "test_target", F.cross_entropy(logits, y), logits, y)
         probs = logits.float().softmax(1)
-        self._outputs.append({"probs": probs.cpu(), "target": y.cpu(), "index": index.cpu(), "loader": dataloader_idx})
+        self.outputs.append({"probs": probs.cpu(), "target": y.cpu(), "index": index.cpu(), "loader": dataloader_idx})
 
-    def on_test_epoch_end(self) -> None:
+    def report_test(self) -> None:
+        """Write the test reports of each domain (rank 0) from every rank's outputs."""
         from tl_cli.reports.files import write_test_reports
 
         out_dir, dm = self.out_dir(), self.trainer.datamodule
@@ -77,7 +89,7 @@ class Reporting:
         splits = splits[: len(loaders) if isinstance(loaders, (list, tuple)) else 1]
         summary = {}
         for idx, (name, split, folder) in enumerate(splits):  # every rank takes part in each gather
-            got = gather_outputs([o for o in self._outputs if o["loader"] == idx], ("probs", "target", "index"))
+            got = gather_outputs([o for o in self.outputs if o["loader"] == idx], ("probs", "target", "index"))
             if not self.trainer.is_global_zero or not len(got["index"]):
                 continue
             paths = dm.paths(split)
@@ -99,27 +111,26 @@ class Reporting:
             summary[name] = metrics["accuracy"]
         if len(summary) > 1:
             self.print("tl: accuracy " + ", ".join(f"{k} {v:.4f}" for k, v in summary.items()))
-        self._outputs = []
+        self.outputs = []
 
     # -- predict -------------------------------------------------------------------------------
 
-    def on_predict_epoch_start(self) -> None:
-        self._outputs = []
-
-    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
+    def collect_predictions(self, batch: Any) -> torch.Tensor:
+        """A predict batch's class probabilities, kept for predictions.csv."""
         from tl_cli.data.datasets import UNREADABLE
 
         x, label, index = batch
         probs = self.predict_logits(x).float().softmax(1)
-        self._outputs.append({"probs": probs.cpu(), "index": index.cpu(), "unreadable": (label == UNREADABLE).cpu()})
+        self.outputs.append({"probs": probs.cpu(), "index": index.cpu(), "unreadable": (label == UNREADABLE).cpu()})
         return probs
 
-    def on_predict_epoch_end(self) -> None:
+    def report_predictions(self) -> None:
+        """Write predictions.csv (rank 0) from every rank's outputs."""
         from tl_cli.data.screening import inspect_image
         from tl_cli.reports.files import write_predictions
 
-        got = gather_outputs(self._outputs, ("probs", "index", "unreadable"))
-        self._outputs = []
+        got = gather_outputs(self.outputs, ("probs", "index", "unreadable"))
+        self.outputs = []
         out = self.out_dir() / "predictions.csv"
         if not self.trainer.is_global_zero:
             return
