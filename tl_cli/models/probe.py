@@ -1,25 +1,14 @@
-"""The feature-extraction head as a tuned linear probe: trained to convergence on the cached
-backbone features, its regularisation chosen on the validation split.
+"""The feature-extraction head as a tuned linear probe: multinomial logistic regression on the
+cached backbone features, trained to convergence, its L2 strength chosen on the validation split.
 
-Why not just the epochs of `tl fit`: a linear head on frozen features is a convex problem
-(multinomial logistic regression), and the tuned probe the literature reports (and
-scikit-learn's ``LogisticRegression`` with ``C`` chosen on validation) is its *regularised
-optimum*. Mini-batch AdamW for a fixed number of epochs reaches something near it, with
-an implicit regularisation set by the learning rate, the epochs and early stopping, which
-are not chosen on anything. On cached features the whole training split fits in memory, so
-the optimum itself costs a second: full-batch L-BFGS on standardised features (the
-standardisation folded back into the head afterwards, so the head still takes raw
-features), one fit per L2 strength from strong to weak (each warm-started from the
-previous), and the strength whose model has the lowest ``val/`` loss wins (ties: accuracy).
-The loss, not the accuracy, because it is what ``best.ckpt`` is chosen by afterwards (the
-probe competes with the epochs on it) and because on a small validation split accuracy moves
-in coarse steps: choosing by it favours the strongest regularisation among many ties, whose
-under-confident head the first epoch then beats on loss. Measured on 9 real-image splits
-(bench/accuracy.py sets, EfficientNet-Lite0): test accuracy 0.731 choosing by loss, 0.721 by
-accuracy (scikit-learn's usual choice).
-scikit-learn is not used because tl must also run it under DDP on GPU machines without a
-copy of every feature in NumPy, with class weights and label smoothing as the training loss
-has them; this is the same objective (L2 on the weights, not the bias; ``C = 1 / (lambda n)``).
+A linear head on frozen features is a convex problem; a fixed number of mini-batch epochs only
+approaches its optimum, with an implicit regularisation nobody chose. On cached features the
+optimum costs a second: full-batch L-BFGS on standardised features (folded back into the head,
+which still takes raw features), one fit per strength from strong to weak, each warm-started
+from the previous. The strength with the lowest validation loss wins (ties: accuracy): the loss
+is what ``best.ckpt`` is chosen by afterwards, and accuracy on a small split moves in coarse
+steps. The objective is scikit-learn's (L2 on the weights, not the bias; ``C = 1 / (lambda n)``),
+with the training loss's class weights and label smoothing, and no copy of every feature in NumPy.
 """
 
 from __future__ import annotations
