@@ -162,6 +162,87 @@ MUTATIONS = {
         "if True:",
         ["tests/test_training.py::test_flip_tta_averages_each_image_with_its_mirror_and_is_recorded"],
     ),
+    "augment-same-every-epoch": (
+        "tl_cli/data/datasets.py",
+        "sample_seed(self.seed, self.epoch, i + p * self.n)",
+        "sample_seed(self.seed, 0, i + p * self.n)",
+        [
+            "tests/test_promises_augment.py::test_training_images_change_every_epoch_follow_the_seed_and_not_the_workers",
+            "tests/test_promises_augment.py::test_a_resumed_run_sees_the_epoch_1_views_of_an_uninterrupted_one",
+        ],
+    ),
+    "augment-ignores-the-run-seed": (
+        "tl_cli/data/datasets.py",
+        "sample_seed(self.seed, self.epoch, i + p * self.n)",
+        "sample_seed(0, self.epoch, i + p * self.n)",
+        ["tests/test_promises_augment.py::test_training_images_change_every_epoch_follow_the_seed_and_not_the_workers"],
+    ),
+    "augment-seed-unused": (
+        "tl_cli/data/datasets.py",
+        "torch.manual_seed(seed)",
+        "pass",
+        ["tests/test_promises_augment.py::test_training_images_change_every_epoch_follow_the_seed_and_not_the_workers"],
+    ),
+    "epoch-draws-with-replacement": (
+        "tl_cli/data/datasets.py",
+        "order = torch.randperm(self.n, generator=generator).tolist()",
+        "order = torch.randint(self.n, (self.n,), generator=generator).tolist()",
+        ["tests/test_promises_augment.py::test_training_images_change_every_epoch_follow_the_seed_and_not_the_workers"],
+    ),
+    "export-json-resize-without-crop-pct": (
+        "tl_cli/export.py",
+        '"resize_short_side": int(min(height, width) / prep["crop_pct"]),',
+        '"resize_short_side": min(height, width),',
+        ["tests/test_promises_export.py"],
+    ),
+    "export-json-interpolation-fixed": (
+        "tl_cli/export.py",
+        '"interpolation": prep["interpolation"],',
+        '"interpolation": "bilinear",',
+        ["tests/test_promises_export.py"],
+    ),
+    "resize-long-side": (
+        "tl_cli/data/transforms.py",
+        "resize = v2.Resize(resize_side(preprocessing), interpolation",
+        "resize = v2.Resize(None, max_size=resize_side(preprocessing), interpolation",
+        ["tests/test_promises_export.py"],
+    ),
+    "normalize-shift-wrong": (
+        "tl_cli/data/transforms.py",
+        'self.register_buffer("shift", (mean_t / std_t)',
+        'self.register_buffer("shift", (mean_t / std_t.mean())',
+        ["tests/test_promises_export.py"],
+    ),
+    "skip-forgotten-on-reuse": (
+        "tl_cli/data/first_pass.py",
+        "kept = samples if known is None else _apply(where, samples, known, on_bad_image, say, staged)",
+        "kept = samples",
+        ["tests/test_promises_bad_images.py::test_skip_holds_on_a_second_run_over_the_same_cache"],
+    ),
+    "skip-silent-on-reuse": (
+        "tl_cli/data/first_pass.py",
+        "kept = samples if known is None else _apply(where, samples, known, on_bad_image, say, staged)",
+        "kept = samples if known is None else _apply(where, samples, known, on_bad_image, lambda _: None, staged)",
+        ["tests/test_promises_bad_images.py::test_skip_holds_on_a_second_run_over_the_same_cache"],
+    ),
+    "screening-not-remembered": (
+        "tl_cli/data/first_pass.py",
+        "            screen.save(problems)",
+        "            pass",
+        ["tests/test_promises_bad_images.py::test_skip_holds_on_a_second_run_over_the_same_cache"],
+    ),
+    "skip-matches-path-spelling": (
+        "tl_cli/data/first_pass.py",
+        "if str(p) not in dropped and source_name(p, staged) not in dropped]",
+        "if str(p) not in dropped]",
+        ["tests/test_promises_bad_images.py::test_skip_holds_when_the_second_run_names_the_folder_another_way"],
+    ),
+    "skip-paths-not-the-loaders": (
+        "tl_cli/data/module.py",
+        "            self._samples[split] = ready.samples",
+        "            pass",
+        ["tests/test_promises_bad_images.py::test_what_skip_keeps_trains_with_its_own_pixels_and_label_run_after_run"],
+    ),
 }
 
 
