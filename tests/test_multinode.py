@@ -5,9 +5,12 @@ puts them on node-local scratch. Ranks on different nodes share no local disk.""
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
+from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -25,34 +28,49 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def two_nodes(args: list, tmp_path: Path, timeout: float = 420) -> list[str]:
-    """`tl ARGS` on two torchrun agents (node ranks 0 and 1); each node's TL_CACHE_DIR and
-    TMPDIR are its own. Returns each node's output; fails if either fails."""
+def _torchrun(node: int, port: int, args: list) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes",
+        "2",
+        "--nproc_per_node",
+        "1",
+        "--node_rank",
+        str(node),
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(port),
+        "-m",
+        "tl_cli.cli",
+        *[str(a) for a in args],
+    ]
+
+
+def two_nodes(args: list, tmp_path: Path, timeout: float = 420, env: Callable[[int], dict] | None = None) -> list[str]:
+    """`tl ARGS` on two torchrun agents (node ranks 0 and 1); each node's TL_CACHE_DIR, TMPDIR
+    and scratch folder ($SLURM_TMPDIR) are its own, plus `env(node)`. Returns each node's
+    output; fails if either fails."""
     port = _free_port()
     procs = []
     for node in (0, 1):
         local = tmp_path / f"node{node}"
-        (local / "tmp").mkdir(parents=True, exist_ok=True)
-        env = dict(_env(), TL_CACHE_DIR=str(local / "cache"), TMPDIR=str(local / "tmp"))
-        command = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nnodes",
-            "2",
-            "--nproc_per_node",
-            "1",
-            "--node_rank",
-            str(node),
-            "--master_addr",
-            "127.0.0.1",
-            "--master_port",
-            str(port),
-            "-m",
-            "tl_cli.cli",
-            *[str(a) for a in args],
-        ]
-        procs.append(subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env))
+        for sub in ("tmp", "scratch"):
+            (local / sub).mkdir(parents=True, exist_ok=True)
+        node_env = dict(
+            _env(),
+            TL_CACHE_DIR=str(local / "cache"),
+            TMPDIR=str(local / "tmp"),
+            SLURM_TMPDIR=str(local / "scratch"),
+            **(env(node) if env else {}),
+        )
+        procs.append(
+            subprocess.Popen(
+                _torchrun(node, port, args), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=node_env
+            )
+        )
     outs = []
     try:
         for p in procs:
@@ -127,3 +145,69 @@ def test_a_cache_folder_shared_by_both_nodes_is_built_once(tiny_data, tmp_path):
     assert compare_ranks(Path("rankstate"))[0] == 0
     entries = sorted(os.listdir(shared / "features"))
     assert len(entries) == 2 and all(e.endswith(".pt") for e in entries), entries
+
+
+def _reads(log: Path) -> Counter:
+    """How often each file under the audited root was opened by the processes of one node."""
+    counts: Counter = Counter()
+    for part in log.parent.glob(f"{log.name}.*"):
+        counts.update(part.read_text().split())
+    return counts
+
+
+def test_staging_reads_each_shared_file_once_per_node_and_trains_from_the_node_local_copy(tiny_data, tmp_path):
+    """``data.stage auto`` on two nodes with node-local scratch ($SLURM_TMPDIR): each node copies
+    the data once, checks it, and trains from its copy; the next job on the node reuses it."""
+    shared = tmp_path / "shared" / "data"
+    shutil.copytree(tiny_data, shared)
+    files = sorted(str(p) for p in shared.rglob("*") if p.is_file())
+    nodes = ["--trainer.devices", "1", "--trainer.num_nodes", "2", "--trainer.strategy", "ddp"]
+    args = [
+        "fit",
+        "--config",
+        CONFIGS / "finetune.yaml",
+        *TINY,
+        *nodes,
+        "--data.root",
+        shared,
+        "--data.stage",
+        "auto",
+        "--data.num_workers",
+        "2",
+        "--data.cache_images",  # every epoch reads every file: from the copy, never the source
+        "false",
+        "--trainer.max_epochs",
+        "2",
+        "--model.init_from",
+        "null",
+        "--trainer.callbacks+",
+        "tests.helpers.SaveRankState",
+    ]
+    audit = Path(__file__).parent / "audit"
+    counts = []
+    for job in (1, 2):
+        logs = {n: tmp_path / "logs" / f"job{job}-node{n}" / "opened" for n in (0, 1)}
+        for log in logs.values():
+            log.parent.mkdir(parents=True)
+
+        def audited(node: int, logs: dict = logs) -> dict:
+            return {
+                "PYTHONPATH": f"{audit}{os.pathsep}{_env()['PYTHONPATH']}",
+                "TL_AUDIT_ROOT": str(shared),
+                "TL_AUDIT_LOG": str(logs[node]),
+            }
+
+        two_nodes(args, tmp_path, env=audited)
+        counts.append({n: _reads(logs[n]) for n in (0, 1)})
+        assert compare_ranks(Path("rankstate"))[0] == 0
+    first, second = counts
+    for node in (0, 1):
+        # the first job: every file read from the shared folder once on each node (the copy)
+        assert sorted(first[node]) == files, (node, sorted(first[node])[:5])
+        assert max(first[node].values()) == 1, first[node].most_common(3)
+        staged = list((tmp_path / f"node{node}" / "scratch" / "tl-stage").iterdir())
+        assert len(staged) == 1 and (staged[0] / ".tl-stage.json").is_file()
+        copies = sorted(p.relative_to(staged[0]) for p in staged[0].rglob("*") if p.is_file() and p.name[0] != ".")
+        assert copies == sorted(Path(f).relative_to(shared) for f in files)
+    # the second job on the same nodes: the checked copies are reused, nothing read from shared
+    assert second == {0: Counter(), 1: Counter()}, second

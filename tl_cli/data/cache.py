@@ -43,13 +43,30 @@ def cache_root(configured: str | None = None) -> Path:
     return Path(root).expanduser()
 
 
-def files_fingerprint(samples: Sequence[tuple[Path, int]]) -> list[tuple[str, int, int, int]]:
-    """(absolute path, size, mtime in ns, label) of each sample: what invalidates an entry."""
+def files_fingerprint(
+    samples: Sequence[tuple[Path, int]], staged: Optional[tuple[Path, Path]] = None
+) -> list[tuple[str, int, int, int]]:
+    """(absolute path, size, mtime in ns, label) of each sample: what invalidates an entry.
+
+    Args:
+        staged: (copy, source) when the samples are read from a staged copy of `source`
+            (``data.stage``): they are named by their source's path, so a cache built from one
+            job's copy serves the next job's copy and unstaged runs alike (a copy keeps the
+            source's size and modification time).
+    """
     out = []
     for path, label in samples:
         st = os.stat(path)
-        out.append((str(Path(path).resolve()), st.st_size, st.st_mtime_ns, int(label)))
+        out.append((source_name(path, staged), st.st_size, st.st_mtime_ns, int(label)))
     return out
+
+
+def source_name(path: Path, staged: Optional[tuple[Path, Path]] = None) -> str:
+    """The absolute path of `path`, or of the file it is a staged copy of."""
+    name = Path(path).resolve()
+    if staged is not None and staged[0] in name.parents:
+        name = staged[1] / name.relative_to(staged[0])
+    return str(name)
 
 
 def make_key(kind: str, **parts: Any) -> str:

@@ -26,7 +26,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from tl_cli.cluster import distributed
-from tl_cli.data.cache import FeatureStore, ImageStore, ScreenStore, files_fingerprint, make_key
+from tl_cli.data.cache import FeatureStore, ImageStore, ScreenStore, files_fingerprint, make_key, source_name
 from tl_cli.data.datasets import as_is, worker_options
 from tl_cli.data.sharing import folder_group
 from tl_cli.data.transforms import crop_pipeline, decode_resized
@@ -169,18 +169,20 @@ def screen_and_cache(
     workers: int,
     ram_budget: int,
     say: Callable[[str], None],
+    staged: Optional[tuple[Path, Path]] = None,
 ) -> Prepared:
     """Screen `samples` for bad images (the result is remembered per file set) and load or
     build the caches asked for: decoded images (`images`), bottleneck features (`extractor`).
 
-    Returns the usable samples and what was cached of them.
+    `staged` is (copy, source) when the samples are a staged copy (``data.stage``): entries and
+    messages name the source's files. Returns the usable samples and what was cached of them.
     """
-    screen = ScreenStore(cache_dir, make_key("check", files=files_fingerprint(samples)))
+    screen = ScreenStore(cache_dir, make_key("check", files=files_fingerprint(samples, staged)))
     known = distributed.broadcast(screen.load())
-    kept = samples if known is None else _apply(where, samples, known, on_bad_image, say)
+    kept = samples if known is None else _apply(where, samples, known, on_bad_image, say, staged)
 
     def stores(of: Samples) -> tuple[Optional[ImageStore], Optional[FeatureStore]]:
-        files = files_fingerprint(of)
+        files = files_fingerprint(of, staged)
         image_store = feature_store = None
         if images:
             key = make_key("images", files=files, preprocessing=preprocessing)
@@ -238,10 +240,10 @@ def screen_and_cache(
     first = distributed.on_every_rank(lambda: group.ranks, timeout)[0]
     bad = sorted((i + len(first) * p, problem) for i, r in enumerate(first) for p, problem in bad_parts[r])
     if known is None:
-        problems = [{"path": str(todo[i][0]), "problem": problem} for i, problem in bad]
+        problems = [{"path": source_name(todo[i][0], staged), "problem": problem} for i, problem in bad]
         if group.leader:
             screen.save(problems)
-        kept = _apply(where, samples, problems, on_bad_image, say)
+        kept = _apply(where, samples, problems, on_bad_image, say, staged)
     final_images, final_features = stores(kept)
 
     def finish() -> None:  # a group's leader: the entries of `kept` from what the pass wrote
@@ -262,7 +264,14 @@ def screen_and_cache(
     return Prepared(kept, got_images, got_features, image_file)
 
 
-def _apply(where: Path, samples: Samples, bad: list[dict[str, str]], on_bad_image: str, say: Callable) -> Samples:
+def _apply(
+    where: Path,
+    samples: Samples,
+    bad: list[dict[str, str]],
+    on_bad_image: str,
+    say: Callable,
+    staged: Optional[tuple[Path, Path]] = None,
+) -> Samples:
     """`on_bad_image`: stop with the list of bad files, or leave them out and name each."""
     if not bad:
         return samples
@@ -278,8 +287,8 @@ def _apply(where: Path, samples: Samples, bad: list[dict[str, str]], on_bad_imag
         )
     for b in bad:
         say(f"warning: skipping {b['path']}: {b['problem']} (data.on_bad_image=skip)")
-    dropped = {b["path"] for b in bad}
-    return [(p, label) for p, label in samples if str(p) not in dropped]
+    dropped = {b["path"] for b in bad}  # absolute source paths (as given, in older entries)
+    return [(p, label) for p, label in samples if str(p) not in dropped and source_name(p, staged) not in dropped]
 
 
 def _report(say: Callable, where: Path, n: int, images: Any, features: Any, seconds: Optional[float]) -> None:

@@ -39,6 +39,7 @@ from tl_cli.data.datasets import (
 )
 from tl_cli.data.first_pass import Extractor, screen_and_cache
 from tl_cli.data.folders import class_folders, labelled_samples, predict_images, target_train_images
+from tl_cli.data.stage import stage_data
 from tl_cli.data.transforms import Augment, crop_pipeline, is_deterministic
 from tl_cli.errors import TLError, warn_deprecated
 
@@ -78,6 +79,25 @@ def validation_sampler(dataset: Dataset) -> Optional[UnrepeatedDistributedSample
     return UnrepeatedDistributedSampler(dataset, num_replicas=world, rank=distributed.rank(), shuffle=False)
 
 
+def features_wanted(cache_features: CacheMode, extractor: Optional[Extractor], augment: str) -> bool:
+    """Whether a split is served as cached bottleneck features (``data.cache_features``)."""
+    if cache_features is True:
+        if extractor is None:
+            raise TLError(
+                "data.cache_features=true, but the backbone is not frozen for the whole run (the "
+                "unfreeze schedule trains stages, or no FreezeBackbone callback) or the model "
+                "mixes images (model.mixup_alpha, model.cutmix_alpha), so its output changes "
+                "every step. Use data.cache_features auto or false here."
+            )
+        if not is_deterministic(augment):
+            raise TLError(
+                f"data.cache_features=true, but data.augment={augment} changes every training "
+                "image every epoch, so the backbone's output cannot be computed once and reused. "
+                "Use data.augment none to cache features, or data.cache_features auto/false."
+            )
+    return cache_features is not False and extractor is not None and is_deterministic(augment)
+
+
 def default_workers(num_workers: Optional[int]) -> int:
     """``data.num_workers``, or min(8, the CPU cores this process may use)."""
     if num_workers is not None:
@@ -87,6 +107,12 @@ def default_workers(num_workers: Optional[int]) -> int:
     except AttributeError:
         cores = os.cpu_count() or 1
     return min(8, cores)
+
+
+def say(text: str) -> None:
+    """Print a ``tl:`` line once (rank 0); warnings to stderr."""
+    if distributed.rank() == 0:
+        print(f"tl: {text}", flush=True, file=sys.stderr if text.startswith("warning") else sys.stdout)
 
 
 class ImageFolderData(pl.LightningDataModule):
@@ -122,6 +148,10 @@ class ImageFolderData(pl.LightningDataModule):
             once before the first epoch, in the same pass that fills the caches; the result is
             remembered until the files change): ``error`` stops with the list of bad files;
             ``skip`` leaves them out and warns with each one's name.
+        stage: copy ``train/``, ``val/`` and ``test/`` to node-local disk once per node, check
+            the copy, and read it for the rest of the job. ``auto``: in a SLURM job, to
+            ``$SLURM_TMPDIR``, Expanse's ``/scratch/$USER/job_$SLURM_JOB_ID`` or a job ``$TMPDIR``;
+            nothing off a cluster. ``none``: read ``root`` in place. A folder: there.
         steps_per_epoch: deprecated: use min_steps_per_epoch.
     """
 
@@ -139,6 +169,7 @@ class ImageFolderData(pl.LightningDataModule):
         cache_images: CacheMode = "auto",
         cache_dir: Optional[str] = None,
         on_bad_image: Literal["error", "skip"] = "error",
+        stage: str = "auto",
         steps_per_epoch: Optional[int] = None,
     ) -> None:
         super().__init__()
@@ -147,6 +178,7 @@ class ImageFolderData(pl.LightningDataModule):
             min_steps_per_epoch = steps_per_epoch
         _check_sizes(batch_size, min_steps_per_epoch, image_size)
         self.root = Path(root)
+        self.staging, self._read_root = stage, Path(root)  # data.stage; where the images are read
         self.min_steps_per_epoch = min_steps_per_epoch
         self.batch_size, self.num_workers, self.augment, self.image_size = batch_size, num_workers, augment, image_size
         self.predict_dir = Path(predict_dir) if predict_dir else None
@@ -170,9 +202,11 @@ class ImageFolderData(pl.LightningDataModule):
                 "train/ and val/ (and test/) class folders, or make one with "
                 "`tl data synth DIR` / `tl data split SRC DIR`."
             )
+        if stage != "predict":
+            self._read_root = stage_data(self.root, self.staging, ("train", "val", "test"), say)
         split = {"fit": "train", "validate": "val", "test": "test"}.get(stage)
         if split and self.class_names is None:
-            self.class_names = class_folders(self.root / split)
+            self.class_names = class_folders(self._read_root / split)
         self._samples, self._datasets = {}, {}
 
     def offer_features(self, extractor: Extractor) -> None:
@@ -210,12 +244,12 @@ class ImageFolderData(pl.LightningDataModule):
                 self._samples[split] = labelled_samples(folder, self.class_names, "the source (data.root)")
             else:
                 reference = "train/" if split == "train" else "the model's classes"
-                self._samples[split] = labelled_samples(self.root / split, self.class_names, reference)
+                self._samples[split] = labelled_samples(self._read_root / split, self.class_names, reference)
         return self._samples[split]
 
     def _folder(self, split: str) -> Path:
         if not split.startswith("target_"):
-            return self.root / split
+            return self.root / split  # the source's name in messages, even when read from a copy
         folder = self.target_root / split.removeprefix("target_")
         return folder if folder.is_dir() or split != "target_train" else self.target_root
 
@@ -224,24 +258,6 @@ class ImageFolderData(pl.LightningDataModule):
 
     # -- what the loaders iterate -------------------------------------------------------------
 
-    def _features_for(self, split: str) -> bool:
-        augment = self.augment if split.endswith("train") else "none"
-        if self.cache_features is True:
-            if self._extractor is None:
-                raise TLError(
-                    "data.cache_features=true, but the backbone is not frozen for the whole run (the "
-                    "unfreeze schedule trains stages, or no FreezeBackbone callback) or the model "
-                    "mixes images (model.mixup_alpha, model.cutmix_alpha), so its output changes "
-                    "every step. Use data.cache_features auto or false here."
-                )
-            if not is_deterministic(augment):
-                raise TLError(
-                    f"data.cache_features=true, but data.augment={augment} changes every training "
-                    "image every epoch, so the backbone's output cannot be computed once and reused. "
-                    "Use data.augment none to cache features, or data.cache_features auto/false."
-                )
-        return self.cache_features is not False and self._extractor is not None and is_deterministic(augment)
-
     def dataset_for(self, split: str) -> Dataset:
         """The dataset a loader of `split` iterates: cached features, cached images, or files."""
         if split in self._datasets:
@@ -249,7 +265,7 @@ class ImageFolderData(pl.LightningDataModule):
         if self.preprocessing is None:
             raise TLError("ImageFolderData needs preprocessing (set by the model) before loading data.")
         prep, augment = self.preprocessing, self.augment if split.endswith("train") else "none"
-        features = self._features_for(split) if split in ("train", "val") else False
+        features = split in ("train", "val") and features_wanted(self.cache_features, self._extractor, augment)
         images = not features and self.cache_images is not False
         if split == "predict":
             dataset: Dataset = ImageFiles(self.samples(split), prep, crop_pipeline("none", prep), tolerant=True)
@@ -265,7 +281,8 @@ class ImageFolderData(pl.LightningDataModule):
                 batch_size=self.batch_size,
                 workers=default_workers(self.num_workers),
                 ram_budget=image_ram_budget(self._processes_on_node()),
-                say=self._say,
+                say=say,
+                staged=None if self._read_root == self.root else (self._read_root.resolve(), self.root.resolve()),
             )
             self._samples[split] = ready.samples
             labels = [label for _, label in ready.samples]
@@ -286,10 +303,6 @@ class ImageFolderData(pl.LightningDataModule):
     def _processes_on_node(self) -> int:
         trainer = self._trainer()
         return trainer.num_devices if trainer is not None else 1
-
-    def _say(self, text: str) -> None:
-        if distributed.rank() == 0:
-            print(f"tl: {text}", flush=True, file=sys.stderr if text.startswith("warning") else sys.stdout)
 
     def _loader(self, split: str, shuffle: bool = False) -> DataLoader:
         dataset = self.dataset_for(split)
