@@ -79,7 +79,7 @@ MUTATIONS = {
         "tl_cli/models/reporting.py",
         "first[1:] = index[1:] != index[:-1]",
         "first[1:] = True",
-        ["tests/test_ddp.py::test_test_reports_count_every_image_once_and_a_rank0_failure_stops_all"],
+        ["tests/test_ddp.py::test_test_and_validation_count_every_image_once_and_a_rank0_failure_stops_all"],
     ),
     "class-weights-ignored": (
         "tl_cli/models/base.py",
@@ -116,8 +116,8 @@ MUTATIONS = {
     ),
     "first-pass-decodes-twice": (
         "tl_cli/data/first_pass.py",
-        "kept = samples if known is None else _apply(where, samples, known, on_bad_image, say)",
-        "kept = samples if known is None else _apply(where, samples, known, on_bad_image, say)\n    known = None",
+        "kept = samples if known is None else _apply(where, samples, known, on_bad_image, say, staged)",
+        "kept = samples if known is None else _apply(where, samples, known, on_bad_image, say, staged)\n    known = None",
         ["tests/test_cache.py::test_first_run_decodes_each_image_once"],
     ),
     "mistakes-least-confident-first": (

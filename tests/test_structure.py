@@ -139,3 +139,23 @@ def test_the_readme_layout_lists_every_module():
         if path.name != "__init__.py" and f"{path.relative_to(PACKAGE.parent).as_posix()}" not in layout
     ]
     assert not missing, missing
+
+
+def test_every_mutation_of_make_mutate_still_applies_and_names_existing_tests():
+    """`make mutate` is not run in CI: its list must not rot as the code and tests move."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("mutation_smoke", PACKAGE.parent / "scripts" / "mutation_smoke.py")
+    smoke = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(smoke)
+    problems = []
+    for name, (path, find, _, tests) in smoke.MUTATIONS.items():
+        count = (PACKAGE.parent / path).read_text().count(find)
+        if count != 1:
+            problems.append(f"{name}: its text occurs {count} times in {path}")
+        for test in tests:
+            file, _, function = test.partition("::")
+            source = (PACKAGE.parent / file).read_text() if (PACKAGE.parent / file).is_file() else None
+            if source is None or (function and f"def {function.split('[')[0]}(" not in source):
+                problems.append(f"{name}: no test {test}")
+    assert not problems, problems
