@@ -9,6 +9,9 @@ import argparse
 import os
 from pathlib import Path
 
+from tl_cli.cli.configs import config_command, config_type
+from tl_cli.cli.mistakes import CommandParser, output_folder
+
 TL_COMMANDS = {
     "data synth": "write the generated demo dataset (the embedded default)",
     "data split": "make train/val/test class folders from a folder of images (stratified, seeded)",
@@ -20,11 +23,23 @@ TL_COMMANDS = {
     "compare": "feature extraction with each of several backbones on your data: a leaderboard",
     "sweep": "a grid of runs over config keys, here or as one SLURM job array (--slurm)",
     "sweep gather": "the runs of a sweep, finished or failed, as a leaderboard",
+    "config": "the shipped configs: `tl config list`, `tl config show finetune > my.yaml`",
 }
 
 
+def _folder(writes: str):
+    """argparse type of an ``-o`` that is a folder (`output_folder`)."""
+    return lambda value: Path(output_folder(value, "-o", writes))
+
+
+def _export_output(value: str) -> Path:
+    if Path(value).suffix in (".onnx", ".pt"):
+        return Path(value)
+    return Path(output_folder(value, "-o", "the model (.onnx/.pt) and its .json (or end -o in .onnx/.pt)"))
+
+
 def _data_command(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="tl data", description="Dataset tools.")
+    parser = CommandParser(prog="tl data", description="Dataset tools.")
     sub = parser.add_subparsers(dest="command", required=True)
     synth = sub.add_parser(
         "synth",
@@ -119,7 +134,7 @@ def _data_command(argv: list[str]) -> int:
 
 
 def _weights_command(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="tl weights", description="Pretrained weights.")
+    parser = CommandParser(prog="tl weights", description="Pretrained weights.")
     sub = parser.add_subparsers(dest="command", required=True)
     fetch = sub.add_parser(
         "fetch",
@@ -142,7 +157,7 @@ def _weights_command(argv: list[str]) -> int:
 
 
 def _export_command(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="tl export",
         description=(
             "Write the model of a tl checkpoint as ONNX or TorchScript, with a JSON beside it that "
@@ -156,9 +171,10 @@ def _export_command(argv: list[str]) -> int:
     parser.add_argument(
         "-o",
         "--output",
-        type=Path,
+        type=_export_output,
         default=None,
-        help="where to write: a model path (.onnx/.pt) or a folder (default: beside the checkpoint)",
+        help="where to write: a folder, or the model file itself when it ends in .onnx/.pt "
+        "(default: beside the checkpoint); the .json beside the model",
     )
     parser.add_argument(
         "--images", type=Path, default=None, help="images to check the export on (default: generated ones)"
@@ -175,9 +191,7 @@ def _export_command(argv: list[str]) -> int:
 
 
 def predict_exported(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="tl predict --model", description="Predict with a model written by `tl export`."
-    )
+    parser = CommandParser(prog="tl predict --model", description="Predict with a model written by `tl export`.")
     parser.add_argument("--model", required=True, type=Path, help="an .onnx or TorchScript .pt file from `tl export`")
     parser.add_argument("--data.predict_dir", dest="predict_dir", required=True, type=Path)
     parser.add_argument("--data.batch_size", dest="batch_size", type=int, default=32)
@@ -186,7 +200,7 @@ def predict_exported(argv: list[str]) -> int:
         "--output",
         "--trainer.default_root_dir",
         dest="output",
-        type=Path,
+        type=_folder("predictions.csv, in OUTPUT/version_N/"),
         default=Path("runs/predict"),
         help="results folder: predictions.csv goes to OUTPUT/version_N/ (default: runs/predict)",
     )
@@ -203,7 +217,7 @@ def predict_exported(argv: list[str]) -> int:
 
 
 def _slurm_command(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="tl slurm",
         description=(
             "Render a SLURM batch script that runs `tl fit` with the given configs: --ntasks-per-node "
@@ -212,7 +226,7 @@ def _slurm_command(argv: list[str]) -> int:
             "it with --dry-run, submits it with sbatch otherwise. Arguments after -- go to `tl fit`."
         ),
     )
-    parser.add_argument("-c", "--config", action="append", type=Path, required=True)
+    parser.add_argument("-c", "--config", action="append", type=config_type, required=True)
     parser.add_argument("--partition", default="gpu-shared")
     parser.add_argument("--account", default=None)
     parser.add_argument("--nodes", type=int, default=None, help="= trainer.num_nodes (default: the config's, else 1)")
@@ -226,25 +240,48 @@ def _slurm_command(argv: list[str]) -> int:
     )
     parser.add_argument("--cpu", action="store_true", help="CPU processes instead of GPUs (gloo DDP)")
     parser.add_argument("--cpus-per-task", type=int, default=10)
-    parser.add_argument("--mem", default="92G")
-    parser.add_argument("--time", default="04:00:00")
+    parser.add_argument(
+        "--mem", default=None, help="memory a node (default: whole-node partitions all of it, shared ones a share)"
+    )
+    parser.add_argument("--time", default="04:00:00", help="HH:MM:SS or D-HH:MM:SS")
     parser.add_argument("--job-name", default="tl-fit")
-    parser.add_argument("--venv", default=".venv")
+    parser.add_argument(
+        "--venv", default=None, help="environment to activate (default: the active venv or conda environment)"
+    )
+    parser.add_argument(
+        "--cluster",
+        choices=["auto", "expanse", "none"],
+        default="auto",
+        help="node shapes and rules to check against (auto: sinfo here; Expanse's when on Expanse)",
+    )
+    parser.add_argument("--no-check", action="store_true", help="skip parsing the tl fit arguments here")
     parser.add_argument("--dry-run", action="store_true", help="print the script instead of submitting it")
     args, extra = parser.parse_known_args(argv)
     extra = [a for a in extra if a != "--"]
-    from tl_cli.cluster.slurm import render_job_script, submit
+    import sys
 
+    from tl_cli.cluster.partitions import Request, detect_cluster, fit_request
+    from tl_cli.cluster.slurm import job_shape, render_job_script, submit
+
+    notes = [] if args.no_check else _check_fit(args.config, extra)
+    nodes, devices = job_shape(args.config, args.nodes, args.devices, extra)
+    cluster = detect_cluster() if args.cluster == "auto" else (None if args.cluster == "none" else args.cluster)
+    asked = Request(
+        args.partition, nodes, 0 if args.cpu else devices, devices, args.cpus_per_task, args.mem, args.time, args.account
+    )
+    job, changed = fit_request(asked, cluster)
+    for note in [*notes, *changed]:
+        print(f"tl slurm: {note}", file=sys.stderr)
     script = render_job_script(
         args.config,
-        partition=args.partition,
-        account=args.account,
-        nodes=args.nodes,
-        devices=args.devices,
+        partition=job.partition,
+        account=job.account,
+        nodes=nodes,
+        devices=devices,
         cpu=args.cpu,
-        cpus_per_task=args.cpus_per_task,
-        mem=args.mem,
-        time_limit=args.time,
+        cpus_per_task=job.cpus_per_task,
+        mem=job.mem or "0",
+        time_limit=job.time,
         job_name=args.job_name,
         venv=args.venv,
         extra=extra,
@@ -256,10 +293,16 @@ def _slurm_command(argv: list[str]) -> int:
     return 0
 
 
+def _check_fit(configs: list[Path], extra: list[str]) -> list[str]:
+    from tl_cli.cli.jobcheck import check_fit
+
+    return check_fit(configs, extra)
+
+
 def _compare_command(argv: list[str]) -> int:
     from tl_cli.cli.compare import PRESETS
 
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="tl compare",
         description=(
             "Run feature extraction (cached features: one pass of each backbone over the images) with "
@@ -268,7 +311,7 @@ def _compare_command(argv: list[str]) -> int:
             "first. Arguments after -- go to every `tl fit` (e.g. -- --data.root DIR)."
         ),
     )
-    parser.add_argument("-c", "--config", action="append", type=Path, required=True)
+    parser.add_argument("-c", "--config", action="append", type=config_type, required=True)
     parser.add_argument(
         "--backbones",
         nargs="+",
@@ -282,7 +325,11 @@ def _compare_command(argv: list[str]) -> int:
         help=f"a named list: {'; '.join(f'{k}: {len(v)} backbones' for k, v in PRESETS.items())}",
     )
     parser.add_argument(
-        "-o", "--output", type=Path, default=Path("runs/compare"), help="results folder (default runs/compare)"
+        "-o",
+        "--output",
+        type=_folder("leaderboard.csv, leaderboard.png and one run folder per backbone"),
+        default=Path("runs/compare"),
+        help="results folder: leaderboard.csv, leaderboard.png, a run folder per backbone (default runs/compare)",
     )
     args, extra = parser.parse_known_args(argv)
     extra = [a for a in extra if a != "--"]
@@ -300,7 +347,7 @@ def _compare_command(argv: list[str]) -> int:
 
 
 def _sweep_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="tl sweep",
         usage="tl sweep -c CONFIG --grid KEY=V1,V2 [--grid ...] [-o DIR] [--slurm ...] [-- FIT ARGS]\n"
         "       tl sweep gather DIR",
@@ -313,7 +360,7 @@ def _sweep_parser() -> argparse.ArgumentParser:
             "accuracy first, failed runs with their error. Arguments after -- go to every `tl fit`."
         ),
     )
-    parser.add_argument("-c", "--config", action="append", type=Path, required=True)
+    parser.add_argument("-c", "--config", action="append", type=config_type, required=True)
     parser.add_argument(
         "--grid",
         action="append",
@@ -321,7 +368,14 @@ def _sweep_parser() -> argparse.ArgumentParser:
         metavar="KEY=V1,V2",
         help="a config key and its values, e.g. model.lr=1e-3,1e-4 or 'unfreeze.schedule={0: 2},{0: 4}'",
     )
-    parser.add_argument("-o", "--output", type=Path, default=None, help="sweep folder (default runs/sweep_<config>)")
+    parser.add_argument(
+        "-o",
+        "--output",
+        type=_folder("point_<i>/ run folders and logs/"),
+        default=None,
+        help="sweep folder: point_<i>/ run folders, logs/, sweep.json; `tl sweep gather` adds leaderboard.csv "
+        "(default runs/sweep_<config>)",
+    )
     slurm = parser.add_argument_group("SLURM (with --slurm)")
     slurm.add_argument("--slurm", action="store_true", help="submit one job array instead of running here")
     slurm.add_argument("--dry-run", action="store_true", help="print the array script instead of submitting it")
@@ -339,7 +393,7 @@ def _sweep_parser() -> argparse.ArgumentParser:
 
 
 def _gather_command(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="tl sweep gather",
         description="Write DIR/leaderboard.csv and leaderboard.png from the runs of the sweep in DIR "
         "(finished, requeued, failed with their error, not started) and print the table.",
@@ -396,6 +450,7 @@ def _sweep_command(argv: list[str]) -> int:
 
 
 COMMANDS = {
+    "config": config_command,
     "sweep": _sweep_command,
     "data": _data_command,
     "export": _export_command,

@@ -16,7 +16,7 @@ import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, NoReturn, Optional
 
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import EarlyStopping
@@ -24,6 +24,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from typing_extensions import override
 
 from tl_cli.callbacks import BestAndLast, FreezeBackbone, UnfreezeSchedule
+from tl_cli.cli.mistakes import explain
 from tl_cli.cli.trainer import TLTrainer
 from tl_cli.data.module import ImageFolderData
 from tl_cli.errors import TLError
@@ -102,6 +103,19 @@ def full_help(parser: LightningArgumentParser, args: list[str]) -> None:
     raise SystemExit(0)
 
 
+class TLArgumentParser(LightningArgumentParser):
+    """Lightning's parser, whose mistakes are one paragraph with the fix (`mistakes.explain`):
+    a `TLError`, exit status 2, no usage dump."""
+
+    @override
+    def error(self, message: str, ex: Optional[Exception] = None) -> NoReturn:
+        if not self.exit_on_error:  # jsonargparse's inner parsers: it catches these itself
+            super().error(message, ex)
+        parser = getattr(ex, "subcommand_parser", None) or self
+        command = parser.prog.split()[-1]
+        raise TLError(explain(message, command, parser._option_string_actions)) from None
+
+
 class TLCLI(LightningCLI):
     """LightningCLI for tl: model and data classes by ``class_path``, callback sections."""
 
@@ -113,6 +127,7 @@ class TLCLI(LightningCLI):
             # build only the parser of the command asked for: every parser takes time to build
             only = {args[0]: TLCLI.subcommands()[args[0]]}
             self.subcommands = lambda: only
+        kwargs.setdefault("parser_class", TLArgumentParser)
         parser_kwargs = kwargs.setdefault("parser_kwargs", {})
         parser_kwargs.setdefault("description", "tl: transfer learning for image classifiers.")
         parser_kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
@@ -140,6 +155,15 @@ class TLCLI(LightningCLI):
         if args and ("-h" in args or "--help" in args) and not any(a.endswith(".help") for a in args):
             full_help(parser, args)
         super().parse_arguments(parser, args)
+        sub = self.config.get("subcommand")
+        if sub in ("fit", "lr_find") and not self.config[sub].get("config") and not self.config[sub].get("ckpt_path"):
+            from tl_cli.cli.configs import shipped
+
+            raise TLError(
+                f"tl {sub} needs a config, which picks the model, its callbacks and their settings: tl {sub} "
+                "--config feature_extract --data.root DIR (step 1), then --config finetune (step 2). Shipped "
+                f"configs: {', '.join(shipped())} (`tl config show NAME`)."
+            )
         self.model_from_checkpoint()
 
     @override

@@ -15,6 +15,8 @@ from typing import Optional
 
 from tl_cli import __version__
 from tl_cli.cli.commands import COMMANDS, TL_COMMANDS, predict_exported
+from tl_cli.cli.configs import resolve_configs
+from tl_cli.cli.mistakes import output_folder, unknown_command
 from tl_cli.errors import TLError, find_tl_error
 
 LIGHTNING_COMMANDS = {
@@ -58,19 +60,24 @@ def _is_exported_predict(argv: list[str]) -> bool:
     return False
 
 
+#: what a run of Lightning's commands writes into ``-o DIR``
+RUN_FOLDER_FILES = "version_N/ run folders (config.yaml, checkpoints/, metrics.json, predictions.csv ...)"
+
+
 def lightning_args(argv: list[str]) -> list[str]:
     """tl's vocabulary on Lightning's commands: ``-o/--output DIR`` is where results go
-    (``--trainer.default_root_dir``)."""
+    (``--trainer.default_root_dir``), a folder."""
     out: list[str] = []
     i = 0
     while i < len(argv):
         arg = argv[i]
-        if arg in ("-o", "--output") and i + 1 < len(argv):
-            out += ["--trainer.default_root_dir", argv[i + 1]]
+        if arg in ("-o", "--output", "--trainer.default_root_dir") and i + 1 < len(argv):
+            out += ["--trainer.default_root_dir", output_folder(argv[i + 1], arg, RUN_FOLDER_FILES)]
             i += 2
             continue
-        if arg.startswith("--output="):
-            out += ["--trainer.default_root_dir", arg.split("=", 1)[1]]
+        name, _, value = arg.partition("=")
+        if name in ("--output", "--trainer.default_root_dir") and value:
+            out += ["--trainer.default_root_dir", output_folder(value, name, RUN_FOLDER_FILES)]
         else:
             out.append(arg)
         i += 1
@@ -89,11 +96,12 @@ def _dispatch(argv: list[str]) -> int:
     if _is_exported_predict(argv):
         return predict_exported(argv[1:])
     if argv[0] not in LIGHTNING_COMMANDS:
-        raise TLError(f"Unknown command {argv[0]!r}.\n\n{usage()}")
+        raise TLError(unknown_command(argv[0], [*LIGHTNING_COMMANDS, *COMMANDS]))
+    args = resolve_configs(lightning_args(argv))
     from tl_cli.cli.lightning_cli import TLCLI
 
     try:
-        TLCLI(args=lightning_args(argv))
+        TLCLI(args=args)
     finally:
         _close_process_group()
     return 0

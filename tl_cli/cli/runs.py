@@ -106,14 +106,37 @@ class RunFolder:
         self.root = Path(root)
         self._name: Optional[str] = None
         self.continued = False
+        self._made_from: Optional[Path] = None  # the outermost folder the claim created
 
     @property
     def name(self) -> str:
         if self._name is None:
             if distributed.world_size() == 1 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
                 raise RuntimeError("the run folder was asked for before the process group exists")
+            missing = [p for p in (self.root, *self.root.parents) if not p.exists()]
+            self._made_from = missing[-1] if missing else None
             self._name, self.continued = distributed.on_rank_zero(lambda: claim(self.root), 600.0)
         return self._name
+
+    def discard_unstarted(self) -> bool:
+        """Remove the run folder of a run that failed before it wrote a checkpoint (a typo'd key,
+        a bad data folder), and the folders its claim created: a failed start leaves nothing.
+        A continued run's folder stays. Returns whether it removed it."""
+        if self._name is None or self.continued:
+            return False
+        import shutil
+
+        folder = self.root / self._name
+        if any(folder.rglob("*.ckpt")):
+            return False
+        shutil.rmtree(folder, ignore_errors=True)
+        if self._made_from is not None:
+            for parent in (self.root, *self.root.parents):
+                if parent.is_dir() and not any(parent.iterdir()):
+                    parent.rmdir()
+                if parent == self._made_from:
+                    break
+        return True
 
     @property
     def path(self) -> Path:

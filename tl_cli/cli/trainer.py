@@ -112,6 +112,12 @@ class CompleteRun(Callback):
         if trainer.state.fn == "validate":
             self._mark_if_complete(trainer)
 
+    @override
+    def on_exception(self, trainer: Trainer, pl_module: Any, exception: BaseException) -> None:
+        # a failed start (before the first step) leaves no empty version_N/ behind
+        if trainer.is_global_zero and trainer.global_step == 0:
+            self.run.discard_unstarted()
+
 
 def _as_list(value: Any) -> list:
     if value is None:

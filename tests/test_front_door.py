@@ -1,0 +1,190 @@
+"""A newcomer's first mistakes: each is one paragraph that names the problem and the fix (exit
+status 2, no usage dump), and a failed start leaves the run folders as they were."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import CONFIGS, TINY, tl
+
+FE = str(CONFIGS / "feature_extract.yaml")
+
+# (name, arguments, the first line of standard error)
+MISTAKES = [
+    (
+        "wrong config path",
+        ["fit", "--config", "configs/feature_extrct.yaml"],
+        "tl: error: --config configs/feature_extrct.yaml: no such file. Did you mean feature_extract? "
+        "Shipped configs (--config NAME): demo, demo_finetune, domain_adapt, feature_extract, finetune; "
+        "`tl config show NAME > my.yaml` copies one.",
+    ),
+    (
+        "typo'd model key",
+        ["fit", "--config", FE, "--model.backbon", "timm:resnet18"],
+        "tl: error: --model.backbon is not a key of FeatureExtraction. Did you mean --model.backbone? "
+        "(`tl fit --help` lists the keys)",
+    ),
+    (
+        "typo'd data key",
+        ["fit", "--config", FE, "--data.batchsize", "8"],
+        "tl: error: --data.batchsize is not a key of ImageFolderData. Did you mean --data.batch_size? "
+        "(`tl fit --help` lists the keys)",
+    ),
+    (
+        "typo'd option",
+        ["test", "--ckpt_pth", "best.ckpt"],
+        "tl: error: tl test has no option --ckpt_pth. Did you mean --ckpt_path? (`tl test --help` lists the keys)",
+    ),
+    (
+        "wrong type",
+        ["fit", "--config", FE, "--trainer.max_epochs", "ten"],
+        "tl: error: --trainer.max_epochs ten: expected a whole number. (`tl fit --help` lists the keys)",
+    ),
+    (
+        "wrong type in a model key",
+        ["fit", "--config", FE, "--model.lr", "fast"],
+        "tl: error: --model.lr fast: expected a number or auto. (`tl fit --help` lists the keys)",
+    ),
+    (
+        "a value not among the choices",
+        ["fit", "--config", FE, "--data.augment", "randaugmnt"],
+        "tl: error: --data.augment randaugmnt: expected one of none, flip, standard, randaugment. "
+        "Did you mean randaugment? (`tl fit --help` lists the keys)",
+    ),
+    (
+        "a key of another model class",
+        ["fit", "--config", FE, "--model.init_from", "best.ckpt"],
+        "tl: error: --model.init_from is a key of FineTune, DomainAdaptation, not of FeatureExtraction (the "
+        "model this config picks): add --model FineTune or --model DomainAdaptation, or use the config of "
+        "that step (configs/finetune.yaml for FineTune). (`tl fit --help` lists the keys)",
+    ),
+    (
+        "--ckpt_path to a missing file",
+        ["test", "--ckpt_path", "runs/feature_extract/latest/checkpoints/best.ckpt"],
+        "tl: error: The --ckpt_path checkpoint runs/feature_extract/latest/checkpoints/best.ckpt does not "
+        "exist. Pass the path of a .ckpt file written by `tl fit`.",
+    ),
+    (
+        "options before the command",
+        ["--config", FE, "fit"],
+        "tl: error: --config comes after the command: tl COMMAND --config ... (e.g. tl fit --config "
+        "configs/feature_extract.yaml). `tl --help` lists the commands.",
+    ),
+    (
+        "a key before the config that sets it again",
+        ["fit", "--model.lr", "0.1", "--config", FE],
+        f"tl: error: --model.lr comes before --config {FE}, which sets it again and would win. Put the configs "
+        f"first and the keys after them: tl COMMAND --config {FE} ... --model.lr VALUE.",
+    ),
+    (
+        "tl fit without --config",
+        ["fit"],
+        "tl: error: tl fit needs a config, which picks the model, its callbacks and their settings: tl fit "
+        "--config feature_extract --data.root DIR (step 1), then --config finetune (step 2). Shipped configs: "
+        "demo, demo_finetune, domain_adapt, feature_extract, finetune (`tl config show NAME`).",
+    ),
+    (
+        "a misspelt command",
+        ["fti", "--config", FE],
+        "tl: error: Unknown command 'fti'. Did you mean tl fit? `tl --help` lists the commands.",
+    ),
+    (
+        "a misspelt choice of tl's own command",
+        ["export", "--ckpt_path", "best.ckpt", "--format", "onx"],
+        "tl: error: tl export: argument --format: invalid choice: 'onx' (choose from 'onnx', 'torchscript'). "
+        "Did you mean onnx? `tl export --help` says more.",
+    ),
+]
+
+
+@pytest.mark.parametrize(("args", "first_line"), [m[1:] for m in MISTAKES], ids=[m[0] for m in MISTAKES])
+def test_a_first_mistake_is_one_paragraph_with_the_fix(args, first_line, capsys):
+    assert tl(*args) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines()[0] == first_line
+    assert "usage:" not in err and "Traceback" not in err
+    assert len(err.splitlines()) == 1
+
+
+def test_a_yaml_syntax_error_names_the_file_and_line(capsys):
+    Path("my.yaml").write_text("model:\n  class_path: tl_cli.models.FeatureExtraction\n   init_args:\n    lr: 0.1\n")
+    assert tl("fit", "--config", "my.yaml") == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "tl: error: my.yaml, line 3, column 13: not valid YAML: mapping values are not allowed here. Indent "
+        "each key under its section by the same spaces (no tabs) and put a space after every colon."
+    ]
+
+
+def test_a_typo_in_a_config_file_gets_close_matches_too(capsys):
+    Path("my.yaml").write_text("data:\n  init_args:\n    batchsize: 8\n")
+    assert tl("fit", "--config", FE, "--config", "my.yaml") == 2
+    first = capsys.readouterr().err.splitlines()[0]
+    assert first.startswith(
+        "tl: error: --data.batchsize is not a key of ImageFolderData. Did you mean --data.batch_size?"
+    )
+
+
+def _listing(root: Path) -> list[tuple[str, str]]:
+    return sorted((str(p), os.readlink(p) if p.is_symlink() else "") for p in root.rglob("*"))
+
+
+def test_a_failed_start_leaves_the_run_folders_as_they_were(tiny_data):
+    before = Path("runs/feature_extract/version_0")
+    before.mkdir(parents=True)
+    (before / "config.yaml").write_text("earlier run\n")
+    os.symlink("version_0", "runs/feature_extract/latest")
+    listing = _listing(Path("runs"))
+    assert tl("fit", "--config", FE, *TINY, "--data.root", tiny_data, "--model.backbon", "x") == 2
+    assert _listing(Path("runs")) == listing
+    assert tl("fit", "--config", FE, *TINY, "--data.root", "nowhere") == 2
+    assert _listing(Path("runs")) == listing
+    # no runs/ at all before: none after
+    assert tl("fit", "--config", FE, *TINY, "--data.root", "nowhere", "-o", "fresh/runs") == 2
+    assert not Path("fresh").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "first_line"),
+    [
+        (
+            ["predict", "--model", "x.onnx", "--data.predict_dir", ".", "--output", "out/predictions.csv"],
+            "tl: error: -o out/predictions.csv names a file, but -o is a folder: tl writes predictions.csv, in "
+            "OUTPUT/version_N/ into it. Use -o out.",
+        ),
+        (
+            ["test", "--ckpt_path", "best.ckpt", "-o", "results/metrics.json"],
+            "tl: error: -o results/metrics.json names a file, but -o is a folder: tl writes version_N/ run folders "
+            "(config.yaml, checkpoints/, metrics.json, predictions.csv ...) into it. Use -o results.",
+        ),
+        (
+            ["export", "--ckpt_path", "best.ckpt", "-o", "model.json"],
+            "tl: error: -o model.json names a file, but -o is a folder: tl writes the model (.onnx/.pt) and its "
+            ".json (or end -o in .onnx/.pt) into it. Use -o model.",
+        ),
+    ],
+    ids=["predict --model", "test", "export"],
+)
+def test_an_output_folder_named_like_a_file_is_refused_with_the_fix(args, first_line, capsys):
+    assert tl(*args) == 2
+    assert capsys.readouterr().err.splitlines() == [first_line]
+    assert not Path("out").exists() and not Path("results").exists()
+
+
+def test_shipped_configs_are_reachable_from_any_folder(capsys):
+    assert tl("config", "show", "finetune") == 0
+    assert capsys.readouterr().out == (CONFIGS / "finetune.yaml").read_text()
+    assert tl("config", "list") == 0
+    assert "feature_extract" in capsys.readouterr().out
+    from tl_cli.cli.configs import resolve_configs
+
+    assert not Path("configs").exists()  # the test runs in an empty folder
+    assert resolve_configs(["--config", "finetune"]) == ["--config", str(CONFIGS / "finetune.yaml")]
+    assert resolve_configs(["-c", "configs/finetune.yaml"]) == ["-c", str(CONFIGS / "finetune.yaml")]
+    assert "using the shipped finetune.yaml" in capsys.readouterr().err
+    assert tl("config", "show", "finetun") == 2
+    assert capsys.readouterr().err.startswith(
+        "tl: error: No shipped config 'finetun'. Did you mean finetune or demo_finetune?"
+    )
