@@ -188,3 +188,62 @@ def test_shipped_configs_are_reachable_from_any_folder(capsys):
     assert capsys.readouterr().err.startswith(
         "tl: error: No shipped config 'finetun'. Did you mean finetune or demo_finetune?"
     )
+
+
+def test_a_wheel_installed_elsewhere_gives_tl_and_its_configs(tmp_path):
+    """``pip install`` of a wheel (not the checkout): ``tl`` and the shipped configs work from any
+    folder. The venv borrows this one's packages (torch, Lightning) without installing any
+    (about 7 s on 2 cores)."""
+    import shutil
+    import site
+    import subprocess
+    import sys
+    import zipfile
+
+    from tests.conftest import REPO
+
+    source = tmp_path / "source"  # built from a copy: nothing lands in the checkout
+    for name in ("pyproject.toml", "README.md"):
+        source.mkdir(exist_ok=True)
+        shutil.copy(REPO / name, source / name)
+    for name in ("tl_cli", "configs"):
+        shutil.copytree(REPO / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
+    pip = [sys.executable, "-m", "pip"]
+    subprocess.run(
+        [*pip, "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", tmp_path / "dist", source], check=True
+    )
+    wheel = next((tmp_path / "dist").glob("tl_cli-*.whl"))
+    inside = zipfile.ZipFile(wheel).namelist()
+    packages = {p.parent.relative_to(REPO).as_posix() for p in (REPO / "tl_cli").rglob("__init__.py")}
+    assert {f"{p}/__init__.py" for p in packages} <= set(inside), "a subpackage is missing from pyproject's list"
+    assert {f"tl_cli/configs/{p.name}" for p in CONFIGS.glob("*.yaml")} <= set(inside)
+
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", venv], check=True)
+    purelib = next(venv.glob("lib/python*/site-packages"))
+    (purelib / "borrowed.pth").write_text("\n".join(site.getsitepackages()) + "\n")  # no .pth inside: no checkout
+    subprocess.run([*pip, "--python", venv / "bin" / "python", "install", "--no-deps", "-q", wheel], check=True)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+
+    def tl_there(*args):
+        return subprocess.run([venv / "bin" / "tl", *args], capture_output=True, text=True, cwd=elsewhere, env=env)
+
+    done = tl_there("--help")
+    assert done.returncode == 0 and "tl config" in done.stdout
+    done = tl_there("config", "show", "finetune")
+    assert done.returncode == 0 and done.stdout == (CONFIGS / "finetune.yaml").read_text()
+    where = subprocess.run(
+        [venv / "bin" / "python", "-c", "import tl_cli.cli.configs as c; print(c.shipped_dir())"],
+        capture_output=True,
+        text=True,
+        cwd=elsewhere,
+        env=env,
+    ).stdout.strip()
+    assert Path(where) == purelib / "tl_cli" / "configs"
+    # the README's command, from a folder without configs/: the shipped config is read and parsed
+    done = tl_there("fit", "--config", "configs/feature_extract.yaml", "--model.backbon", "x")
+    assert done.returncode == 2
+    assert "using the shipped feature_extract.yaml" in done.stderr
+    assert "--model.backbon is not a key of FeatureExtraction. Did you mean --model.backbone?" in done.stderr
