@@ -5,7 +5,7 @@ from tl_cli.callbacks.checkpoint import BestAndLast
 from tl_cli.callbacks.freezing import BackboneFreezing, FreezeBackbone, UnfreezeSchedule
 from tl_cli.callbacks.preemption import PreemptionCheckpoint
 from tl_cli.callbacks.progress import PlainProgress, SyncEpochMetrics, TLRichProgressBar
-from tl_cli.callbacks.resume import ExactResume
+from tl_cli.callbacks.resume import ExactResume, ReplanSchedule
 
 __all__ = [
     "BackboneFreezing",
@@ -14,6 +14,7 @@ __all__ = [
     "FreezeBackbone",
     "PlainProgress",
     "PreemptionCheckpoint",
+    "ReplanSchedule",
     "SyncEpochMetrics",
     "TLRichProgressBar",
     "UnfreezeSchedule",

@@ -1,4 +1,5 @@
-"""A resumed run continues exactly where the checkpoint left it.
+"""A resumed run continues exactly where the checkpoint left it (`ExactResume`), and an extended
+one from the learning rate it stands at (`ReplanSchedule`).
 
 Two things Lightning does not restore: where in the epoch's order the run was (it restarts
 the epoch's data from the beginning), and the random number generators (dropout). This
@@ -13,6 +14,7 @@ from typing import Any, Optional
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
 from tl_cli.cluster import distributed
@@ -88,3 +90,58 @@ class ExactResume(pl.Callback):
             if "cuda" in state and torch.cuda.is_available():
                 torch.cuda.set_rng_state(state["cuda"])
         self._restored = None
+
+
+class ReplanSchedule(pl.Callback):
+    """A resumed run whose schedule changed (a larger ``trainer.max_epochs``, a finished run
+    extended) goes on from the learning rate it stands at, down to where the new plan ends.
+
+    Lightning restores a per-step schedule's step count and the optimizer's learning rates, and
+    the model plans the schedule for the new number of steps; at the step the run stands at,
+    that plan would jump (a cosine planned over more steps is higher there). Each `LambdaLR`
+    factor whose plan disagrees with the learning rate restored is rescaled: the new plan's
+    remaining shape, from the factor the run stands at to the plan's end. A plan that agrees
+    (an interrupted run resumed as configured) is left as it is, so resuming stays exact.
+    """
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.ckpt_path is None:
+            return
+        total = int(trainer.estimated_stepping_batches)
+        said = []
+        for config in trainer.lr_scheduler_configs:
+            scheduler = config.scheduler
+            if config.interval != "step" or not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+                continue
+            step = scheduler.last_epoch
+            groups = scheduler.optimizer.param_groups
+            for i, (group, base, plan) in enumerate(
+                zip(groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=False)
+            ):
+                if not base:
+                    continue
+                now, planned, end = group["lr"] / base, plan(step), plan(total)
+                if abs(planned - now) <= 1e-9 * max(abs(now), abs(planned)):
+                    continue
+                scheduler.lr_lambdas[i] = _replanned(plan, now, planned, end)
+                name = group.get("name", f"group {i}")
+                said.append(f"{name} lr {group['lr']:.3g} now, {base * end:.3g} at its end (not {base * planned:.3g})")
+        if said:
+            rank_zero_info(
+                f"tl: the learning-rate schedule changed (now {total} steps): it goes on from step {step} where "
+                f"it stands, down to its end: {'; '.join(said)}"
+            )
+
+
+def _replanned(plan: Any, now: float, planned: float, end: float) -> Any:
+    """`plan`'s remaining shape, rescaled to start at `now` (where `plan` says `planned`) and
+    end where `plan` ends. A plain function: LambdaLR's state_dict saves other callables."""
+    span = planned - end
+
+    def factor(step: int) -> float:
+        if span == 0:
+            return now
+        return end + (now - end) * min(1.0, max(0.0, (plan(step) - end) / span))
+
+    return factor

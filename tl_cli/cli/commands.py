@@ -23,6 +23,7 @@ TL_COMMANDS = {
     "compare": "feature extraction with each of several backbones on your data: a leaderboard",
     "sweep": "a grid of runs over config keys, here or as one SLURM job array (--slurm)",
     "sweep gather": "the runs of a sweep, finished or failed, as a leaderboard",
+    "resume RUN_DIR": "continue a run from its folder (config.yaml, last.ckpt), in that folder",
     "config": "the shipped configs: `tl config list`, `tl config show finetune > my.yaml`",
 }
 

@@ -4,7 +4,7 @@ A thin `LightningCLI`: ``model.class_path`` picks the LightningModule (`FeatureE
 default, ``--model FineTune`` on the command line), ``data.class_path`` the DataModule; the
 callbacks every run has get short sections of their own (``--freeze.update_bn_stats``,
 ``--unfreeze.schedule "{0: 4}"``, ``--early_stopping.patience 5``, ``--checkpoint.monitor``);
-a ``--ckpt_path`` of ``test``/``validate``/``predict`` rebuilds the model it names.
+a ``--ckpt_path`` rebuilds the model it names (``fit`` without a config too: `tl_cli.cli.resume`).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from typing_extensions import override
 
 from tl_cli.callbacks import BestAndLast, FreezeBackbone, UnfreezeSchedule
 from tl_cli.cli.mistakes import explain
+from tl_cli.cli.resume import check_what_is_left, fit_from_checkpoint
 from tl_cli.cli.trainer import TLTrainer
 from tl_cli.data.module import ImageFolderData
 from tl_cli.errors import TLError
@@ -154,7 +155,7 @@ class TLCLI(LightningCLI):
         args = list(sys.argv[1:] if args is None else args)
         if args and ("-h" in args or "--help" in args) and not any(a.endswith(".help") for a in args):
             full_help(parser, args)
-        super().parse_arguments(parser, args)
+        super().parse_arguments(parser, fit_from_checkpoint(args))
         sub = self.config.get("subcommand")
         if sub in ("fit", "lr_find") and not self.config[sub].get("config") and not self.config[sub].get("ckpt_path"):
             from tl_cli.cli.configs import shipped
@@ -185,7 +186,10 @@ class TLCLI(LightningCLI):
         listed = init.trainer.get("callbacks") or []
         callbacks = list(listed) if isinstance(listed, (list, tuple)) else [listed]
         callbacks += [c for c in (init.get(key) for key, _, _ in CALLBACK_SECTIONS) if c is not None]
-        return super().instantiate_trainer(callbacks=callbacks, **kwargs)
+        trainer = super().instantiate_trainer(callbacks=callbacks, **kwargs)
+        if isinstance(trainer, TLTrainer):  # MLflow / W&B go on with the run they tracked
+            trainer.continue_trackers(init.get("ckpt_path"), fitting=self.subcommand == "fit")
+        return trainer
 
     def model_from_checkpoint(self) -> None:
         """A checkpoint given to test/validate/predict rebuilds the model class it names, with
@@ -207,6 +211,7 @@ class TLCLI(LightningCLI):
                     f"--ckpt_path {ckpt_path} was written by {class_path}, but this run configures "
                     f"{configured}. Resume with the config that wrote the checkpoint."
                 )
+            check_what_is_left(self.config[sub], ckpt, ckpt_path)
             return
         names = cls.argument_names()
         init_args = {k: v for k, v in model_arguments(ckpt).items() if k in names}

@@ -95,6 +95,18 @@ def _dispatch(argv: list[str]) -> int:
         return COMMANDS[argv[0]](argv[1:])
     if _is_exported_predict(argv):
         return predict_exported(argv[1:])
+    if argv[0] == "resume":  # tl fit with a run's config and last.ckpt, in its folder
+        from tl_cli.cli.lightning_cli import TLCLI
+        from tl_cli.cli.resume import resume_arguments
+        from tl_cli.cli.runs import continuing
+
+        args, name = resume_arguments(argv[1:])
+        try:
+            with continuing(name):
+                TLCLI(args=args, save_config_kwargs={"overwrite": True})
+        finally:
+            _close_process_group()
+        return 0
     if argv[0] not in LIGHTNING_COMMANDS:
         raise TLError(unknown_command(argv[0], [*LIGHTNING_COMMANDS, *COMMANDS]))
     args = resolve_configs(lightning_args(argv))

@@ -5,7 +5,8 @@ newest run that completed.
 Several ``tl fit`` started at once into the same folder (a job array, a shell loop) each get
 their own: a folder is claimed with ``mkdir``, which only one process can win. Under DDP only
 rank 0 claims, when the process group exists, and tells the others. A requeued SLURM job
-continues the folder its first start claimed (a marker file names the job).
+continues the folder its first start claimed (a marker file names the job); ``tl resume``
+continues the folder it is given (`continuing`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import os
 import re
 import socket
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Optional
 
@@ -24,6 +27,18 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from tl_cli.cluster import distributed
 
 MARKER = ".tl-run.json"
+_resumed: Optional[str] = None  # the run folder `tl resume` continues (`continuing`)
+
+
+@contextmanager
+def continuing(name: str) -> Iterator[None]:
+    """Within this block, a run folder claimed is `name` (which exists), continued: ``tl resume``."""
+    global _resumed
+    before, _resumed = _resumed, name
+    try:
+        yield
+    finally:
+        _resumed = before
 
 
 def _slurm_restarted() -> bool:
@@ -31,7 +46,10 @@ def _slurm_restarted() -> bool:
 
 
 def _continued(root: Path) -> Optional[str]:
-    """The folder a requeued SLURM job claimed when it first started."""
+    """The folder ``tl resume`` continues, or the one a requeued SLURM job claimed when it
+    first started."""
+    if _resumed is not None and (root / _resumed).is_dir():
+        return _resumed
     job = os.environ.get("SLURM_JOB_ID")
     if not job or not _slurm_restarted() or not root.is_dir():
         return None
@@ -42,6 +60,12 @@ def _continued(root: Path) -> Optional[str]:
         except (OSError, ValueError):
             continue
     return None
+
+
+def continued_folder(root: Path) -> Optional[Path]:
+    """The run folder under `root` that this run continues (``tl resume``, a requeued job), if any."""
+    name = _continued(root)
+    return None if name is None else root / name
 
 
 def claim(root: Path) -> tuple[str, bool]:
@@ -79,12 +103,14 @@ def claim(root: Path) -> tuple[str, bool]:
 
 
 def _count_restart(folder: Path) -> None:
-    """Record in the run's marker that a requeued job continued it (`tl sweep gather` says so)."""
+    """Record in the run's marker that a requeued job (`tl sweep gather` says so) or ``tl
+    resume`` continued it."""
     try:
         marker = json.loads((folder / MARKER).read_text())
     except (OSError, ValueError):
         return
-    marker["restarts"] = int(marker.get("restarts", 0)) + 1
+    key = "resumes" if _resumed is not None and not _slurm_restarted() else "restarts"
+    marker[key] = int(marker.get(key, 0)) + 1
     (folder / MARKER).write_text(json.dumps(marker) + "\n")
 
 
@@ -172,7 +198,7 @@ class RunCSVLogger(_InRunFolder, CSVLogger):
         _ = self.run.name
         rows = None
         if self.run.continued and distributed.rank() == 0:
-            rows = earlier_rows(Path(self.log_dir) / "metrics.csv", self.run.root)
+            rows = earlier_rows(Path(self.log_dir) / "metrics.csv", resumed_checkpoint(self.run))
         experiment = super().experiment
         if rows is not None:  # Lightning's CSV writer deletes the file it finds: hand them back
             keys, kept = rows
@@ -188,14 +214,23 @@ class RunTensorBoardLogger(_InRunFolder, TensorBoardLogger):
         super().__init__(run, default_hp_metric=False)
 
 
-def earlier_rows(path: Path, root: Path) -> Optional[tuple[list[str], list[dict[str, str]]]]:
-    """A requeued run's metrics.csv rows logged before the checkpoint it resumes from."""
+def resumed_checkpoint(run: RunFolder) -> Optional[Path]:
+    """The checkpoint a continued run resumes from: the newest ``hpc_ckpt_N.ckpt`` of a requeued
+    job (Lightning's choice), else the run's ``last.ckpt`` (``tl resume``)."""
+    hpc = sorted(run.root.glob("hpc_ckpt_*.ckpt"), key=lambda p: int(p.stem.rsplit("_", 1)[1]))
+    if hpc and _slurm_restarted():
+        return hpc[-1]
+    last = run.path / "checkpoints" / "last.ckpt"
+    return last if last.is_file() else (hpc[-1] if hpc else None)
+
+
+def earlier_rows(path: Path, checkpoint: Optional[Path]) -> Optional[tuple[list[str], list[dict[str, str]]]]:
+    """A continued run's metrics.csv rows logged before the checkpoint it resumes from."""
     import torch
 
-    hpc = sorted(root.glob("hpc_ckpt_*.ckpt"), key=lambda p: int(p.stem.rsplit("_", 1)[1]))
-    if not path.is_file() or not hpc:
+    if not path.is_file() or checkpoint is None:
         return None
-    step = torch.load(hpc[-1], map_location="cpu", weights_only=True, mmap=True).get("global_step", 0)
+    step = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True).get("global_step", 0)
     with open(path, newline="") as fh:
         reader = csv.DictReader(fh)
         keys = list(reader.fieldnames or [])

@@ -4,7 +4,8 @@
   ones, 32-true on CPU; decided without initialising CUDA in the process that launches the
   ranks.
 - Logs (TensorBoard + CSV) in a run folder of its own (`tl_cli.cli.runs`), ``latest`` pointing at
-  the newest complete run.
+  the newest complete run; ``logger`` (MLflow, W&B, ...) adds trackers beside them
+  (`tl_cli.cli.tracking`).
 - Callbacks always present: metric synchronisation first (Lightning issue 21264), preemption
   at a batch boundary, exact resume, and a progress display fit for where the output goes
   (Rich on a terminal, plain lines in a log file).
@@ -24,8 +25,16 @@ from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
-from tl_cli.callbacks import ExactResume, PlainProgress, PreemptionCheckpoint, SyncEpochMetrics, TLRichProgressBar
-from tl_cli.cli.runs import RunCSVLogger, RunFolder, RunTensorBoardLogger, mark_complete
+from tl_cli.callbacks import (
+    ExactResume,
+    PlainProgress,
+    PreemptionCheckpoint,
+    ReplanSchedule,
+    SyncEpochMetrics,
+    TLRichProgressBar,
+)
+from tl_cli.cli.runs import RunCSVLogger, RunFolder, RunTensorBoardLogger, continued_folder, mark_complete
+from tl_cli.cli.tracking import TrackerRecords, checkpoint_run_folder, continue_trackers
 
 
 def _visible_gpu_ids() -> Optional[list[str]]:
@@ -138,12 +147,16 @@ class TLTrainer(Trainer):
         callbacks = _as_list(kwargs.get("callbacks"))
         root = kwargs.get("default_root_dir")
         self.run_folder: Optional[RunFolder] = None
-        if root and kwargs.get("logger") in (None, True):
+        if root and kwargs.get("logger") is not False:
+            # tl's loggers first: the run folder is trainer.log_dir (config.yaml, checkpoints)
+            trackers = [] if kwargs.get("logger") in (None, True) else _as_list(kwargs.get("logger"))
             self.run_folder = RunFolder(root)
-            kwargs["logger"] = [RunTensorBoardLogger(self.run_folder), RunCSVLogger(self.run_folder)]
+            kwargs["logger"] = [RunTensorBoardLogger(self.run_folder), RunCSVLogger(self.run_folder), *trackers]
             callbacks.append(CompleteRun(self.run_folder))
+            if trackers:
+                callbacks.append(TrackerRecords())
         callbacks = self._reconcile_callbacks(callbacks, kwargs)
-        callbacks += [PreemptionCheckpoint(), ExactResume()]
+        callbacks += [PreemptionCheckpoint(), ExactResume(), ReplanSchedule()]
         kwargs["callbacks"] = callbacks
         if SLURMEnvironment.detect():
             # tl's PreemptionCheckpoint saves at a batch boundary and requeues; Lightning's own
@@ -156,6 +169,16 @@ class TLTrainer(Trainer):
             kwargs["benchmark"] = not kwargs.get("deterministic")
         super().__init__(*args, precision=chosen, **kwargs)
         self.callbacks.insert(0, SyncEpochMetrics())
+
+    def continue_trackers(self, ckpt_path: Any, fitting: bool) -> None:
+        """Trackers continue the tracked run of the run folder this run continues (``tl resume``,
+        a requeued job) or, evaluating a checkpoint, of the run that wrote it."""
+        if self.run_folder is None:
+            return
+        folder = continued_folder(self.run_folder.root) if fitting else checkpoint_run_folder(ckpt_path)
+        said = continue_trackers(self.loggers, folder)
+        if said:
+            rank_zero_info(f"tl: continuing {', '.join(said)} (recorded in {folder})")
 
     def lr_find(
         self,
