@@ -21,7 +21,21 @@ def test_dry_run_matches_tasks_to_devices_and_nodes(capsys):
         "--gpus-per-node",
         "4",
     ]
-    assert tl(*args, "--account", "abc123", "--dry-run", "--", "--data.root", "/data/cats") == 0
+    assert (
+        tl(
+            *args,
+            "--account",
+            "abc123",
+            "--cluster",
+            "expanse",
+            "--no-check",
+            "--dry-run",
+            "--",
+            "--data.root",
+            "/data/cats",
+        )
+        == 0
+    )
     script = capsys.readouterr().out
     assert (
         "#SBATCH --nodes=2" in script
@@ -40,18 +54,35 @@ def test_dry_run_matches_tasks_to_devices_and_nodes(capsys):
 def test_config_and_job_must_agree(tmp_path, capsys):
     cfg = tmp_path / "two.yaml"
     cfg.write_text("trainer:\n  devices: 2\n  num_nodes: 1\n")
-    assert tl("slurm", "--config", cfg, "--cpu", "--dry-run") == 0
+    assert tl("slurm", "--cluster", "none", "--no-check", "--config", cfg, "--cpu", "--dry-run") == 0
     script = capsys.readouterr().out
     assert "#SBATCH --ntasks-per-node=2" in script and "gpus" not in script and "--trainer.accelerator cpu" in script
-    assert tl("slurm", "--config", cfg, "--gpus-per-node", "4", "--dry-run") == 2
+    assert tl("slurm", "--cluster", "none", "--no-check", "--config", cfg, "--gpus-per-node", "4", "--dry-run") == 2
     assert "trainer.devices=2 but the job asks for 4" in capsys.readouterr().err
     # arguments for `tl fit` cannot contradict the task count either: they set it, or are refused
-    assert tl("slurm", "--config", CONFIGS / "finetune.yaml", "--dry-run", "--", "--trainer.devices", "3") == 0
+    assert (
+        tl(
+            "slurm",
+            "--cluster",
+            "none",
+            "--no-check",
+            "--config",
+            CONFIGS / "finetune.yaml",
+            "--dry-run",
+            "--",
+            "--trainer.devices",
+            "3",
+        )
+        == 0
+    )
     script = capsys.readouterr().out
     assert "#SBATCH --ntasks-per-node=3" in script and script.count("--trainer.devices") == 1
     assert (
         tl(
             "slurm",
+            "--cluster",
+            "none",
+            "--no-check",
             "--config",
             CONFIGS / "finetune.yaml",
             "--gpus-per-node",
@@ -72,12 +103,12 @@ def test_submit_uses_sbatch_and_keeps_the_script(tmp_path, monkeypatch, capsys):
     fake.write_text('#!/bin/sh\necho "$1" > "$(dirname "$0")/submitted"\necho "Submitted batch job 42"\n')
     fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
-    assert tl("slurm", "--config", CONFIGS / "feature_extract.yaml") == 0
+    assert tl("slurm", "--cluster", "none", "--no-check", "--config", CONFIGS / "feature_extract.yaml") == 0
     assert "Submitted batch job 42" in capsys.readouterr().out
     submitted = (bin_dir / "submitted").read_text().strip()
     assert submitted.startswith("runs/slurm/") and "--kill-on-bad-exit=1 tl fit" in open(submitted).read()
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
-    assert tl("slurm", "--config", CONFIGS / "feature_extract.yaml") == 2
+    assert tl("slurm", "--cluster", "none", "--no-check", "--config", CONFIGS / "feature_extract.yaml") == 2
     assert "sbatch is not on PATH" in capsys.readouterr().err
 
 

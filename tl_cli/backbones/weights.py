@@ -219,3 +219,33 @@ def _copy_state(target: nn.Module, state: dict[str, torch.Tensor], path: Path) -
         target.load_state_dict({k: v for (k, _), (_, v) in zip(mine, theirs, strict=False)}, strict=False)
         return True
     return False
+
+
+def weights_in_cache(spec: str, weights: str) -> bool:
+    """Whether a run of `spec` with ``model.weights`` `weights` finds them without the network
+    (the check `tl slurm` makes on the login node for offline compute nodes)."""
+    if weights == "none":
+        return True
+    if weights != "imagenet":
+        try:
+            resolve_weights_path(weights)
+        except TLError:
+            return False
+        return True
+    source, name = parse_spec(spec)
+    if source == "torchvision":
+        path = cached_weights_path(spec)
+        return path is not None and path.is_file()
+    if source != "timm":
+        return True
+    import timm
+    from huggingface_hub import try_to_load_from_cache
+
+    cfg = timm.models.get_pretrained_cfg(name)
+    if cfg is None:
+        return False
+    if cfg.hf_hub_id:
+        repo, _, _ = cfg.hf_hub_id.partition("@")
+        if any(isinstance(try_to_load_from_cache(repo, f), str) for f in ("model.safetensors", "pytorch_model.bin")):
+            return True
+    return bool(cfg.url) and (Path(torch.hub.get_dir()) / "checkpoints" / cfg.url.rsplit("/", 1)[1]).is_file()

@@ -253,7 +253,7 @@ def _slurm_command(argv: list[str]) -> int:
         "--cluster",
         choices=["auto", "expanse", "none"],
         default="auto",
-        help="node shapes and rules to check against (auto: sinfo here; Expanse's when on Expanse)",
+        help="node shapes and rules to check against (auto: Expanse's on Expanse, else sinfo here; none: no check)",
     )
     parser.add_argument("--no-check", action="store_true", help="skip parsing the tl fit arguments here")
     parser.add_argument("--dry-run", action="store_true", help="print the script instead of submitting it")
@@ -264,14 +264,14 @@ def _slurm_command(argv: list[str]) -> int:
     from tl_cli.cluster.partitions import Request, detect_cluster, fit_request
     from tl_cli.cluster.slurm import job_shape, render_job_script, submit
 
-    notes = [] if args.no_check else _check_fit(args.config, extra)
     nodes, devices = job_shape(args.config, args.nodes, args.devices, extra)
     cluster = detect_cluster() if args.cluster == "auto" else (None if args.cluster == "none" else args.cluster)
     asked = Request(
         args.partition, nodes, 0 if args.cpu else devices, devices, args.cpus_per_task, args.mem, args.time, args.account
     )
-    job, changed = fit_request(asked, cluster)
-    for note in [*notes, *changed]:
+    job, changed = fit_request(asked, cluster, use_sinfo=args.cluster != "none")
+    notes = [] if args.no_check else _check_fit(args.config, extra)
+    for note in [*changed, *notes]:
         print(f"tl slurm: {note}", file=sys.stderr)
     script = render_job_script(
         args.config,

@@ -7,9 +7,11 @@ others. So the script takes both numbers from one place and passes them to `tl f
 
 from __future__ import annotations
 
+import os
 import shlex
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -75,6 +77,50 @@ def _resolve(name: str, configured: Any, asked: Optional[int], default: int) -> 
     return fixed or asked or default
 
 
+def job_shape(
+    configs: list[Path], nodes: Optional[int], devices: Optional[int], extra: Optional[list[str]]
+) -> tuple[int, int]:
+    """(nodes, processes a node) of the job: the configs' trainer.num_nodes / devices, the `tl fit`
+    arguments', or the ones asked for, which must agree."""
+    if not configs:
+        raise TLError("tl slurm needs at least one --config.")
+    trainer = _merged_trainer(configs)
+    trainer.update(_given(extra or [], ("devices", "num_nodes")))  # `-- --trainer.devices 4` wins over configs
+    return _resolve("num_nodes", trainer.get("num_nodes"), nodes, 1), _resolve(
+        "devices", trainer.get("devices"), devices, 1
+    )
+
+
+def environment(venv: Optional[str]) -> list[str]:
+    """The marked block of a batch script that sets up the software, the offline weights and
+    node-local caches; `venv` (or the active venv / conda environment) is activated."""
+    active = venv or os.environ.get("VIRTUAL_ENV") or (sys.prefix if sys.prefix != sys.base_prefix else None)
+    conda = os.environ.get("CONDA_DEFAULT_ENV") if not active else None
+    if active:
+        activate = f"source {shlex.quote(str(Path(active).resolve()))}/bin/activate"
+    elif conda:
+        activate = f"conda activate {shlex.quote(conda)}          # the environment tl slurm ran in"
+    else:
+        activate = "source .venv/bin/activate           # CHANGE: the environment tl is installed in"
+    home = Path.home()
+    hf_home = os.environ.get("HF_HOME", str(home / ".cache" / "huggingface"))
+    torch_home = os.environ.get("TORCH_HOME", str(home / ".cache" / "torch"))
+    return [
+        "# ---- environment (edit for your cluster) ----------------------------------------",
+        "# module purge; module load ...      # if your site's Python or CUDA comes from modules",
+        activate,
+        "# offline compute nodes: weights come from the cache `tl weights fetch` filled on the login node",
+        f"export HF_HUB_OFFLINE=1 HF_HOME={shlex.quote(hf_home)} TORCH_HOME={shlex.quote(torch_home)}",
+        "# caches on node-local scratch (data.stage auto copies the images there, once per node)",
+        'if [ -z "${TL_CACHE_DIR:-}" ]; then',
+        '  for d in "${SLURM_TMPDIR:-}" "/scratch/${USER:-}/job_${SLURM_JOB_ID:-}"; do',
+        '    if [ -n "$d" ] && [ -d "$d" ]; then export TL_CACHE_DIR="$d/tl-cache"; break; fi',
+        "  done",
+        "fi",
+        "# -----------------------------------------------------------------------------------",
+    ]
+
+
 def job_header(
     what: str,
     *,
@@ -87,7 +133,7 @@ def job_header(
     cpus_per_task: int,
     mem: str,
     time_limit: str,
-    venv: str,
+    venv: Optional[str],
     output: str = "slurm-%x-%j.out",
     array: Optional[str] = None,
 ) -> list[str]:
@@ -118,8 +164,7 @@ def job_header(
         "#SBATCH --open-mode=append           # a requeued job's log continues the first one's",
         "",
         "set -euo pipefail",
-        f"source {shlex.quote(venv)}/bin/activate",
-        "export HF_HUB_OFFLINE=1              # compute nodes: weights come from the cache (tl weights fetch)",
+        *environment(venv),
     ]
     return lines
 
@@ -136,16 +181,11 @@ def render_job_script(
     mem: str = "92G",
     time_limit: str = "04:00:00",
     job_name: str = "tl-fit",
-    venv: str = ".venv",
+    venv: Optional[str] = None,
     extra: Optional[list[str]] = None,
 ) -> str:
     """The batch script text for ``tl fit --config CONFIGS [EXTRA]``."""
-    if not configs:
-        raise TLError("tl slurm needs at least one --config.")
-    trainer = _merged_trainer(configs)
-    trainer.update(_given(extra or [], ("devices", "num_nodes")))  # `-- --trainer.devices 4` wins over configs
-    n_nodes = _resolve("num_nodes", trainer.get("num_nodes"), nodes, 1)
-    n_devices = _resolve("devices", trainer.get("devices"), devices, 1)
+    n_nodes, n_devices = job_shape(configs, nodes, devices, extra)
     accelerator = "cpu" if cpu else "gpu"
     lines = job_header(
         f"{n_nodes} node(s) x {n_devices} {'process(es)' if cpu else 'GPU(s)'}, one DDP process per device.",
