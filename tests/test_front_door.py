@@ -247,3 +247,93 @@ def test_a_wheel_installed_elsewhere_gives_tl_and_its_configs(tmp_path):
     assert done.returncode == 2
     assert "using the shipped feature_extract.yaml" in done.stderr
     assert "--model.backbon is not a key of FeatureExtraction. Did you mean --model.backbone?" in done.stderr
+
+
+# --------------------------------------------------------------------------- reports that say what they are
+
+
+@pytest.mark.parametrize(("correct", "n"), [(0, 16), (4, 16), (13, 16), (16, 16), (180, 200), (1, 3)])
+def test_the_accuracy_interval_is_wilsons(correct, n):
+    from scipy.stats import binomtest
+
+    from tl_cli.reports.files import wilson_interval
+
+    reference = binomtest(correct, n).proportion_ci(0.95, method="wilson")
+    assert wilson_interval(correct, n) == pytest.approx((reference.low, reference.high), abs=1e-6)
+
+
+def test_the_chance_level_is_the_majority_class():
+    from tl_cli.reports.files import chance_level
+
+    assert chance_level([3, 9, 4], ["a", "b", "c"]) == (pytest.approx(9 / 16), "b")
+
+
+def test_a_test_report_says_what_it_is_of(tiny_data):
+    import json
+
+    from tests.conftest import fit_tiny
+
+    best = fit_tiny(tiny_data, 1)
+    assert tl("test", "--ckpt_path", best, "--data.root", tiny_data, "--data.num_workers", "0", "-o", "t") == 0
+    metrics = json.loads(Path("t/latest/metrics.json").read_text())
+    assert metrics["model"] == {"class": "FeatureExtraction", "backbone": "timm:test_efficientnet", "weights": "none"}
+    ckpt = metrics["checkpoint_info"]
+    assert ckpt["path"] == str(best) and ckpt["epoch"] == 0 and ckpt["global_step"] > 0
+    assert ckpt["run_folder"] == str(Path("runs/feature_extract/version_0").resolve())
+    assert metrics["data"] == {"root": str(tiny_data), "split": "test", "images_per_class": {"ellipses": 6, "rectangles": 6}}
+    import lightning
+    import torch
+
+    assert metrics["versions"] == {"tl": "0.1.0", "torch": torch.__version__, "lightning": lightning.__version__}
+    assert metrics["date"][:4].isdigit()
+    correct = round(metrics["accuracy"] * 12)
+    from scipy.stats import binomtest
+
+    ci = binomtest(correct, 12).proportion_ci(0.95, method="wilson")
+    assert metrics["accuracy_ci95"] == pytest.approx([ci.low, ci.high])
+    assert metrics["chance_accuracy"] == 0.5 and metrics["majority_class"] in ("ellipses", "rectangles")
+    page = Path("t/latest/report.html").read_text()
+    for text in ("FeatureExtraction", "timm:test_efficientnet", "epoch 0", "version_0", str(tiny_data), "ellipses 6"):
+        assert text in page, text
+    assert f"{ci.low:.3f} - {ci.high:.3f}" in page and "chance level" in page and torch.__version__ in page
+
+
+def test_grad_cam_is_drawn_only_for_confident_predictions(tmp_path):
+    import torch
+    from PIL import Image
+    from torch import nn
+
+    from tl_cli.reports.html import explain_threshold, write_report
+
+    paths = []
+    for i in range(3):
+        paths.append(tmp_path / f"{i}.png")
+        Image.new("RGB", (32, 32), (60 * i, 90, 200)).save(paths[-1])
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    target = torch.tensor([0, 0, 1])
+    probs = torch.tensor([[0.05, 0.9, 0.03, 0.02], [0.24, 0.26, 0.25, 0.25], [0.8, 0.1, 0.05, 0.05]])
+    metrics = {
+        "confusion_matrix": [[0, 2, 0, 0], [1, 0, 0, 0], [0] * 4, [0] * 4],
+        "n_samples": 3,
+        "accuracy": 0.0,
+        "balanced_accuracy": 0.0,
+        "macro_f1": 0.0,
+        **{k: [0.0] * 4 for k in ("precision", "recall", "f1")},
+        "support": [2, 1, 0, 0],
+    }
+    prep = {"image_size": [32, 32], "mean": [0.5] * 3, "std": [0.25] * 3, "interpolation": "bilinear", "crop_pct": 1.0}
+    page = write_report(
+        tmp_path / "report.html",
+        metrics=metrics,
+        class_names=list("abcd"),
+        paths=paths,
+        target=target,
+        probs=probs,
+        preprocessing=prep,
+        model=model,
+    ).read_text()
+    assert explain_threshold(4) == 0.625 and explain_threshold(2) == 0.75
+    # the mistakes, most confident first: 0.90 and 0.80 explained, 0.26 (chance: 0.25) not, and said why
+    assert page.count('data-cam="1"') == 2 and page.count('data-cam="0"') == 1
+    assert "(0.26)<br><i>no heat map: below 0.62</i>" in page
+    assert "at least 0.62, halfway from chance (1/4) to certainty" in page

@@ -107,6 +107,11 @@ class Reporting:
                 history=self.history,
                 model=self.logits_module().eval(),
                 tta=self.hparams.get("tta", "none"),
+                about={
+                    "model": {"class": type(self).__name__}
+                    | {k: self.hparams[k] for k in ("backbone", "weights", "init_from") if k in self.hparams},
+                    "data": {"root": str(dm.target_root if name == "target" else dm.root), "split": split},
+                },
             )
             summary[name] = metrics["accuracy"]
         if len(summary) > 1:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Optional
@@ -47,13 +48,70 @@ def classification_metrics(target: torch.Tensor, pred: torch.Tensor, num_classes
     }
 
 
+def wilson_interval(correct: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """The Wilson score interval of a proportion `correct`/`n` (95 % for the default `z`): unlike
+    the normal approximation it stays inside [0, 1] and is honest on a few dozen images."""
+    if n == 0:
+        return 0.0, 1.0
+    p = correct / n
+    denominator = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denominator
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denominator
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def chance_level(support: Sequence[int], class_names: Sequence[str]) -> tuple[float, str]:
+    """The accuracy of always answering the most frequent class, and that class."""
+    n = sum(support)
+    top = max(range(len(support)), key=lambda i: support[i]) if support else 0
+    return (support[top] / n if n else 0.0), (class_names[top] if class_names else "")
+
+
+def checkpoint_facts(path: Optional[str]) -> dict:
+    """The checkpoint a report is of: its path, the epoch and step it was saved at, and the run
+    folder it belongs to (``.../version_N`` above ``checkpoints/``)."""
+    if not path:
+        return {}
+    facts: dict = {"path": str(path)}
+    resolved = Path(path).resolve()
+    if resolved.parent.name == "checkpoints":
+        facts["run_folder"] = str(resolved.parent.parent)
+    try:
+        ckpt = torch.load(resolved, map_location="cpu", weights_only=True, mmap=True)
+        facts.update(epoch=int(ckpt.get("epoch", -1)), global_step=int(ckpt.get("global_step", -1)))
+    except Exception:  # a report never fails on what it only describes
+        pass
+    return facts
+
+
+def software() -> dict:
+    """The versions that made a report, and when."""
+    import datetime
+
+    import lightning
+
+    from tl_cli import __version__
+
+    return {
+        "versions": {"tl": __version__, "torch": torch.__version__, "lightning": lightning.__version__},
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+    }
+
+
 def format_test_report(metrics: dict, class_names: Sequence[str]) -> str:
     width = max(12, *(len(c) for c in class_names))
     lines = [
         f"accuracy {metrics['accuracy']:.4f} on {metrics['n_samples']} images "
         f"(balanced {metrics['balanced_accuracy']:.4f}, macro F1 {metrics['macro_f1']:.4f})",
-        "",
     ]
+    if "accuracy_ci95" in metrics:
+        low, high = metrics["accuracy_ci95"]
+        lines.append(
+            f"95 % interval {low:.3f}-{high:.3f}; chance level {metrics['chance_accuracy']:.4f} "
+            f"(always {metrics['majority_class']!r})"
+            + (": not shown to beat it" if low <= metrics["chance_accuracy"] else "")
+        )
+    lines += [""]
     lines.append(f"{'class':<{width}} {'precision':>9} {'recall':>9} {'f1':>9} {'support':>8}")
     for i, name in enumerate(class_names):
         lines.append(
@@ -180,12 +238,28 @@ def write_test_reports(
     history: Sequence[dict[str, float]] = (),
     model: Optional[torch.nn.Module] = None,
     tta: str = "none",
+    about: Optional[dict] = None,
 ) -> dict:
     """Write metrics.json, confusion_matrix.png, mistakes.png, predictions.csv and (with the
-    preprocessing) report.html into `out_dir`; return the metrics."""
+    preprocessing) report.html into `out_dir`; return the metrics.
+
+    The metrics carry what they are of: `about` (``model``: class, backbone, weights; ``data``:
+    folder, split) with the images per class, the checkpoint's epoch and run folder, the versions
+    and the date; and beside the accuracy its 95 % Wilson interval and the chance level (always
+    the most frequent class)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics = classification_metrics(target, probs.argmax(1), len(class_names))
-    metrics = {"classes": list(class_names), **metrics, "checkpoint": checkpoint, "tta": tta}
+    correct = sum(row[i] for i, row in enumerate(metrics["confusion_matrix"]))
+    chance, majority = chance_level(metrics["support"], class_names)
+    extra = {"accuracy_ci95": list(wilson_interval(correct, metrics["n_samples"]))}
+    extra.update(chance_accuracy=chance, majority_class=majority)
+    about = dict(about or {})
+    about["data"] = {
+        **about.get("data", {}),
+        "images_per_class": dict(zip(class_names, metrics["support"], strict=True)),
+    }
+    about.update(checkpoint_info=checkpoint_facts(checkpoint), **software())
+    metrics = {"classes": list(class_names), **metrics, **extra, "checkpoint": checkpoint, "tta": tta, **about}
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     plot_confusion_matrix(metrics["confusion_matrix"], class_names, out_dir / "confusion_matrix.png")
     write_predictions(out_dir / "predictions.csv", class_names, paths, probs, target)

@@ -104,6 +104,12 @@ def _overlay(image: torch.Tensor, cam: Optional[np.ndarray]) -> np.ndarray:
     return (0.55 * rgb + 0.45 * heat).clip(0, 255).astype(np.uint8)
 
 
+def explain_threshold(num_classes: int) -> float:
+    """The confidence from which a prediction gets a class-activation map: halfway from chance
+    (1/K) to certainty. A map of a near-chance prediction shows no evidence, only noise."""
+    return (1 + 1 / max(num_classes, 1)) / 2
+
+
 def _mistakes(
     model: Optional[nn.Module],
     paths: Sequence[Path],
@@ -121,23 +127,62 @@ def _mistakes(
         return []
     crop = crop_pipeline("none", preprocessing)
     pictures = torch.stack([crop(decode_resized(paths[i], preprocessing)) for i in wrong])
-    cams = None
-    if model is not None:
+    threshold = explain_threshold(len(class_names))
+    explained = [n for n, i in enumerate(wrong) if float(conf[i]) >= threshold]
+    cams: dict[int, np.ndarray] = {}
+    if model is not None and explained:
         normalise = Normalize(preprocessing["mean"], preprocessing["std"])
         device = next(model.parameters()).device
-        batch = normalise(pictures).to(device)
-        cams = class_activation_maps(model, batch, [int(pred[i]) for i in wrong])
+        batch = normalise(pictures[explained]).to(device)
+        maps = class_activation_maps(model, batch, [int(pred[wrong[n]]) for n in explained])
+        cams = {} if maps is None else dict(zip(explained, maps, strict=True))
     figures = []
     for n, i in enumerate(wrong):
-        picture = _overlay(pictures[n], None if cams is None else cams[n])
+        picture = _overlay(pictures[n], cams.get(n))
         caption = (
             f"{html.escape(Path(paths[i]).name)}<br>true <b>{html.escape(class_names[int(target[i])])}</b>, "
             f"predicted <b>{html.escape(class_names[int(pred[i])])}</b> ({float(conf[i]):.2f})"
         )
+        if model is not None and n not in cams:
+            caption += f"<br><i>no heat map: below {threshold:.2f}</i>"
         figures.append(
-            f'<figure><img src="{_png(picture)}" alt="mistake {n + 1}"><figcaption>{caption}</figcaption></figure>'
+            f'<figure><img src="{_png(picture)}" alt="mistake {n + 1}" data-cam="{int(n in cams)}">'
+            f"<figcaption>{caption}</figcaption></figure>"
         )
     return figures
+
+
+def _what_it_is(metrics: dict[str, Any]) -> list[str]:
+    """The table that says what the report is of: model, checkpoint, data, software, date."""
+    model = metrics.get("model") or {}
+    ckpt = metrics.get("checkpoint_info") or {}
+    data = metrics.get("data") or {}
+    versions = metrics.get("versions") or {}
+    rows = {
+        "model": ", ".join(f"{k} {v}" for k, v in model.items() if v not in (None, "")) or "-",
+        "checkpoint": ckpt.get("path", "-")
+        + (f" (epoch {ckpt['epoch']}, step {ckpt['global_step']})" if "epoch" in ckpt else ""),
+        "run folder": ckpt.get("run_folder", "-"),
+        "data": f"{data.get('root', '-')} ({data.get('split', 'test')})",
+        "images per class": ", ".join(f"{k} {v}" for k, v in (data.get("images_per_class") or {}).items()),
+        "software": ", ".join(f"{k} {v}" for k, v in versions.items()) or "-",
+        "date": metrics.get("date", "-"),
+    }
+    out = ["<table class='summary' id='about'>"]
+    out += [f"<tr><th class='name'>{k}</th><td>{html.escape(str(v))}</td></tr>" for k, v in rows.items()]
+    return out + ["</table>"]
+
+
+def _beside_accuracy(metrics: dict[str, Any]) -> dict[str, str]:
+    if "accuracy_ci95" not in metrics:
+        return {}
+    low, high = metrics["accuracy_ci95"]
+    chance = metrics["chance_accuracy"]
+    verdict = " (the interval reaches it: not shown to beat chance)" if low <= chance else ""
+    return {
+        "95 % interval (Wilson)": f"{low:.3f} - {high:.3f}",
+        "chance level": f"{chance:.4f}, always answering {metrics['majority_class']!r}{verdict}",
+    }
 
 
 def write_report(
@@ -161,10 +206,12 @@ def write_report(
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"]
     parts.append(f"<style>{STYLE}</style><script>{CHECK}</script></head><body>")
     parts.append(f"<h1>{html.escape(title)}</h1>")
+    parts += _what_it_is(metrics)
     summary = {
         "checkpoint": metrics.get("checkpoint") or "-",
         "images": metrics["n_samples"],
         "accuracy": f"{metrics['accuracy']:.4f}",
+        **_beside_accuracy(metrics),
         "balanced accuracy": f"{metrics['balanced_accuracy']:.4f}",
         "macro F1": f"{metrics['macro_f1']:.4f}",
         "test-time augmentation": metrics.get("tta", "none"),
@@ -202,8 +249,11 @@ def write_report(
     figures = _mistakes(model, paths, target, probs, class_names, preprocessing, limit)
     wrong = int((probs.argmax(1) != target).sum())
     parts.append(f"<h2>Most confident mistakes ({len(figures)} of {wrong})</h2>")
+    threshold = explain_threshold(len(class_names))
     parts.append(
-        "<p>Heat: where the evidence for the predicted class lies (Grad-CAM).</p>"
+        "<p>Heat: where the evidence for the predicted class lies (Grad-CAM), drawn only where the "
+        f"prediction's confidence is at least {threshold:.2f}, halfway from chance (1/{len(class_names)}) "
+        "to certainty: a map of a near-chance prediction shows noise, not evidence.</p>"
         if figures and model is not None
         else ""
     )
