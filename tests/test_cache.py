@@ -4,7 +4,6 @@ one decode per image on a first run."""
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -14,6 +13,7 @@ import torch
 from PIL import Image
 
 import tl_cli.data.cache as cache_mod
+from tests.helpers import PREP, fit_model, tiny_datamodule
 from tl_cli.callbacks import UnfreezeSchedule
 from tl_cli.data.cache import ImageStore, make_key
 from tl_cli.data.datasets import CachedImages, ImageFiles
@@ -32,30 +32,12 @@ def _fit(
     model = model_cls(
         backbone="timm:test_efficientnet", weights="none", lr=0.01, dropout=0.0, scheduler="none", **extra
     )
-    dm = ImageFolderData(root=str(root), batch_size=8, num_workers=0, **{"image_size": 64, **data_kwargs})
-    trainer = pl.Trainer(
-        max_epochs=epochs,
-        accelerator="cpu",
-        precision=precision,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        default_root_dir=str(Path.cwd()),
-        callbacks=list(callbacks),
-    )
-    trainer.fit(model, dm)
+    dm = tiny_datamodule(root, **data_kwargs)
+    trainer = fit_model(model, dm, epochs, precision=precision, enable_checkpointing=False, callbacks=list(callbacks))
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     if test:
         metrics.update({k: float(v) for k, v in trainer.test(model, dm, verbose=False)[0].items()})
     return model, dm, metrics
-
-
-@pytest.fixture
-def data(tiny_data, tmp_path):
-    root = tmp_path / "d"
-    shutil.copytree(tiny_data, root)
-    return root
 
 
 def _count_extracted(monkeypatch):
@@ -177,13 +159,8 @@ def test_feature_cache_off_when_it_cannot_be_right(data, monkeypatch):
 
 # --------------------------------------------------------------------------- decoded images
 
-PREP = {
-    "image_size": [48, 48],
-    "mean": [0.4, 0.5, 0.6],
-    "std": [0.2, 0.25, 0.3],
-    "interpolation": "bicubic",
-    "crop_pct": 0.875,
-}
+# the checkpoint's preprocessing at 48 px with a mean and std of its own in each channel
+PREP48 = dict(PREP, image_size=[48, 48], mean=[0.4, 0.5, 0.6], std=[0.2, 0.25, 0.3])
 
 
 def _awkward_images(folder: Path) -> list[Path]:
@@ -210,18 +187,18 @@ def test_cached_images_give_the_pixels_of_the_classic_eval_transform(tmp_path):
 
     paths = _awkward_images(tmp_path / "imgs")
     store = ImageStore(tmp_path / "cache", make_key("images", test=1))
-    store.build(decode_resized(p, PREP).permute(1, 2, 0).numpy() for p in paths)
-    cached = CachedImages(*store.load(len(paths), 10**9), [0] * len(paths), crop_pipeline("none", PREP))
-    files = ImageFiles([(p, 0) for p in paths], PREP, crop_pipeline("none", PREP))
+    store.build(decode_resized(p, PREP48).permute(1, 2, 0).numpy() for p in paths)
+    cached = CachedImages(*store.load(len(paths), 10**9), [0] * len(paths), crop_pipeline("none", PREP48))
+    files = ImageFiles([(p, 0) for p in paths], PREP48, crop_pipeline("none", PREP48))
     classic = T.Compose(
         [
             T.Resize(54, interpolation=T.InterpolationMode.BICUBIC),
             T.CenterCrop(48),
             T.ToTensor(),
-            T.Normalize(PREP["mean"], PREP["std"]),
+            T.Normalize(PREP48["mean"], PREP48["std"]),
         ]
     )
-    normalize = Normalize(PREP["mean"], PREP["std"])
+    normalize = Normalize(PREP48["mean"], PREP48["std"])
     for i, path in enumerate(paths):
         assert torch.equal(cached[i][0], files[i][0]), path.name  # one pipeline: identical bytes
         got = normalize(cached[i][0][None])[0]
@@ -231,7 +208,7 @@ def test_cached_images_give_the_pixels_of_the_classic_eval_transform(tmp_path):
 def test_image_cache_memory_map_and_corruption(tmp_path):
     paths = _awkward_images(tmp_path / "imgs")
     store = ImageStore(tmp_path / "cache", make_key("images", test=2))
-    store.build(decode_resized(p, PREP).permute(1, 2, 0).numpy() for p in paths)
+    store.build(decode_resized(p, PREP48).permute(1, 2, 0).numpy() for p in paths)
     in_ram, _, _ = store.load(len(paths), ram_budget=10**9)
     assert not isinstance(in_ram, np.memmap)
     mapped, _, _ = store.load(len(paths), ram_budget=0)  # "does not fit": memory-map it

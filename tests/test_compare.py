@@ -6,7 +6,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from tests.conftest import CONFIGS, tl
+from tests.helpers import CONFIGS, tl
 from tl_cli.models import Classifier
 
 EXTRA = [

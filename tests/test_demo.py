@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import CONFIGS, tl
+from tests.helpers import CONFIGS, tl
 from tests.test_backbones import needs_demo_weights
 from tl_cli.datatools.synth import synthesize
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import CONFIGS, TINY, tl
+from tests.helpers import CONFIGS, TINY, tl
 from tl_cli.callbacks import UnfreezeSchedule
 from tl_cli.data.module import ImageFolderData
 from tl_cli.models import DomainAdaptation

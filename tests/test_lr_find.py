@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from tests.conftest import CONFIGS, TINY, fit_tiny, tl
+from tests.helpers import CONFIGS, TINY, fit_tiny, tl
 from tl_cli.models import Classifier
 
 

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from tests.conftest import REPO, fit_tiny, tl
+from tests.helpers import REPO, fit_tiny, tl
 from tl_cli.reports.html import class_activation_maps
 
 

@@ -13,8 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import CONFIGS, REPO, TINY, fit_tiny, tl
-from tests.test_ddp import compare_ranks
+from tests.helpers import CONFIGS, REPO, TINY, compare_ranks, fit_tiny, tl
 
 pytestmark = [pytest.mark.slow]
 pytestmark.append(

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torchvision
 
-from tests.conftest import tl
+from tests.helpers import tl
 from tl_cli.backbones.factory import create_backbone
 from tl_cli.backbones.weights import load_weights
 
