@@ -16,8 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import CONFIGS
-from tests.test_ddp import TINY, _env, compare_ranks
+from tests.helpers import CONFIGS, TINY_DDP, compare_ranks, subprocess_env
 
 pytestmark = pytest.mark.slow
 
@@ -60,7 +59,7 @@ def two_nodes(args: list, tmp_path: Path, timeout: float = 420, env: Callable[[i
         for sub in ("tmp", "scratch"):
             (local / sub).mkdir(parents=True, exist_ok=True)
         node_env = dict(
-            _env(),
+            subprocess_env(),
             TL_CACHE_DIR=str(local / "cache"),
             TMPDIR=str(local / "tmp"),
             SLURM_TMPDIR=str(local / "scratch"),
@@ -96,7 +95,7 @@ def test_two_nodes_with_node_local_caches_build_them_once_per_node_and_end_ident
         "fit",
         "--config",
         CONFIGS / "feature_extract.yaml",
-        *TINY,
+        *TINY_DDP,
         *nodes,
         "--data.root",
         tiny_data,
@@ -130,7 +129,7 @@ def test_a_cache_folder_shared_by_both_nodes_is_built_once(tiny_data, tmp_path):
         "fit",
         "--config",
         CONFIGS / "feature_extract.yaml",
-        *TINY,
+        *TINY_DDP,
         *nodes,
         "--data.root",
         tiny_data,
@@ -166,7 +165,7 @@ def test_staging_reads_each_shared_file_once_per_node_and_trains_from_the_node_l
         "fit",
         "--config",
         CONFIGS / "finetune.yaml",
-        *TINY,
+        *TINY_DDP,
         *nodes,
         "--data.root",
         shared,
@@ -192,7 +191,7 @@ def test_staging_reads_each_shared_file_once_per_node_and_trains_from_the_node_l
 
         def audited(node: int, logs: dict = logs) -> dict:
             return {
-                "PYTHONPATH": f"{audit}{os.pathsep}{_env()['PYTHONPATH']}",
+                "PYTHONPATH": f"{audit}{os.pathsep}{subprocess_env()['PYTHONPATH']}",
                 "TL_AUDIT_ROOT": str(shared),
                 "TL_AUDIT_LOG": str(logs[node]),
             }
