@@ -280,7 +280,11 @@ def test_a_test_report_says_what_it_is_of(tiny_data):
     ckpt = metrics["checkpoint_info"]
     assert ckpt["path"] == str(best) and ckpt["epoch"] == 0 and ckpt["global_step"] > 0
     assert ckpt["run_folder"] == str(Path("runs/feature_extract/version_0").resolve())
-    assert metrics["data"] == {"root": str(tiny_data), "split": "test", "images_per_class": {"ellipses": 6, "rectangles": 6}}
+    assert metrics["data"] == {
+        "root": str(tiny_data),
+        "split": "test",
+        "images_per_class": {"ellipses": 6, "rectangles": 6},
+    }
     import lightning
     import torch
 
@@ -337,3 +341,35 @@ def test_grad_cam_is_drawn_only_for_confident_predictions(tmp_path):
     assert page.count('data-cam="1"') == 2 and page.count('data-cam="0"') == 1
     assert "(0.26)<br><i>no heat map: below 0.62</i>" in page
     assert "at least 0.62, halfway from chance (1/4) to certainty" in page
+
+
+# --------------------------------------------------------------------------- no noise a user cannot act on
+
+
+def test_lightnings_sync_dist_advice_is_silenced_for_tls_own_metrics_only():
+    import warnings
+
+    import tl_cli.cli.lightning_cli  # noqa: F401  (installs tl's warning filters)
+
+    advice = "It is recommended to use `self.log({!r}, ..., sync_dist=True)` when logging on epoch level"
+    with warnings.catch_warnings(record=True) as caught:
+        for name in ("val/loss", "train/loss_epoch", "val_target/acc", "test/acc", "mine/score"):
+            warnings.warn(advice.format(name), UserWarning, stacklevel=1)
+    assert [str(w.message) for w in caught] == [advice.format("mine/score")]
+
+
+@pytest.mark.slow
+def test_a_two_process_cpu_fit_prints_no_sync_dist_advice(tiny_data):
+    import subprocess
+    import sys
+
+    args = ["fit", "--config", FE, *TINY, "--data.root", str(tiny_data), "--trainer.max_epochs", "2"]
+    done = subprocess.run(
+        [sys.executable, "-m", "tl_cli.cli", *args, "--trainer.devices", "2", "--trainer.strategy", "ddp"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "All distributed processes registered. Starting with 2 processes" in done.stdout + done.stderr
+    assert "sync_dist" not in done.stdout + done.stderr

@@ -65,6 +65,11 @@ warnings.filterwarnings("ignore", message=r"You have overridden `on_after_batch_
 warnings.filterwarnings("ignore", message=r"Be aware that when using `ckpt_path`, callbacks")
 # `tl compare` runs fits in one process, with its own argument lists
 warnings.filterwarnings("ignore", message=r"LightningCLI's args parameter is intended")
+# tl's models reduce their epoch metrics over the ranks before they log them (torchmetrics' are
+# synced in compute()): Lightning's advice to log them with sync_dist=True does not apply
+warnings.filterwarnings(
+    "ignore", message=r"It is recommended to use `self\.log\('(train|val|val_target|test|test_target)/"
+)
 # frozen backbone layers are pinned in eval mode on purpose (tl_cli.callbacks.freezing)
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
 
