@@ -4,6 +4,7 @@ puts them on node-local scratch. Ranks on different nodes share no local disk.""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -13,8 +14,10 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
+import lightning.pytorch as pl
 import pytest
 import torch
+from typing_extensions import override
 
 from tests.helpers import CONFIGS, TINY_DDP, compare_ranks, subprocess_env
 
@@ -210,3 +213,108 @@ def test_staging_reads_each_shared_file_once_per_node_and_trains_from_the_node_l
         assert copies == sorted(Path(f).relative_to(shared) for f in files)
     # the second job on the same nodes: the checked copies are reused, nothing read from shared
     assert second == {0: Counter(), 1: Counter()}, second
+
+
+class RecordPlacement(pl.Callback):
+    """Writes what each rank sees of its place in the job: SLURM's variables and Lightning's."""
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        seen = {k: os.environ.get(k) for k in ("SLURM_NODEID", "SLURM_LOCALID", "SLURM_PROCID", "SLURM_NTASKS")}
+        seen.update(
+            node_rank=trainer.node_rank,
+            local_rank=trainer.local_rank,
+            global_rank=trainer.global_rank,
+            world_size=trainer.world_size,
+            environment=type(trainer.strategy.cluster_environment).__name__,
+        )
+        Path(f"placement{trainer.global_rank}.json").write_text(json.dumps(seen))
+
+
+def slurm_nodes(args: list, tmp_path: Path, job: str, restarts: int = 0, timeout: float = 420) -> list[str]:
+    """`tl ARGS` as srun starts it on two nodes with one task each (SLURM_NODEID 0 and 1), each
+    node with its own scratch ($SLURM_TMPDIR), TL_CACHE_DIR and TMPDIR; Lightning's
+    SLURMEnvironment places the ranks. `restarts` > 0: the job was requeued."""
+    port = _free_port()
+    procs = []
+    for node in (0, 1):
+        local = tmp_path / f"node{node}"
+        for sub in ("tmp", "scratch"):
+            (local / sub).mkdir(parents=True, exist_ok=True)
+        env = dict(
+            subprocess_env(),
+            TL_CACHE_DIR=str(local / "cache"),
+            TMPDIR=str(local / "tmp"),
+            SLURM_TMPDIR=str(local / "scratch"),
+            SLURM_JOB_ID=job,
+            SLURM_JOB_NAME="tl-two-nodes",
+            SLURM_NTASKS="2",
+            SLURM_NTASKS_PER_NODE="1",
+            SLURM_NNODES="2",
+            SLURM_JOB_NUM_NODES="2",
+            SLURM_NODELIST="127.0.0.1",
+            SLURM_PROCID=str(node),
+            SLURM_LOCALID="0",
+            SLURM_NODEID=str(node),
+            SLURM_RESTART_COUNT=str(restarts),
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+            PATH=f"{tmp_path / 'no-scontrol'}{os.pathsep}{os.environ['PATH']}",
+        )
+        command = [sys.executable, "-m", "tl_cli.cli", *[str(a) for a in args]]
+        procs.append(subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env))
+    outs = [p.communicate(timeout=timeout)[0] for p in procs]
+    for node, (p, out) in enumerate(zip(procs, outs, strict=True)):
+        assert p.returncode == 0, f"node {node}:\n{out[-4000:]}"
+    return outs
+
+
+def test_two_slurm_nodes_place_ranks_by_node_id_and_a_preempted_job_resumes_exactly(tiny_data, tmp_path):
+    """Lightning's SLURM environment on two nodes (node ids 0 and 1, one task each) with
+    node-local scratch and caches, data staged per node: the ranks are placed as SLURM says,
+    end identical, and a job preempted mid-epoch (SIGUSR1 to every process) and requeued ends
+    with the weights and step count of an uninterrupted one."""
+    fake = tmp_path / "no-scontrol"  # `scontrol requeue` of a job SLURM does not know: answer no
+    fake.mkdir()
+    (fake / "scontrol").write_text("#!/bin/sh\necho 'Invalid job id specified' >&2\nexit 1\n")
+    (fake / "scontrol").chmod(0o755)
+    shared = tmp_path / "shared" / "data"
+    shutil.copytree(tiny_data, shared)
+    args = ["fit", "--config", CONFIGS / "finetune.yaml", *TINY_DDP, "--data.root", shared, "--data.num_workers", "2"]
+    args += ["--trainer.devices", "1", "--trainer.num_nodes", "2", "--trainer.strategy", "ddp"]
+    args += ["--data.augment", "flip", "--unfreeze.schedule", "{1: 2}", "--trainer.max_epochs", "3"]
+    args += ["--model.init_from", "null", "--early_stopping", "null"]
+    record = ["--trainer.callbacks+", "tests.test_multinode.RecordPlacement"]
+    slurm_nodes([*args, *record, "--trainer.default_root_dir", "straight"], tmp_path, job="901")
+    for rank in (0, 1):
+        seen = json.loads(Path(f"placement{rank}.json").read_text())
+        assert seen == {
+            "SLURM_NODEID": str(rank),
+            "SLURM_LOCALID": "0",
+            "SLURM_PROCID": str(rank),
+            "SLURM_NTASKS": "2",
+            "node_rank": rank,
+            "local_rank": 0,
+            "global_rank": rank,
+            "world_size": 2,
+            "environment": "SLURMEnvironment",
+        }, seen
+
+    signal = ["--trainer.callbacks+", "tests.helpers.SignalSelf", "--trainer.callbacks.epoch", "1"]
+    outs = slurm_nodes([*args, "--trainer.default_root_dir", "pre", *signal], tmp_path, job="902")
+    assert "preemption signal: training state saved" in outs[0], outs[0][-3000:]
+    assert list(Path("pre").glob("hpc_ckpt_*.ckpt")) and not Path("pre/latest").exists()
+    os.environ["TL_TEST_RESUMED"] = "1"
+    try:  # the requeued job: same job id, a restart, no --ckpt_path (Lightning finds hpc_ckpt)
+        save = ["--trainer.callbacks+", "tests.helpers.SaveRankState"]
+        outs = slurm_nodes([*args, "--trainer.default_root_dir", "pre", *save], tmp_path, job="902", restarts=1)
+    finally:
+        del os.environ["TL_TEST_RESUMED"]
+    assert "Restored all states from the checkpoint" in outs[0], outs[0][-3000:]
+    assert compare_ranks(Path("rankstate"))[0] == 0
+    a = torch.load("straight/latest/checkpoints/last.ckpt", weights_only=True)
+    b = torch.load("pre/latest/checkpoints/last.ckpt", weights_only=True)
+    assert a["global_step"] == b["global_step"] > 0
+    for key, value in a["state_dict"].items():
+        assert torch.allclose(value.float(), b["state_dict"][key].float(), atol=1e-6), key
+    assert [p.name for p in Path("pre").glob("version_*")] == ["version_0"]  # the requeue continued it
