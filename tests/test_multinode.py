@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import socket
 import subprocess
@@ -19,7 +20,7 @@ import pytest
 import torch
 from typing_extensions import override
 
-from tests.helpers import CONFIGS, TINY_DDP, compare_ranks, subprocess_env
+from tests.helpers import CONFIGS, TINY_DDP, compare_ranks, subprocess_env, tl
 
 pytestmark = pytest.mark.slow
 
@@ -269,7 +270,20 @@ def slurm_nodes(args: list, tmp_path: Path, job: str, restarts: int = 0, timeout
     return outs
 
 
-def test_two_slurm_nodes_place_ranks_by_node_id_and_a_preempted_job_resumes_exactly(tiny_data, tmp_path):
+def _fit_only(args: list) -> list:
+    """`args` after ``fit --config X`` without the process counts (tl slurm sets them)."""
+    out, skip = [], 0
+    for a in args[3:]:
+        if skip:
+            skip -= 1
+        elif a in ("--trainer.devices", "--trainer.num_nodes", "--trainer.strategy"):
+            skip = 1
+        else:
+            out.append(a)
+    return out
+
+
+def test_two_slurm_nodes_place_ranks_by_node_id_and_a_preempted_job_resumes_exactly(tiny_data, tmp_path, capsys):
     """Lightning's SLURM environment on two nodes (node ids 0 and 1, one task each) with
     node-local scratch and caches, data staged per node: the ranks are placed as SLURM says,
     end identical, and a job preempted mid-epoch (SIGUSR1 to every process) and requeued ends
@@ -285,7 +299,34 @@ def test_two_slurm_nodes_place_ranks_by_node_id_and_a_preempted_job_resumes_exac
     args += ["--data.augment", "flip", "--unfreeze.schedule", "{1: 2}", "--trainer.max_epochs", "3"]
     args += ["--model.init_from", "null", "--early_stopping", "null"]
     record = ["--trainer.callbacks+", "tests.test_multinode.RecordPlacement"]
-    slurm_nodes([*args, *record, "--trainer.default_root_dir", "straight"], tmp_path, job="901")
+    # the uninterrupted job is the one `tl slurm` renders for 2 nodes: its srun line, run under
+    # the variables srun sets for its #SBATCH lines
+    rendered = tl(
+        "slurm",
+        "--cpu",
+        "--nodes",
+        "2",
+        "--devices",
+        "1",
+        "--partition",
+        "debug",
+        "--cluster",
+        "none",
+        "--no-check",
+        "--dry-run",
+        "-c",
+        CONFIGS / "finetune.yaml",
+        "--",
+        *_fit_only(args),
+        *record,
+        "--trainer.default_root_dir",
+        "straight",
+    )
+    assert rendered == 0
+    script = capsys.readouterr().out
+    assert "#SBATCH --nodes=2" in script and "#SBATCH --ntasks-per-node=1" in script
+    srun = shlex.split([line for line in script.splitlines() if line.startswith("srun ")][0])
+    slurm_nodes(srun[srun.index("tl") + 1 :], tmp_path, job="901")
     for rank in (0, 1):
         seen = json.loads(Path(f"placement{rank}.json").read_text())
         assert seen == {

@@ -153,3 +153,22 @@ def test_a_sweep_as_a_real_job_array_with_one_task_preempted_is_gathered_whole(t
     preempted = [r for r in rows if r["settings"] == "model.lr=1e-3"][0]
     assert "requeued 1x" in preempted["note"], preempted
     assert "Restored all states from the checkpoint" in log.read_text()
+
+
+def test_compare_as_a_job_array_runs_one_feature_extraction_per_backbone_and_gathers_like_a_sweep(tmp_path, capsys):
+    folder = tmp_path / "cmp"
+    args = ["compare", "-c", CONFIGS / "feature_extract.yaml", "--backbones", "timm:test_efficientnet"]
+    args += ["timm:test_vit=none", "--slurm", "--dry-run", "--cpu", "--max-concurrent", "1", "-o", folder]
+    assert tl(*args) == 0
+    script = capsys.readouterr().out
+    assert "#SBATCH --array=0-1%1" in script
+    cases = [line for line in script.splitlines() if ") ARGS=(" in line]
+    assert len(cases) == 2 and all("--model FeatureExtraction" in c for c in cases)
+    assert "--model.backbone timm:test_vit --model.weights none" in cases[1]
+    assert tl("sweep", "gather", folder) == 1  # nothing ran yet: every backbone listed, none ok
+    rows = _rows(folder)
+    assert [r["status"] for r in rows] == ["not started", "not started"]
+    assert {r["settings"] for r in rows} == {
+        "model.backbone=timm:test_efficientnet",
+        "model.backbone=timm:test_vit model.weights=none",
+    }

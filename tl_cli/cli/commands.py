@@ -267,7 +267,14 @@ def _slurm_command(argv: list[str]) -> int:
     nodes, devices = job_shape(args.config, args.nodes, args.devices, extra)
     cluster = detect_cluster() if args.cluster == "auto" else (None if args.cluster == "none" else args.cluster)
     asked = Request(
-        args.partition, nodes, 0 if args.cpu else devices, devices, args.cpus_per_task, args.mem, args.time, args.account
+        args.partition,
+        nodes,
+        0 if args.cpu else devices,
+        devices,
+        args.cpus_per_task,
+        args.mem,
+        args.time,
+        args.account,
     )
     job, changed = fit_request(asked, cluster, use_sinfo=args.cluster != "none")
     notes = [] if args.no_check else _check_fit(args.config, extra)
@@ -332,9 +339,20 @@ def _compare_command(argv: list[str]) -> int:
         default=Path("runs/compare"),
         help="results folder: leaderboard.csv, leaderboard.png, a run folder per backbone (default runs/compare)",
     )
+    _add_array_options(parser)
     args, extra = parser.parse_known_args(argv)
     extra = [a for a in extra if a != "--"]
     from tl_cli.cli.compare import compare, parse_backbones, write_outputs
+
+    if args.slurm:  # one array task per backbone; `tl sweep gather DIR` is the leaderboard
+        from tl_cli.cli.sweep import make_plan
+
+        runs = [
+            {"model.backbone": spec, **({"model.weights": weights} if weights else {})}
+            for spec, weights in parse_backbones(args.backbones, args.preset)
+        ]
+        extra = [*extra, "--model", "FeatureExtraction"]
+        return _submit_array(make_plan(args.config, runs, args.output, extra, args.runs_per_task), args)
 
     entries = compare(args.config, parse_backbones(args.backbones, args.preset), args.output, extra)
     print("\n" + write_outputs(entries, args.output))
@@ -345,6 +363,51 @@ def _compare_command(argv: list[str]) -> int:
             f"tl: next: tl fit --config configs/finetune.yaml --model.backbone {ok[0].backbone} --model.init_from {ok[0].checkpoint}"
         )
     return 0 if ok else 1
+
+
+def _add_array_options(parser: argparse.ArgumentParser) -> None:
+    """--slurm and the job array's options (tl sweep, tl compare)."""
+    slurm = parser.add_argument_group("SLURM (with --slurm)")
+    slurm.add_argument("--slurm", action="store_true", help="submit one job array instead of running here")
+    slurm.add_argument("--dry-run", action="store_true", help="print the array script instead of submitting it")
+    slurm.add_argument("--max-concurrent", type=int, default=None, help="array tasks running at once (%%N)")
+    slurm.add_argument("--runs-per-task", type=int, default=1, help="runs side by side in one task (one GPU)")
+    slurm.add_argument("--partition", default="gpu-shared")
+    slurm.add_argument("--account", default=None)
+    slurm.add_argument("--cpu", action="store_true", help="CPU tasks instead of one GPU each")
+    slurm.add_argument("--cpus-per-task", type=int, default=10)
+    slurm.add_argument("--mem", default="92G")
+    slurm.add_argument("--time", default="04:00:00")
+    slurm.add_argument("--job-name", default="tl-sweep")
+    slurm.add_argument("--venv", default=os.environ.get("VIRTUAL_ENV", ".venv"))
+
+
+def _submit_array(plan: dict, args: argparse.Namespace) -> int:
+    """Render the plan's job array; print it (--dry-run) or submit it."""
+    from tl_cli.cli.sweep import render_array_script
+    from tl_cli.cluster.slurm import submit
+
+    script = render_array_script(
+        plan,
+        runs_per_task=args.runs_per_task,
+        max_concurrent=args.max_concurrent,
+        cpu=args.cpu,
+        cpus_per_task=args.cpus_per_task,
+        job_name=args.job_name,
+        account=args.account,
+        partition=args.partition,
+        mem=args.mem,
+        time_limit=args.time,
+        venv=args.venv,
+    )
+    folder = Path(plan["folder"])
+    (folder / "sweep.sbatch").write_text(script)
+    if args.dry_run:
+        print(script, end="")
+        return 0
+    print(f"tl: {submit(script, args.job_name)}")
+    print(f"tl: watch with `squeue --me`; then: tl sweep gather {folder}")
+    return 0
 
 
 def _sweep_parser() -> argparse.ArgumentParser:
@@ -377,19 +440,7 @@ def _sweep_parser() -> argparse.ArgumentParser:
         help="sweep folder: point_<i>/ run folders, logs/, sweep.json; `tl sweep gather` adds leaderboard.csv "
         "(default runs/sweep_<config>)",
     )
-    slurm = parser.add_argument_group("SLURM (with --slurm)")
-    slurm.add_argument("--slurm", action="store_true", help="submit one job array instead of running here")
-    slurm.add_argument("--dry-run", action="store_true", help="print the array script instead of submitting it")
-    slurm.add_argument("--max-concurrent", type=int, default=None, help="array tasks running at once (%%N)")
-    slurm.add_argument("--runs-per-task", type=int, default=1, help="runs side by side in one task (one GPU)")
-    slurm.add_argument("--partition", default="gpu-shared")
-    slurm.add_argument("--account", default=None)
-    slurm.add_argument("--cpu", action="store_true", help="CPU tasks instead of one GPU each")
-    slurm.add_argument("--cpus-per-task", type=int, default=10)
-    slurm.add_argument("--mem", default="92G")
-    slurm.add_argument("--time", default="04:00:00")
-    slurm.add_argument("--job-name", default="tl-sweep")
-    slurm.add_argument("--venv", default=os.environ.get("VIRTUAL_ENV", ".venv"))
+    _add_array_options(parser)
     return parser
 
 
@@ -415,7 +466,7 @@ def _sweep_command(argv: list[str]) -> int:
         return _gather_command(argv[1:])
     args, extra = _sweep_parser().parse_known_args(argv)
     extra = [a for a in extra if a != "--"]
-    from tl_cli.cli.sweep import make_plan, parse_grid, points, render_array_script, run_here
+    from tl_cli.cli.sweep import make_plan, parse_grid, points, run_here
 
     grid = parse_grid(args.grid)
     folder = args.output or Path("runs") / f"sweep_{args.config[-1].stem}"
@@ -426,28 +477,7 @@ def _sweep_command(argv: list[str]) -> int:
         failed = run_here(plan)
         print(f"tl sweep: done ({failed} failed); the leaderboard: tl sweep gather {folder}")
         return 0 if failed < len(plan["points"]) else 1
-    from tl_cli.cluster.slurm import submit
-
-    script = render_array_script(
-        plan,
-        runs_per_task=args.runs_per_task,
-        max_concurrent=args.max_concurrent,
-        cpu=args.cpu,
-        cpus_per_task=args.cpus_per_task,
-        job_name=args.job_name,
-        account=args.account,
-        partition=args.partition,
-        mem=args.mem,
-        time_limit=args.time,
-        venv=args.venv,
-    )
-    (folder / "sweep.sbatch").write_text(script)
-    if args.dry_run:
-        print(script, end="")
-        return 0
-    print(f"tl: {submit(script, args.job_name)}")
-    print(f"tl sweep: watch with `squeue --me`; then: tl sweep gather {folder}")
-    return 0
+    return _submit_array(plan, args)
 
 
 COMMANDS = {
