@@ -69,14 +69,14 @@ def test_fit_help_documents_every_contract_key(capsys):
     for key in CONTRACT_KEYS:
         assert f"--{key} " in out, key
     # docstrings become help text; the default model is FeatureExtraction
-    assert "Help for --model.help=tl_cli.models.FeatureExtraction" in out
-    assert "from that epoch on, the last ``n`` backbone stages train" in " ".join(out.split())
+    assert "Model (--model.KEY; tl_cli.models.FeatureExtraction;" in out
+    assert "from that epoch on, the last `n` backbone stages train" in " ".join(out.split())
 
 
 def test_model_option_picks_the_class_and_its_help(capsys):
     assert tl("fit", "--model", "FineTune", "--help") == 0
     out = capsys.readouterr().out
-    assert "Help for --model.help=tl_cli.models.FineTune" in out
+    assert "Model (--model.KEY; tl_cli.models.FineTune;" in out
     assert "--model.init_from " in out and "--model.backbone_lr_ratio " in out
     assert tl("fit", "--help") == 0
     assert "--model.backbone_lr_ratio " not in capsys.readouterr().out  # FeatureExtraction has none

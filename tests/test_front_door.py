@@ -349,10 +349,11 @@ def test_grad_cam_is_drawn_only_for_confident_predictions(tmp_path):
 def test_lightnings_sync_dist_advice_is_silenced_for_tls_own_metrics_only():
     import warnings
 
-    import tl_cli.cli.lightning_cli  # noqa: F401  (installs tl's warning filters)
+    from tl_cli.cli.lightning_cli import silence_synced_metric_advice
 
     advice = "It is recommended to use `self.log({!r}, ..., sync_dist=True)` when logging on epoch level"
     with warnings.catch_warnings(record=True) as caught:
+        silence_synced_metric_advice()
         for name in ("val/loss", "train/loss_epoch", "val_target/acc", "test/acc", "mine/score"):
             warnings.warn(advice.format(name), UserWarning, stacklevel=1)
     assert [str(w.message) for w in caught] == [advice.format("mine/score")]
@@ -373,3 +374,76 @@ def test_a_two_process_cpu_fit_prints_no_sync_dist_advice(tiny_data):
     assert done.returncode == 0, done.stderr[-2000:]
     assert "All distributed processes registered. Starting with 2 processes" in done.stdout + done.stderr
     assert "sync_dist" not in done.stdout + done.stderr
+
+
+# --------------------------------------------------------------------------- help a person can use
+
+
+def test_fit_help_starts_with_what_tl_adds_one_or_two_lines_a_key(capsys):
+    assert tl("fit", "--help") == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert lines[0] == "usage: tl fit --config CONFIG [--data.root DIR] [--KEY VALUE ...] [-o DIR]"
+    titles = ["Start and results:", "Data (", "Model (", "Freeze (", "Unfreeze (", "Early stopping (", "Checkpoint ("]
+    where = [next(i for i, line in enumerate(lines) if line.startswith(t)) for t in [*titles, "Trainer ("]]
+    assert where == sorted(where) and where[0] < 10
+    assert any(line.startswith("  -o, --output DIR") for line in lines)
+    assert "every Trainer key: tl fit --help trainer" in out
+    keys = [i for i, line in enumerate(lines) if line.startswith("  -")]
+    for i, j in zip(keys, [*keys[1:], len(lines)], strict=True):
+        assert sum(1 for line in lines[i:j] if line.startswith("      ")) <= 1, lines[i]
+    assert len(lines) < 130  # it was 859
+
+
+def test_help_trainer_lists_every_trainer_key(capsys):
+    assert tl("fit", "--help", "trainer") == 0
+    out = capsys.readouterr().out
+    for key in ("max_epochs", "devices", "precision", "gradient_clip_val", "accumulate_grad_batches", "deterministic"):
+        assert f"--trainer.{key} " in out, key
+    assert "--model." not in out
+
+
+def test_a_second_help_answers_without_importing_torch(tmp_path):
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TL_CACHE_DIR": str(tmp_path / "cache")}
+    first = subprocess.run(
+        [sys.executable, "-m", "tl_cli.cli", "fit", "--help"], capture_output=True, text=True, env=env
+    )
+    assert first.returncode == 0
+    code = (
+        "import contextlib, io, sys; from tl_cli.cli.main import main\n"
+        "with contextlib.redirect_stdout(io.StringIO()) as out: main(['fit', '--help'])\n"
+        "print('torch' in sys.modules, 'lightning' in sys.modules, out.getvalue() == sys.argv[1])"
+    )
+    second = subprocess.run([sys.executable, "-c", code, first.stdout], capture_output=True, text=True, env=env)
+    assert second.stdout.split() == ["False", "False", "True"], second.stderr[-1000:]
+
+
+HELP_NAMES_OUTPUTS = [
+    (["fit"], "checkpoints/best.ckpt"),
+    (["validate"], "metrics.csv"),
+    (["test"], "report.html"),
+    (["predict"], "predictions.csv"),
+    (["lr_find"], "lr_find.png"),
+    (["data", "synth"], "OUT/{train,val,test}/<class>/"),
+    (["data", "split"], "OUT/{train,val,test}/<class>/"),
+    (["data", "check"], "report per split and class"),
+    (["export"], "a JSON beside it"),
+    (["predict", "--model", "m.onnx"], "predictions.csv goes to OUTPUT/version_N/"),
+    (["slurm"], "submits it with sbatch"),
+    (["weights", "fetch"], "into the standard cache"),
+    (["compare"], "leaderboard.csv"),
+    (["sweep"], "leaderboard.csv"),
+    (["sweep", "gather"], "leaderboard.csv"),
+    (["config", "show"], "on standard output"),
+]
+
+
+@pytest.mark.parametrize(
+    ("command", "output"), HELP_NAMES_OUTPUTS, ids=[" ".join(c[:2]) for c, _ in HELP_NAMES_OUTPUTS]
+)
+def test_every_commands_help_names_its_outputs(command, output, capsys):
+    assert tl(*command, "--help") == 0
+    assert output in " ".join(capsys.readouterr().out.split())

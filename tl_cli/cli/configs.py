@@ -137,7 +137,11 @@ def config_command(argv: list[str]) -> int:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="the shipped configs and where they are")
-    show = sub.add_parser("show", help="print a shipped config (output: the YAML, on standard output)")
+    show = sub.add_parser(
+        "show",
+        help="print a shipped config",
+        description="Print a shipped config, as YAML on standard output: `tl config show finetune > my.yaml`.",
+    )
     show.add_argument("name", help="a shipped config's name, e.g. finetune")
     args = parser.parse_args(argv)
     found = shipped()

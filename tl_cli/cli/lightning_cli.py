@@ -65,11 +65,18 @@ warnings.filterwarnings("ignore", message=r"You have overridden `on_after_batch_
 warnings.filterwarnings("ignore", message=r"Be aware that when using `ckpt_path`, callbacks")
 # `tl compare` runs fits in one process, with its own argument lists
 warnings.filterwarnings("ignore", message=r"LightningCLI's args parameter is intended")
-# tl's models reduce their epoch metrics over the ranks before they log them (torchmetrics' are
-# synced in compute()): Lightning's advice to log them with sync_dist=True does not apply
-warnings.filterwarnings(
-    "ignore", message=r"It is recommended to use `self\.log\('(train|val|val_target|test|test_target)/"
-)
+
+
+def silence_synced_metric_advice() -> None:
+    """tl's models reduce their epoch metrics over the ranks before they log them (torchmetrics'
+    are synced in compute()): Lightning's advice to log them with sync_dist=True does not apply.
+    A metric of another name still gets it."""
+    warnings.filterwarnings(
+        "ignore", message=r"It is recommended to use `self\.log\('(train|val|val_target|test|test_target)/"
+    )
+
+
+silence_synced_metric_advice()
 # frozen backbone layers are pinned in eval mode on purpose (tl_cli.callbacks.freezing)
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
 
@@ -133,6 +140,7 @@ class TLCLI(LightningCLI):
             # build only the parser of the command asked for: every parser takes time to build
             only = {args[0]: TLCLI.subcommands()[args[0]]}
             self.subcommands = lambda: only
+        silence_synced_metric_advice()  # again: a caller's warnings.catch_warnings() may have reset it
         kwargs.setdefault("parser_class", TLArgumentParser)
         parser_kwargs = kwargs.setdefault("parser_kwargs", {})
         parser_kwargs.setdefault("description", "tl: transfer learning for image classifiers.")

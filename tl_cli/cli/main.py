@@ -16,6 +16,7 @@ from typing import Optional
 from tl_cli import __version__
 from tl_cli.cli.commands import COMMANDS, TL_COMMANDS, predict_exported
 from tl_cli.cli.configs import resolve_configs
+from tl_cli.cli.help import wanted as wanted_help
 from tl_cli.cli.mistakes import output_folder, unknown_command
 from tl_cli.errors import TLError, find_tl_error
 
@@ -110,6 +111,12 @@ def _dispatch(argv: list[str]) -> int:
     if argv[0] not in LIGHTNING_COMMANDS:
         raise TLError(unknown_command(argv[0], [*LIGHTNING_COMMANDS, *COMMANDS]))
     args = resolve_configs(lightning_args(argv))
+    topic = wanted_help(args)
+    if topic is not None:
+        from tl_cli.cli.help import configured_model, help_text
+
+        print(help_text(argv[0], configured_model(args), "" if topic == "keys" else topic))
+        return 0
     from tl_cli.cli.lightning_cli import TLCLI
 
     try:
