@@ -51,12 +51,14 @@ def resume_arguments(argv: list[str]) -> tuple[list[str], str]:
             raise TLError(f"tl resume continues {run} from its last.ckpt, in that folder: drop {flag}.")
     name = Path(os.path.realpath(run)).name  # runs/x/latest -> the version it points at
     ckpt: Any = str(last)
-    hpc = sorted(run.parent.glob("hpc_ckpt_*.ckpt"))
+    hpc = sorted(run.parent.glob("hpc_ckpt_*.ckpt"), key=lambda p: int(p.stem.rsplit("_", 1)[1]))
     if hpc and int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) > 0:
         ckpt = "hpc"  # a requeued `tl resume` job: Lightning's newest preemption checkpoint
+    else:
+        ckpt = str(_mid_epoch_state(last, hpc) or last)
     fit = ["fit", "--config", str(config), *overrides, "--ckpt_path", ckpt]
     if _rank_zero():
-        print(f"tl: resuming {run.parent / name} from {last.relative_to(run)}, in the same folder")
+        print(f"tl: resuming {run.parent / name} from {ckpt}, in the same folder")
         import yaml
 
         before = ((yaml.safe_load(config.read_text()) or {}).get("trainer") or {}).get("max_epochs")
@@ -67,6 +69,23 @@ def resume_arguments(argv: list[str]) -> tuple[list[str], str]:
                 "with it), its learning-rate schedule from where it stands, not from the start"
             )
     return [*fit, "--trainer.default_root_dir", str(run.parent)], name
+
+
+def _mid_epoch_state(last: Path, hpc: list[Path]) -> Optional[Path]:
+    """A run stopped mid-epoch (preempted) also wrote ``last.ckpt`` at that epoch's end, which
+    Lightning would resume from the next epoch: its preemption checkpoint of the same step
+    (``hpc_ckpt_N.ckpt`` beside the run folder) resumes within the epoch."""
+    import torch
+
+    state = torch.load(last, map_location="cpu", weights_only=True, mmap=True)
+    if not (state.get("tl_position") or {}).get("batches"):
+        return None
+    for path in reversed(hpc):
+        if torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("global_step") == state.get(
+            "global_step"
+        ):
+            return path
+    return None
 
 
 def _flag_value(args: list[str], *flags: str) -> Optional[str]:
