@@ -1,9 +1,11 @@
 """Image decoding and the one transform pipeline (torchvision ``transforms.v2``).
 
 Every image takes the same road, whether it comes from its file or from the decoded-image
-cache: decoded to 8-bit RGB, resized once so its short side is the eval resize
+cache: decoded to 8-bit RGB, shrunk once so its short side is the eval resize
 (``image_size / crop_pct``) and kept as a uint8 ``[3, H, W]`` tensor (`decode_resized`, what
-the cache stores); then cropped, flipped and augmented as uint8 by `crop_pipeline`; then
+the cache stores; an image smaller than that stays at its own size, so a cache of small
+images stays small); then brought up to the eval resize if it is smaller, cropped, flipped and
+augmented as uint8 by `crop_pipeline`; then
 normalised in float on the model's device by `Normalize`. So cached and uncached runs see
 identical pixels, batches cross process and device boundaries as uint8 (4x less to copy),
 and every preset is built from the backbone's preprocessing (size, mean, std,
@@ -45,13 +47,33 @@ def resize_side(preprocessing: dict[str, Any]) -> int:
 
 
 def decode_resized(image: str | Path | Image.Image, preprocessing: dict[str, Any]) -> torch.Tensor:
-    """Decode (a path) or take (a PIL image), convert to RGB and resize the short side to
-    `resize_side`: a uint8 ``[3, H, W]`` tensor, what the decoded-image cache stores."""
+    """Decode (a path) or take (a PIL image), convert to RGB and shrink the short side to
+    `resize_side`: a uint8 ``[3, H, W]`` tensor, what the decoded-image cache stores. A smaller
+    image keeps its own size (`crop_pipeline` enlarges it, on the fly)."""
     from torchvision.transforms import v2
 
-    picture = image if isinstance(image, Image.Image) else load_rgb(image)
-    resize = v2.Resize(resize_side(preprocessing), interpolation=_interpolation(preprocessing["interpolation"]))
-    return v2.functional.pil_to_tensor(resize(to_rgb(picture)))
+    picture = to_rgb(image if isinstance(image, Image.Image) else load_rgb(image))
+    side = resize_side(preprocessing)
+    if min(picture.size) > side:
+        picture = v2.Resize(side, interpolation=_interpolation(preprocessing["interpolation"]))(picture)
+    return v2.functional.pil_to_tensor(picture)
+
+
+class UpToResizeSide(torch.nn.Module):
+    """Enlarge a uint8 ``[..., H, W]`` image whose short side is below `side` to `side` (the
+    eval resize); larger ones pass untouched. The first step of every `crop_pipeline`, so an
+    image cached at its own small size gives the pixels the uncached road gives."""
+
+    def __init__(self, side: int, interpolation: Any) -> None:
+        super().__init__()
+        self.side, self.interpolation = side, interpolation
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        if min(image.shape[-2:]) >= self.side:
+            return image
+        from torchvision.transforms import v2
+
+        return v2.functional.resize(image, self.side, interpolation=self.interpolation, antialias=True)
 
 
 def crop_pipeline(augment: str, preprocessing: dict[str, Any]) -> Any:
@@ -68,12 +90,13 @@ def crop_pipeline(augment: str, preprocessing: dict[str, Any]) -> Any:
         raise ValueError(f"data.augment={augment!r}; choose one of {', '.join(AUGMENTS)}")
     size = tuple(preprocessing["image_size"])
     interp = _interpolation(preprocessing["interpolation"])
+    ops: list[Any] = [UpToResizeSide(resize_side(preprocessing), interp)]
     if augment == "none":
-        return v2.CenterCrop(size)
+        return v2.Compose([*ops, v2.CenterCrop(size)])
     if augment == "flip":
-        ops: list[Any] = [v2.CenterCrop(size), v2.RandomHorizontalFlip()]
+        ops += [v2.CenterCrop(size), v2.RandomHorizontalFlip()]
     else:
-        ops = [v2.RandomResizedCrop(size, scale=RRC_SCALE, interpolation=interp, antialias=True)]
+        ops.append(v2.RandomResizedCrop(size, scale=RRC_SCALE, interpolation=interp, antialias=True))
         ops.append(v2.RandomHorizontalFlip())
     if augment == "randaugment":
         # its rotations and shears support only nearest/bilinear on tensors; bicubic backbones

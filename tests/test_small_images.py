@@ -1,0 +1,56 @@
+"""Small images stay small: the decoded-image cache keeps an image smaller than the eval resize
+at its own size and enlarges it on the fly, with the pixels the uncached road gives."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tl_cli.data.cache import ImageStore, make_key
+from tl_cli.data.datasets import CachedImages, ImageFiles
+from tl_cli.data.transforms import crop_pipeline, decode_resized, resize_side
+
+# a 64 px network: eval resize 73 px; the images below are 28x28 (product photos) and 500x375
+PREP = {"image_size": [64, 64], "mean": [0.5] * 3, "std": [0.25] * 3, "interpolation": "bicubic", "crop_pct": 0.875}
+
+
+def _images(folder, sizes):
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    paths = []
+    for i, (w, h) in enumerate(sizes):
+        path = folder / f"{i}.png"
+        Image.fromarray(rng.integers(0, 255, (h, w), dtype=np.uint8), "L").save(path)  # grayscale
+        paths.append(path)
+    return paths
+
+
+@pytest.mark.parametrize("augment", ["none", "flip", "standard", "randaugment"])
+def test_small_images_are_cached_at_their_own_size_and_give_the_uncached_pixels(tmp_path, augment):
+    sizes = [(28, 28)] * 6 + [(20, 40), (500, 375), (73, 90)]
+    paths = _images(tmp_path / "imgs", sizes)
+    store = ImageStore(tmp_path / "cache", make_key("images", test=augment))
+    store.build(decode_resized(p, PREP).permute(1, 2, 0).numpy() for p in paths)
+    stored = store.load(len(paths), 10**9)
+    side = resize_side(PREP)
+    expected = [(h, w) if min(w, h) <= side else (side, round(w * side / h)) for w, h in sizes]
+    assert [tuple(int(v) for v in shape[:2]) for shape in stored[2]] == expected
+    assert stored[0].nbytes == sum(h * w * 3 for h, w in expected)  # 28x28x3, not 73x73x3 (6.8x)
+    cached = CachedImages(*stored, [0] * len(paths), crop_pipeline(augment, PREP))
+    files = ImageFiles([(p, 0) for p in paths], PREP, crop_pipeline(augment, PREP))
+    for i in range(len(paths)):
+        for seed in (1, 2):
+            a, b = cached[(i, seed)][0], files[(i, seed)][0]
+            assert a.shape == (3, 64, 64) and torch.equal(a, b), (sizes[i], seed)
+
+
+def test_a_small_image_reaches_the_network_enlarged_to_the_eval_resize_then_cropped(tmp_path):
+    from torchvision.transforms import v2
+
+    (path,) = _images(tmp_path / "imgs", [(28, 28)])
+    x = crop_pipeline("none", PREP)(decode_resized(path, PREP))
+    rgb = v2.functional.pil_to_tensor(Image.open(path).convert("RGB"))
+    reference = v2.CenterCrop(64)(v2.functional.resize(rgb, 73, interpolation=v2.InterpolationMode.BICUBIC))
+    assert torch.equal(x, reference)
