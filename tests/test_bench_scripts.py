@@ -1,0 +1,58 @@
+"""The scale and GPU benchmarks run end to end at toy size, so that they cannot rot unseen.
+
+They run as `make bench` runs them (subprocesses from bench/), offline, on tiny timm models.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def run_bench(script: str, *args: str, work: Path, timeout: int) -> str:
+    env = {**os.environ, "TL_BENCH_DIR": str(work)}
+    done = subprocess.run(
+        [sys.executable, script, *args], cwd=BENCH, env=env, capture_output=True, text=True, timeout=timeout
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout
+
+
+@pytest.mark.slow
+def test_scale_bench_prints_per_image_costs_ratios_and_the_tiny_image_cache_bytes(tmp_path):
+    out = run_bench(
+        "scale.py",
+        *("--tiny-images", "--sizes", "8", "16", "--image-size", "32", "--backbone", "timm:test_efficientnet"),
+        *("--weights", "none", "--fe-epochs", "1", "--ft-epochs", "1", "--workers", "1", "--val-per-class", "2"),
+        work=tmp_path,
+        timeout=1500,
+    )
+    header = next(line for line in out.splitlines() if line.startswith("scale: N "))
+    for column in ("first pass ms/img tl / plain", "cached FE epoch", "fine-tune epoch", "peak PSS", "cache MiB"):
+        assert column in header
+    rows = [line for line in out.splitlines() if line.startswith("scale: ") and line.split()[1] in ("8", "16")]
+    assert len(rows) == 2
+    assert all("B/img" not in r and ("in memory" in r or "memory-mapped" in r) for r in rows)
+    for name in ("first_pass_vs_plain.n16", "finetune_vs_plain.n16", "cached_vs_plain.n16", "memmap.n16"):
+        assert f"RESULT scale.{name}: " in out
+    for name in ("flat.first", "flat.cached_epoch", "flat.finetune", "memory"):
+        assert f"RESULT scale.{name}: " in out
+    # 28 x 28 grayscale images: the decoded-image cache's bytes per image are reported
+    assert (tmp_path / "scale_pool_28x28gray_2c" / "train").is_dir()
+
+
+@pytest.mark.slow
+def test_gpu_bench_dry_run_runs_every_part_on_the_cpu(tmp_path):
+    out = run_bench("gpu.py", "--dry-run", work=tmp_path, timeout=1500)
+    for variant in ("default", "no_channels_last", "compile"):
+        for part in ("first_pass", "finetune", "fe_epoch"):
+            assert f"RESULT gpu.{part}.{variant}: " in out
+    assert "gpu: export: checked against the checkpoint" in out
+    assert "RESULT gpu.numerics: " in out
+    assert "fine-tune img/s tl / plain" in out
