@@ -54,6 +54,8 @@ def _continued(root: Path) -> Optional[str]:
     if not job or not _slurm_restarted() or not root.is_dir():
         return None
     for marker in root.glob(f"*/{MARKER}"):
+        if marker.parent.is_symlink():  # latest: the folder it points at is found as itself
+            continue
         try:
             if json.loads(marker.read_text()).get("slurm_job_id") == job:
                 return marker.parent.name
