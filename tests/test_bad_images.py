@@ -1,5 +1,6 @@
-"""``data.on_bad_image skip`` holds on every run over the same cache, and what it keeps trains
-with its own pixels and its own label.
+"""Bad images through a run: ``data.on_bad_image skip`` holds on every run over the same cache,
+what it keeps trains with its own pixels and its own label, and a file that breaks in a
+DataLoader worker is named without a traceback.
 
 The screening result is remembered per file set (a second run decodes nothing), so the first
 run and a later one take different roads through the first pass: both must leave the bad
@@ -19,10 +20,9 @@ import torch
 from PIL import Image
 from typing_extensions import override
 
-from tests.conftest import CONFIGS, TINY, tl
+from tests.helpers import CONFIGS, TINY, fit_model, tiny_datamodule, tl
 from tl_cli.cli.trainer import TLTrainer
 from tl_cli.data import screening
-from tl_cli.data.module import ImageFolderData
 from tl_cli.models import FeatureExtraction
 
 FAST = ["--model.head_init", "random", "--trainer.max_epochs", "1"]
@@ -163,20 +163,9 @@ def test_what_skip_keeps_trains_with_its_own_pixels_and_label_run_after_run(mess
     for run in ("screens and caches", "reuses both"):
         pl.seed_everything(0)
         model = FeatureExtraction(backbone="timm:test_efficientnet", weights="none", head_init="random")
-        dm = ImageFolderData(
-            root=str(root), batch_size=8, num_workers=0, image_size=size, cache_features=False, on_bad_image="skip"
-        )
+        dm = tiny_datamodule(root, image_size=size, cache_features=False, on_bad_image="skip")
         seen = SeenImages()
-        trainer = TLTrainer(
-            max_epochs=1,
-            accelerator="cpu",
-            logger=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            default_root_dir=str(root.parent / run.replace(" ", "_")),
-            callbacks=[seen],
-        )
-        trainer.fit(model, dm)
+        fit_model(model, dm, 1, root=root.parent / run.replace(" ", "_"), trainer=TLTrainer, callbacks=[seen])
         good = sorted(p for p in (root / "train").rglob("*") if p.is_file() and p not in bad)
         paths = dm.paths("train")
         assert sorted(paths) == good, run
@@ -186,3 +175,13 @@ def test_what_skip_keeps_trains_with_its_own_pixels_and_label_run_after_run(mess
             assert dm.class_names[label] == path.parent.name, (run, path)
             gap = float((image - _eval_view(path, size)).abs().max())
             assert gap < 1e-5, f"{run}: {path.name} trained on other pixels (up to {gap:.3g} off)"
+
+
+def test_corrupt_image_in_a_worker_is_named_without_traceback(data, capsys):
+    root = data
+    bad = root / "val" / "rectangles" / "rectangles.3.jpg"
+    bad.write_bytes(bad.read_bytes()[:200])
+    args = ["fit", "--config", CONFIGS / "feature_extract.yaml", *TINY, "--data.root", root]
+    assert tl(*args, "--trainer.max_epochs", "1", "--data.num_workers", "1") == 2
+    err = capsys.readouterr().err
+    assert "rectangles.3.jpg" in err and "Traceback" not in err

@@ -1,18 +1,22 @@
-"""A checkpoint names its class: test/validate/predict/export rebuild it from the file alone,
-and checkpoints written before the classes existed (tl 0.1.0 at commit 7dd34d2, in
-tests/data_legacy/, optimizer states stripped) still load."""
+"""Checkpoints: a checkpoint names its class, and test/validate/predict/export rebuild it from the
+file alone; checkpoints written before the classes existed (tl 0.1.0 at commit 7dd34d2, in
+tests/data_legacy/, optimizer states stripped) still load; fine-tuning starts from the weights
+it is given; a file that is no tl checkpoint, or one from the future, is explained, and loading
+one never runs its code."""
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import pickle
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import CONFIGS, TINY, fit_tiny, tl
-from tl_cli.models import load_model
+from tests.helpers import CONFIGS, TINY, fit_tiny, quiet_trainer, tiny_datamodule, tl
+from tl_cli.models import FineTune, load_model
 
 LEGACY = Path(__file__).parent / "data_legacy"
 KINDS = {"feature_extract": "FeatureExtraction", "finetune": "FineTune", "domain_adapt": "DomainAdaptation"}
@@ -85,3 +89,58 @@ def test_resuming_under_a_new_monitor_says_the_best_checkpoint_and_patience_star
     best = torch.load("moved/latest/checkpoints/best.ckpt", weights_only=True)
     (state,) = [v for k, v in best["callbacks"].items() if k.startswith("BestAndLast")]
     assert state["monitor"] == "val/acc" and best["epoch"] == 1
+
+
+def test_fine_tuning_starts_from_the_feature_extraction_weights(tiny_data, tmp_path):
+    best = fit_tiny(tiny_data)
+    state = torch.load(best, weights_only=True)["state_dict"]
+    model = FineTune(backbone="timm:test_efficientnet", weights="none", init_from=str(best))
+    trainer = quiet_trainer(0, tmp_path)
+    trainer.fit(model, tiny_datamodule(tiny_data))  # max_epochs=0: only the start hooks run
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, state[key]), key
+
+
+def test_clear_errors_for_bad_checkpoints_and_mismatched_classes(tiny_data, tmp_path, capsys):
+    (tmp_path / "notes.ckpt").write_text("hello")
+    assert tl("test", "--ckpt_path", tmp_path / "notes.ckpt", "--data.root", tiny_data) == 2
+    assert "is not a loadable PyTorch checkpoint" in capsys.readouterr().err
+    torch.save({"state_dict": {}}, tmp_path / "plain.ckpt")
+    assert tl("test", "--ckpt_path", tmp_path / "plain.ckpt", "--data.root", tiny_data) == 2
+    assert "not a tl checkpoint" in capsys.readouterr().err
+    assert tl("test", "--ckpt_path", tmp_path / "missing.ckpt") == 2
+    assert "does not exist" in capsys.readouterr().err
+
+    best = fit_tiny(tiny_data)
+    other = tmp_path / "other"
+    (other / "test" / "cats").mkdir(parents=True)
+    (other / "test" / "dogs").mkdir(parents=True)
+    for d in ("cats", "dogs"):
+        for p in list((tiny_data / "test" / "ellipses").iterdir())[:2]:
+            (other / "test" / d / p.name).write_bytes(p.read_bytes())
+    assert tl("test", "--ckpt_path", best, "--data.root", other, "--data.num_workers", "0") == 2
+    err = capsys.readouterr().err
+    assert "missing class folder(s) ellipses, rectangles" in err and "Traceback" not in err
+
+
+class Boom:
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+def test_checkpoints_are_loaded_without_running_their_code(tiny_data, tmp_path, capsys):
+    with open(tmp_path / "evil.ckpt", "wb") as fh:
+        pickle.dump({"state_dict": Boom(), "tl": {"format": 1}}, fh)
+    for command in (["test", "--data.root", tiny_data], ["predict", "--data.predict_dir", tiny_data]):
+        assert tl(command[0], "--ckpt_path", tmp_path / "evil.ckpt", *command[1:]) == 2
+    assert tl("export", "--ckpt_path", tmp_path / "evil.ckpt") == 2
+    assert not Path("pwned").exists() and not (tmp_path / "pwned").exists()
+    assert "not a loadable PyTorch checkpoint" in capsys.readouterr().err
+
+
+def test_incompatible_checkpoint_version_is_explained(trained, tmp_path, capsys):
+    ckpt = torch.load(trained / "checkpoints" / "best.ckpt", weights_only=True)
+    ckpt["tl"]["format"] = 99
+    torch.save(ckpt, tmp_path / "future.ckpt")
+    assert tl("export", "--ckpt_path", tmp_path / "future.ckpt") == 2
+    assert "format 99" in capsys.readouterr().err

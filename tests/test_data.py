@@ -1,8 +1,7 @@
-"""Data: folder layout errors, class handling, image decoding, the generated dataset."""
+"""Data: folder layout errors, class handling, bad images, image decoding, DataLoader workers."""
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 
 import numpy as np
@@ -10,13 +9,11 @@ import pytest
 import torch
 from PIL import Image
 
+from tests.helpers import PREP
 from tl_cli.data.folders import scan_split
 from tl_cli.data.module import ImageFolderData
 from tl_cli.data.transforms import AUGMENTS, Normalize, crop_pipeline, decode_resized, load_rgb
-from tl_cli.datatools.synth import CLASSES, synthesize
 from tl_cli.errors import TLError
-
-PREP = {"image_size": [32, 32], "mean": [0.5] * 3, "std": [0.25] * 3, "interpolation": "bicubic", "crop_pct": 0.875}
 
 
 def _dm(root, stage="fit", classes=None, image_size=None, **kwargs):
@@ -27,13 +24,6 @@ def _dm(root, stage="fit", classes=None, image_size=None, **kwargs):
     dm.setup(stage)
     dm.preprocessing = dict(PREP, image_size=[image_size] * 2) if image_size else PREP
     return dm
-
-
-@pytest.fixture
-def data(tiny_data, tmp_path):
-    root = tmp_path / "copy"
-    shutil.copytree(tiny_data, root)
-    return root
 
 
 def test_setup_fit_labels_and_batches(data):
@@ -170,7 +160,7 @@ def test_bad_images_skipped_with_a_warning_each(data, capsys):
 
 
 def test_bad_augment_is_rejected_by_the_parser(tiny_data, capsys):
-    from tests.conftest import tl
+    from tests.helpers import tl
 
     assert tl("fit", "--data.root", tiny_data, "--data.augment", "mixup") == 2
     assert "randaugment" in capsys.readouterr().err
@@ -211,66 +201,6 @@ def test_one_pipeline_follows_preprocessing():
     for augment in AUGMENTS:
         out = crop_pipeline(augment, PREP)(decoded)
         assert out.dtype == torch.uint8 and out.shape == (3, 32, 32)
-
-
-# --------------------------------------------------------------------------- synth
-
-
-def _digest(root):
-    h = hashlib.sha256()
-    for p in sorted(root.rglob("*.jpg")):
-        h.update(p.relative_to(root).as_posix().encode() + p.read_bytes())
-    return h.hexdigest()
-
-
-def test_synth_is_deterministic_and_refuses_to_overwrite(tmp_path):
-    per = {"train": 3, "val": 2, "test": 1}
-    synthesize(tmp_path / "a", seed=3, per_split=per, size=48)
-    synthesize(tmp_path / "b", seed=3, per_split=per, size=48)
-    synthesize(tmp_path / "c", seed=4, per_split=per, size=48)
-    assert _digest(tmp_path / "a") == _digest(tmp_path / "b") != _digest(tmp_path / "c")
-    with pytest.raises(TLError, match="not empty"):
-        synthesize(tmp_path / "a", seed=3, per_split=per, size=48)
-
-
-def test_synth_classes_are_not_separable_by_colour_or_brightness(tmp_path):
-    synthesize(tmp_path / "s", seed=0, num_classes=2, per_split={"train": 60}, size=64)
-    means = {
-        c: np.array(
-            [
-                np.asarray(Image.open(p), dtype=float).mean(axis=(0, 1))
-                for p in sorted((tmp_path / "s" / "train" / c).iterdir())
-            ]
-        )
-        for c in ("ellipses", "rectangles")
-    }
-    a, b = means["ellipses"], means["rectangles"]
-    spread = np.concatenate([a, b]).std(axis=0)
-    # per channel, the class means differ by well under half a standard deviation
-    assert np.all(np.abs(a.mean(0) - b.mean(0)) < 0.5 * spread)
-    # and the best brightness threshold is close to chance
-    brightness = np.concatenate([a.mean(1), b.mean(1)])
-    labels = np.r_[np.zeros(len(a)), np.ones(len(b))]
-    best = max(max(((brightness > t) == labels).mean(), ((brightness <= t) == labels).mean()) for t in brightness)
-    assert best < 0.75
-
-
-def test_synth_command_defaults_are_the_demo_set(tmp_path):
-    """`tl data synth DIR` (what `make demo` runs): 4 classes x (60, 20, 40), small shapes in each."""
-    from tests.conftest import tl
-
-    assert tl("data", "synth", tmp_path / "cli", "--size", "32") == 0
-    counts = {
-        s: sorted(len(list(c.iterdir())) for c in (tmp_path / "cli" / s).iterdir()) for s in ("train", "val", "test")
-    }
-    assert counts == {"train": [60] * 4, "val": [20] * 4, "test": [40] * 4}
-    assert sorted(p.name for p in (tmp_path / "cli" / "train").iterdir()) == sorted(CLASSES)
-    synthesize(tmp_path / "py", size=32)  # the function's defaults are the same, byte for byte
-    assert _digest(tmp_path / "py") == _digest(tmp_path / "cli")
-    synthesize(tmp_path / "bare", size=32, distractors=0)
-    assert _digest(tmp_path / "bare") != _digest(tmp_path / "py")
-    with pytest.raises(TLError, match="--distractors -1"):
-        synthesize(tmp_path / "neg", distractors=-1)
 
 
 def test_distributed_loaders_start_workers_from_a_fork_server_sharing_the_image_cache(tmp_path):
@@ -353,7 +283,7 @@ def test_workers_start_under_slurms_signal_and_a_deep_tmpdir(tmp_path):
     import subprocess
     import sys
 
-    from tests.conftest import REPO
+    from tests.helpers import REPO
 
     script = tmp_path / "signalled.py"
     script.write_text(_SIGNALLED)

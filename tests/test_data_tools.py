@@ -1,7 +1,8 @@
-"""`tl data check` and `tl data split` on messy folders."""
+"""`tl data check` and `tl data split` on messy folders, and the generated dataset of `tl data synth`."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -10,7 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import tl
+from tests.helpers import tl
+from tl_cli.datatools.synth import CLASSES, synthesize
+from tl_cli.errors import TLError
 
 
 def _messy(root):
@@ -144,3 +147,61 @@ def test_data_check_strict_fails_on_leaks_and_min_size_sets_small(tmp_path, caps
     assert len(json.loads(capsys.readouterr().out)["small"]) == 15  # every image is under 1000 px now
     assert tl("data", "check", root, "--workers", "0", "--json", "--min-size", "16") == 0
     assert json.loads(capsys.readouterr().out)["small"] == []
+
+
+# --------------------------------------------------------------------------- synth
+
+
+def _digest(root):
+    h = hashlib.sha256()
+    for p in sorted(root.rglob("*.jpg")):
+        h.update(p.relative_to(root).as_posix().encode() + p.read_bytes())
+    return h.hexdigest()
+
+
+def test_synth_is_deterministic_and_refuses_to_overwrite(tmp_path):
+    per = {"train": 3, "val": 2, "test": 1}
+    synthesize(tmp_path / "a", seed=3, per_split=per, size=48)
+    synthesize(tmp_path / "b", seed=3, per_split=per, size=48)
+    synthesize(tmp_path / "c", seed=4, per_split=per, size=48)
+    assert _digest(tmp_path / "a") == _digest(tmp_path / "b") != _digest(tmp_path / "c")
+    with pytest.raises(TLError, match="not empty"):
+        synthesize(tmp_path / "a", seed=3, per_split=per, size=48)
+
+
+def test_synth_classes_are_not_separable_by_colour_or_brightness(tmp_path):
+    synthesize(tmp_path / "s", seed=0, num_classes=2, per_split={"train": 60}, size=64)
+    means = {
+        c: np.array(
+            [
+                np.asarray(Image.open(p), dtype=float).mean(axis=(0, 1))
+                for p in sorted((tmp_path / "s" / "train" / c).iterdir())
+            ]
+        )
+        for c in ("ellipses", "rectangles")
+    }
+    a, b = means["ellipses"], means["rectangles"]
+    spread = np.concatenate([a, b]).std(axis=0)
+    # per channel, the class means differ by well under half a standard deviation
+    assert np.all(np.abs(a.mean(0) - b.mean(0)) < 0.5 * spread)
+    # and the best brightness threshold is close to chance
+    brightness = np.concatenate([a.mean(1), b.mean(1)])
+    labels = np.r_[np.zeros(len(a)), np.ones(len(b))]
+    best = max(max(((brightness > t) == labels).mean(), ((brightness <= t) == labels).mean()) for t in brightness)
+    assert best < 0.75
+
+
+def test_synth_command_defaults_are_the_demo_set(tmp_path):
+    """`tl data synth DIR` (what `make demo` runs): 4 classes x (60, 20, 40), small shapes in each."""
+    assert tl("data", "synth", tmp_path / "cli", "--size", "32") == 0
+    counts = {
+        s: sorted(len(list(c.iterdir())) for c in (tmp_path / "cli" / s).iterdir()) for s in ("train", "val", "test")
+    }
+    assert counts == {"train": [60] * 4, "val": [20] * 4, "test": [40] * 4}
+    assert sorted(p.name for p in (tmp_path / "cli" / "train").iterdir()) == sorted(CLASSES)
+    synthesize(tmp_path / "py", size=32)  # the function's defaults are the same, byte for byte
+    assert _digest(tmp_path / "py") == _digest(tmp_path / "cli")
+    synthesize(tmp_path / "bare", size=32, distractors=0)
+    assert _digest(tmp_path / "bare") != _digest(tmp_path / "py")
+    with pytest.raises(TLError, match="--distractors -1"):
+        synthesize(tmp_path / "neg", distractors=-1)

@@ -1,5 +1,6 @@
-"""The JSON beside an exported model is enough to use it: a client that knows nothing of tl,
-following the JSON alone, feeds the model what tl feeds it and gets tl's probabilities.
+"""`tl export`: the exported model predicts like the checkpoint or is not kept, and the JSON
+beside it is enough to use it: a client that knows nothing of tl, following the JSON alone,
+feeds the model what tl feeds it and gets tl's probabilities.
 
 `tl export` checks the exported model against the checkpoint on tensors tl preprocessed
 itself, so a JSON that described the preprocessing wrongly would pass it. The client here is
@@ -17,7 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import fit_tiny, tl
+from tests.helpers import csv_rows, fit_tiny, predict_folder, tl
 from tl_cli.data.transforms import preprocess
 
 # 80 px at test_efficientnet's crop_pct 0.95: the short side goes to 84. The photos' 4:3 sides
@@ -90,3 +91,43 @@ def test_a_client_following_the_export_json_gets_tls_inputs_and_probabilities(ti
         expected = [float(rows[path.name][f"prob_{c}"]) for c in meta["class_names"]]
         gap = float(np.abs(p - expected).max())
         assert gap < 1e-5, f"{path.name}: probabilities differ from tl predict's by up to {gap:.3g}"
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_export_is_checked_and_predicts_like_the_checkpoint(trained, tiny_data, tmp_path, fmt, capsys):
+    best = trained / "checkpoints" / "best.ckpt"
+    out = tmp_path / f"model.{'onnx' if fmt == 'onnx' else 'pt'}"
+    assert tl("export", "--ckpt_path", best, "--format", fmt, "-o", out, "--images", tiny_data / "val") == 0
+    said = capsys.readouterr().out
+    diff = float(said.split("max |difference| of probabilities ")[1].split()[0])
+    assert diff <= 1e-4
+    meta = json.loads(out.with_name(out.name + ".json").read_text())
+    assert meta["class_names"] == ["ellipses", "rectangles"]
+    assert meta["preprocessing"]["center_crop"] == [64, 64] and len(meta["preprocessing"]["mean"]) == 3
+    assert tl("export", "--ckpt_path", best, "--format", fmt, "-o", out) == 2  # never overwrites
+    assert "already exists" in capsys.readouterr().err
+
+    folder = predict_folder(tiny_data, tmp_path)
+    # one vocabulary: -o DIR is where results go, for both kinds of prediction
+    assert tl("predict", "--model", out, "--data.predict_dir", folder, "-o", tmp_path / "exported") == 0
+    assert tl("predict", "--ckpt_path", best, "--data.predict_dir", folder, "--data.num_workers", "0", "-o", "ref") == 0
+    exported = {r["file"]: r for r in csv_rows(tmp_path / "exported" / "latest" / "predictions.csv")}
+    reference = {r["file"]: r for r in csv_rows("ref/latest/predictions.csv")}
+    assert exported.keys() == reference.keys()
+    for file, ref in reference.items():
+        got = exported[file]
+        assert got["predicted"] == ref["predicted"] and got["error"] == ref["error"]
+        if ref["predicted"]:
+            assert abs(float(got["prob_ellipses"]) - float(ref["prob_ellipses"])) < 1e-4
+
+
+def test_export_refuses_and_deletes_a_model_that_disagrees(trained, tmp_path, monkeypatch, capsys):
+    import tl_cli.export as export_mod
+
+    real = export_mod.ExportedModel.__call__
+    monkeypatch.setattr(export_mod.ExportedModel, "__call__", lambda self, x: real(self, x) * 0.9)
+    out = tmp_path / "bad.onnx"
+    assert tl("export", "--ckpt_path", trained / "checkpoints" / "best.ckpt", "-o", out) == 2
+    err = capsys.readouterr().err
+    assert "disagrees with the checkpoint" in err and "Nothing was kept" in err
+    assert not out.exists() and not out.with_name("bad.onnx.json").exists()

@@ -1,5 +1,6 @@
 """A run interrupted by SIGUSR1 mid-epoch and resumed ends exactly like an uninterrupted one,
-DataLoader workers included (SLURM signals every process of the job step)."""
+DataLoader workers included (SLURM signals every process of the job step); so does a run
+resumed from its last.ckpt through the CLI."""
 
 from __future__ import annotations
 
@@ -11,9 +12,9 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
+from tests.helpers import CONFIGS, TINY, fit_model, tiny_datamodule, tl
 from tl_cli.callbacks import UnfreezeSchedule
 from tl_cli.cli.trainer import TLTrainer
-from tl_cli.data.module import ImageFolderData
 from tl_cli.models import FeatureExtraction, FineTune
 
 
@@ -52,7 +53,7 @@ def _run(data, workdir: Path, signal_at=None, resume=False, finetune=False, work
     pl.seed_everything(7)
     cls = FineTune if finetune else FeatureExtraction
     model = cls(backbone="timm:test_efficientnet", weights="none", lr=0.01, dropout=0.3)
-    dm = ImageFolderData(root=str(data), batch_size=4, num_workers=workers, image_size=64, **data_kwargs)
+    dm = tiny_datamodule(data, batch_size=4, num_workers=workers, **data_kwargs)
     counter = CountBatches()
     callbacks = [pl.callbacks.ModelCheckpoint(dirpath=workdir / "ckpt", monitor="val/loss"), counter]
     if finetune:
@@ -60,17 +61,9 @@ def _run(data, workdir: Path, signal_at=None, resume=False, finetune=False, work
     signaller = SignalAt(*signal_at) if signal_at else None
     if signaller:
         callbacks.append(signaller)
-    trainer = TLTrainer(
-        max_epochs=3,
-        accelerator="cpu",
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=str(workdir),
-        callbacks=callbacks,
-    )
     # under SLURM a requeued job finds hpc_ckpt_*.ckpt by itself (ckpt_path None); here, say "hpc"
-    trainer.fit(model, dm, ckpt_path="hpc" if resume else None)
+    ckpt_path = "hpc" if resume else None
+    trainer = fit_model(model, dm, 3, ckpt_path, root=workdir, trainer=TLTrainer, callbacks=callbacks)
     trainer.batches_run = counter.n
     trainer.workers_hit = signaller.workers_hit if signaller else 0
     return model, trainer
@@ -117,3 +110,26 @@ def test_preempted_at_the_last_batch_of_an_epoch_resumes_after_its_validation(ti
     # epoch-end callbacks, so the resumed run starts the next epoch cleanly (with persistent
     # workers too, whose iterator Lightning creates before any hook of the resumed run)
     _check_same(tiny_data, tmp_path, signal_at=(0, 5), finetune=True, workers=workers, augment="flip")
+
+
+MIX = ["--model.mixup_alpha", "0.2", "--model.cutmix_alpha", "1.0"]
+
+
+@pytest.mark.parametrize("mix", [[], MIX], ids=["plain", "mixup+cutmix"])
+def test_resume_through_the_cli_ends_like_an_uninterrupted_run(tiny_data, mix):
+    """Also with MixUp/CutMix, whose draws come from the generator the run's state restores."""
+    args = ["fit", "--config", CONFIGS / "finetune.yaml", *TINY, "--data.root", tiny_data, "--data.augment", "flip"]
+    args += mix
+    # a constant learning rate: the schedule's length would depend on max_epochs, which is
+    # what differs between the two halves here (preemption keeps it: the tests above)
+    args += ["--unfreeze.schedule", "{1: 2}", "--early_stopping", "null", "--model.scheduler", "none"]
+    assert tl(*args, "--trainer.max_epochs", "3", "-o", "straight") == 0
+    assert tl(*args, "--trainer.max_epochs", "2", "-o", "split") == 0
+    assert (
+        tl(*args, "--trainer.max_epochs", "3", "-o", "split", "--ckpt_path", "split/latest/checkpoints/last.ckpt") == 0
+    )
+    a = torch.load("straight/latest/checkpoints/last.ckpt", weights_only=True)
+    b = torch.load("split/latest/checkpoints/last.ckpt", weights_only=True)
+    assert a["global_step"] == b["global_step"] == 9
+    for key, value in a["state_dict"].items():
+        assert torch.allclose(value.float(), b["state_dict"][key].float(), atol=1e-6), key

@@ -1,12 +1,16 @@
-"""Report numbers against a case computed by hand, and the pictures' content."""
+"""The report files: numbers against a case computed by hand, the pictures' content, the
+mistakes grid `tl test` writes and the learning curves `tl fit` draws."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from tests.helpers import tl
 from tl_cli.reports.files import classification_metrics, plot_confusion_matrix, plot_mistakes
 
 
@@ -55,3 +59,32 @@ def test_mistakes_are_the_most_confident_ones_first(tmp_path, monkeypatch):
     shown = plot_mistakes(paths, target, probs, ["cats", "dogs"], tmp_path / "m.png")
     assert shown == 2
     assert titles[0] == "true: dogs\npred: cats (0.95)" and titles[1] == "true: cats\npred: dogs (0.80)"
+
+
+def test_fit_draws_learning_curves(trained):
+    import xml.etree.ElementTree as ET
+
+    svg = ET.fromstring((trained / "curves.svg").read_text())  # well-formed SVG
+    ns = "{http://www.w3.org/2000/svg}"
+    lines = svg.findall(f".//{ns}polyline")
+    assert len(lines) == 4  # train and val, loss and accuracy
+    assert all(len(line.get("points").split()) == 3 for line in lines)  # one point per epoch
+    ckpt = torch.load(trained / "checkpoints" / "last.ckpt", weights_only=True)
+    assert [row["epoch"] for row in ckpt["tl_history"]] == [0, 1, 2]
+    assert {"train/loss", "val/loss", "train/acc", "val/acc"} <= set(ckpt["tl_history"][-1])
+
+
+def test_test_writes_mistakes_grid(trained, tiny_data):
+    assert (
+        tl(
+            "test",
+            "--ckpt_path",
+            trained / "checkpoints" / "best.ckpt",
+            "--data.root",
+            tiny_data,
+            "--data.num_workers",
+            "0",
+        )
+        == 0
+    )
+    assert (Path("runs/test/latest/mistakes.png")).stat().st_size > 3000

@@ -1,0 +1,54 @@
+"""The feature-extraction head starts as a linear probe: scikit-learn's logistic regression on
+the cached features, its regularisation chosen on the validation split."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from tests.helpers import fit_tiny
+
+
+def test_linear_probe_is_scikit_learns_logistic_regression_with_c_chosen_on_val():
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    from tl_cli.models.probe import fit_linear_probe
+
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(3, 20, generator=g) * 0.7
+    scale = torch.rand(20, generator=g) * 5 + 0.1  # unequal feature scales: standardisation matters
+
+    def blobs(n):
+        y = torch.arange(n) % 3
+        return (centres[y] + torch.randn(n, 20, generator=g)) * scale + 3, y
+
+    (x, y), (xv, yv), (xt, _) = blobs(60), blobs(60), blobs(300)
+    probe = fit_linear_probe(x, y, xv, yv, 3)
+    # the chosen C is the grid's best on val (loss, then accuracy), and the head is sklearn's model there
+    assert min(probe.table, key=lambda r: (r[2], -r[1]))[0] == probe.c
+    assert max(r[2] for r in probe.table) > probe.val_loss + 0.05  # the choice mattered
+    scaler = StandardScaler().fit(x.numpy())
+    ref = LogisticRegression(C=probe.c, max_iter=10000, tol=1e-8).fit(scaler.transform(x.numpy()), y.numpy())
+    ours = (xt @ probe.weight.T + probe.bias).softmax(1)
+    theirs = torch.from_numpy(ref.predict_proba(scaler.transform(xt.numpy()))).float()
+    assert torch.allclose(ours, theirs, atol=2e-3)
+
+
+def test_feature_extraction_head_starts_as_the_tuned_probe(tiny_data, capsys):
+    fit_tiny(tiny_data, 1, "feature_extract.yaml", "-o", "probe")
+    out = capsys.readouterr().out
+    probe = re.search(
+        r"tl: head = tuned linear probe on 24 cached features: L2 C=\S+ chosen on val/ \(val acc ([\d.]+), val loss ([\d.]+)\)",
+        out,
+    )
+    start = re.search(r"tl: starting point: val/loss ([\d.]+), val/acc ([\d.]+)", out)
+    assert probe and start, out[-3000:]
+    # the model validated before the first step is the probe (a random head would score otherwise)
+    assert float(start[1]) == pytest.approx(float(probe[2]), abs=2e-4)
+    assert float(start[2]) == pytest.approx(float(probe[1]), abs=1e-4)
+    fit_tiny(tiny_data, 1, "feature_extract.yaml", "-o", "random", "--model.head_init", "random")
+    out = capsys.readouterr().out
+    assert "tuned linear probe" not in out and "tl: starting point: val/loss" in out
