@@ -119,9 +119,10 @@ class TrackerRecords(pl.Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if not trainer.is_global_zero or trainer.log_dir is None:
+        log_dir = trainer.log_dir  # every rank: Lightning broadcasts it from rank 0
+        if not trainer.is_global_zero or log_dir is None:
             return
-        folder = Path(trainer.log_dir)
+        folder = Path(log_dir)
         recorded = read_trackers(folder)
         for logger in trainer.loggers:
             ids = tracker_ids(logger)
@@ -132,9 +133,10 @@ class TrackerRecords(pl.Callback):
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if not trainer.is_global_zero or trainer.log_dir is None:
+        log_dir = trainer.log_dir  # every rank: Lightning broadcasts it from rank 0
+        if not trainer.is_global_zero or log_dir is None:
             return
-        folder = Path(trainer.log_dir)
+        folder = Path(log_dir)
         files = [folder / name for name in ARTIFACTS if (folder / name).is_file()]
         for logger in trainer.loggers:
             if tracker_ids(logger) is not None:
