@@ -51,6 +51,7 @@ def test_a_small_image_reaches_the_network_enlarged_to_the_eval_resize_then_crop
 
     (path,) = _images(tmp_path / "imgs", [(28, 28)])
     x = crop_pipeline("none", PREP)(decode_resized(path, PREP))
-    rgb = v2.functional.pil_to_tensor(Image.open(path).convert("RGB"))
-    reference = v2.CenterCrop(64)(v2.functional.resize(rgb, 73, interpolation=v2.InterpolationMode.BICUBIC))
+    # the classic PIL eval transform: resize the short side to 73 px (bicubic), centre-crop 64
+    classic = v2.Compose([v2.Resize(73, interpolation=v2.InterpolationMode.BICUBIC), v2.CenterCrop(64)])
+    reference = v2.functional.pil_to_tensor(classic(Image.open(path).convert("RGB")))
     assert torch.equal(x, reference)

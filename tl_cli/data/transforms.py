@@ -60,7 +60,7 @@ def decode_resized(image: str | Path | Image.Image, preprocessing: dict[str, Any
 
 
 class UpToResizeSide(torch.nn.Module):
-    """Enlarge a uint8 ``[..., H, W]`` image whose short side is below `side` to `side` (the
+    """Enlarge a uint8 ``[3, H, W]`` image whose short side is below `side` to `side` (the
     eval resize); larger ones pass untouched. The first step of every `crop_pipeline`, so an
     image cached at its own small size gives the pixels the uncached road gives."""
 
@@ -73,7 +73,9 @@ class UpToResizeSide(torch.nn.Module):
             return image
         from torchvision.transforms import v2
 
-        return v2.functional.resize(image, self.side, interpolation=self.interpolation, antialias=True)
+        # through PIL, as `decode_resized` shrinks: the pixels of the classic PIL eval transform
+        picture = v2.Resize(self.side, interpolation=self.interpolation)(v2.functional.to_pil_image(image))
+        return v2.functional.pil_to_tensor(picture)
 
 
 def crop_pipeline(augment: str, preprocessing: dict[str, Any]) -> Any:
