@@ -31,7 +31,7 @@ def test_scale_bench_prints_per_image_costs_ratios_and_the_tiny_image_cache_byte
         *("--tiny-images", "--sizes", "8", "16", "--image-size", "32", "--backbone", "timm:test_efficientnet"),
         *("--weights", "none", "--fe-epochs", "1", "--ft-epochs", "1", "--workers", "1", "--val-per-class", "2"),
         work=tmp_path,
-        timeout=1500,
+        timeout=2400,
     )
     header = next(line for line in out.splitlines() if line.startswith("scale: N "))
     for column in ("first pass ms/img tl / plain", "cached FE epoch", "fine-tune epoch", "peak PSS", "cache MiB"):
@@ -49,7 +49,7 @@ def test_scale_bench_prints_per_image_costs_ratios_and_the_tiny_image_cache_byte
 
 @pytest.mark.slow
 def test_gpu_bench_dry_run_runs_every_part_on_the_cpu(tmp_path):
-    out = run_bench("gpu.py", "--dry-run", work=tmp_path, timeout=1500)
+    out = run_bench("gpu.py", "--dry-run", work=tmp_path, timeout=2400)
     for variant in ("default", "no_channels_last", "compile"):
         for part in ("first_pass", "finetune", "fe_epoch"):
             assert f"RESULT gpu.{part}.{variant}: " in out
