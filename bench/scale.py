@@ -201,7 +201,7 @@ def make_pool(tag: str, per_class: int, val_per_class: int, size: tuple[int, int
                     continue
                 rng = image_rng(seed, kind, i)
                 if tiny:
-                    render_shape(kind, rng, 28, distractors=0).convert("L").save(path)
+                    render_shape(kind, rng, 28, distractors=0).convert("L").resize((28, 28)).save(path)
                     continue
                 img = np.asarray(render_shape(kind, rng, max(size)).resize(size), dtype=np.int16)
                 noisy = np.clip(img + rng.normal(0, 6, img.shape), 0, 255).astype(np.uint8)
@@ -369,6 +369,7 @@ def measure(n: int, root: Path, opts: argparse.Namespace, budget: int) -> dict[s
     kind = IMAGE_CACHE.search(ft_run["text"])
     row["image_cache"] = kind.group(2) if kind else "?"
     row["image_bytes"] = folder_bytes(cache, "images")
+    row["cached_images"] = n + opts.classes * opts.val_per_class  # train and val are both cached
     row["plain_finetune"] = per_image(
         plain_finetune(root, name, opts.classes, opts.image_size, opts.batch_size, opts.workers, opts.ft_epochs),
         skip_first=True,
@@ -404,7 +405,7 @@ def report(rows: list[dict[str, Any]], opts: argparse.Namespace) -> None:
             f"          | {r['cached_epoch'] * ms:10.4f}             | {r['finetune'] * ms:8.2f} / "
             f"{r['plain_finetune'] * ms:8.2f} / {mm} | {r['pss']['fe_first'] / mib:7.0f} {r['pss']['fe_warm'] / mib:7.0f}"
             f" {r['pss']['ft'] / mib:7.0f} | {r['held']['ft'] / mib:7.0f} | {r['cache_bytes'] / mib:9.1f} |"
-            f" {r['image_bytes'] / r['n']:9.0f} ({r['image_cache']})"
+            f" {r['image_bytes'] / r['cached_images']:9.0f} ({r['image_cache']})"
         )
     for r in rows:
         print(
@@ -460,7 +461,7 @@ def report(rows: list[dict[str, Any]], opts: argparse.Namespace) -> None:
         print(
             f"scale: held memory growth beyond the image cache, {key}: {grow / dn / 1024:+.1f} KiB per image ({span})"
         )
-    grow = max(large["held"][k] - small["held"][k] for k in large["held"])
+    grow = max(large["held"][k] - small["held"][k] for k in large["held"] if k in small["held"])
     result(
         "scale.memory",
         grow / large["budget"],
