@@ -70,6 +70,7 @@ def test_unknown_backbone_lists_close_matches(spec, expected):
     assert expected in str(info.value)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("spec", ["timm:resnet18", "torchvision:resnet18"])
 def test_imagenet_offline_without_cache_names_both_fixes(spec):
     b = create_backbone(spec)

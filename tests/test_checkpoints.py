@@ -91,6 +91,7 @@ def test_resuming_under_a_new_monitor_says_the_best_checkpoint_and_patience_star
     assert state["monitor"] == "val/acc" and best["epoch"] == 1
 
 
+@pytest.mark.slow
 def test_fine_tuning_starts_from_the_feature_extraction_weights(tiny_data, tmp_path):
     best = fit_tiny(tiny_data)
     state = torch.load(best, weights_only=True)["state_dict"]

@@ -6,6 +6,8 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+import pytest
+
 from tests.helpers import CONFIGS, tl
 from tl_cli.models import Classifier
 
@@ -23,6 +25,7 @@ EXTRA = [
 EXTRA += ["--trainer.accelerator", "cpu", "--trainer.max_epochs", "3"]
 
 
+@pytest.mark.slow
 def test_compare_writes_a_leaderboard_and_reuses_caches(tiny_data, monkeypatch, capsys):
     extracted = []
     original = Classifier.extract_features

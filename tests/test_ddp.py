@@ -35,6 +35,7 @@ def _fe(data: Path, *extra: str) -> Path:
     return Path("runs/feature_extract/latest/checkpoints/best.ckpt")
 
 
+@pytest.mark.slow
 def test_lightning_launcher_feature_extraction_then_fine_tuning_ranks_agree(data, tmp_path):
     """The shipped configs under `--trainer.devices 2 --trainer.strategy ddp`, a Rich progress
     bar, 2 workers per rank; fine-tuning unfreezes more stages mid-run and passes over the
@@ -140,6 +141,7 @@ def _csv_row(folder: str) -> dict[str, float]:
     return {k: float(v) for k, v in row.items() if k.startswith("val/")}
 
 
+@pytest.mark.slow
 def test_test_and_validation_count_every_image_once_and_a_rank0_failure_stops_all(data):
     best = _fe(data, "--data.num_workers", "0")
     next((data / "test" / "rectangles").iterdir()).unlink()  # 11 test images: the sampler pads one

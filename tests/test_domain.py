@@ -104,6 +104,7 @@ def test_one_backbone_forward_over_both_domains(dann):
     assert ("domain" in out) == dann
 
 
+@pytest.mark.slow
 def test_domain_adaptation_through_the_cli(tiny_data, tmp_path):
     source, target = _domains(tiny_data, tmp_path)
     args = [

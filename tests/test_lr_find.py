@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from tests.helpers import CONFIGS, TINY, fit_tiny, tl
@@ -38,6 +39,7 @@ def test_lr_find_feature_extraction_searches_on_cached_features(tiny_data, monke
     assert f"suggested learning rate {found['suggestion']:.3g}" in out
 
 
+@pytest.mark.slow
 def test_lr_find_fine_tuning_trains_the_first_stages_and_lr_auto_uses_it(tiny_data, monkeypatch, capsys):
     best = fit_tiny(tiny_data, 1)
     seen = _spy_trainable(monkeypatch)

@@ -7,11 +7,13 @@ import csv
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from tests.helpers import csv_rows, fit_tiny, predict_folder, tl
 
 
+@pytest.mark.slow
 def test_flip_tta_averages_each_image_with_its_mirror_and_is_recorded(tiny_data):
     from tl_cli.models import load_model
 

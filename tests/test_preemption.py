@@ -85,6 +85,7 @@ def _check_same(tiny_data, tmp_path, signal_at=(1, 2), per_epoch=6, **kwargs):
     assert t3.checkpoint_callback.best_model_score is not None
 
 
+@pytest.mark.slow
 def test_feature_extraction_preempted_mid_epoch_resumes_exactly(tiny_data, tmp_path):
     _check_same(tiny_data, tmp_path)  # cached features, head with dropout
 
@@ -104,6 +105,7 @@ def test_preempted_in_a_later_pass_of_a_many_pass_epoch_resumes_exactly(tiny_dat
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", [0, 2])
 def test_preempted_at_the_last_batch_of_an_epoch_resumes_after_its_validation(tiny_data, tmp_path, workers):
     # the signal lands in the epoch's last batch: the checkpoint waits for validation and the
@@ -115,6 +117,7 @@ def test_preempted_at_the_last_batch_of_an_epoch_resumes_after_its_validation(ti
 MIX = ["--model.mixup_alpha", "0.2", "--model.cutmix_alpha", "1.0"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mix", [[], MIX], ids=["plain", "mixup+cutmix"])
 def test_resume_through_the_cli_ends_like_an_uninterrupted_run(tiny_data, mix):
     """Also with MixUp/CutMix, whose draws come from the generator the run's state restores."""

@@ -9,6 +9,7 @@ import json
 import os
 from pathlib import Path
 
+import pytest
 import torch
 
 from tests.conftest import CONFIGS, TINY, fit_tiny, tl
@@ -78,6 +79,7 @@ def test_a_finished_run_resumed_says_nothing_is_left_and_changes_nothing(tiny_da
     assert _snapshot(Path("runs")) == before
 
 
+@pytest.mark.slow
 def test_extending_a_finished_run_says_so_and_its_learning_rate_goes_on_down(tiny_data, capsys):
     fit_tiny(tiny_data, 2)
     run = RUNS / "version_0"
@@ -95,6 +97,7 @@ def test_extending_a_finished_run_says_so_and_its_learning_rate_goes_on_down(tin
     assert _train_loss_steps(run) == list(range(12))
 
 
+@pytest.mark.slow
 def test_fit_with_only_a_checkpoint_rebuilds_the_run_that_wrote_it(tiny_data, tmp_path, capsys):
     """The backbone is the checkpoint's (timm:test_efficientnet), not the default one, and the
     run goes on in a new version folder beside it."""

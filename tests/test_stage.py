@@ -94,6 +94,7 @@ def test_a_copy_that_differs_from_its_source_stops_the_run_with_the_fix(tiny_dat
         stage.stage_data(tiny_data, str(tiny_data / "here"), ("train",), lambda _: None)
 
 
+@pytest.mark.slow
 def test_a_run_staged_to_a_folder_trains_from_the_copy_and_shares_the_caches_of_an_unstaged_run(
     tiny_data, tmp_path, monkeypatch, capsys
 ):

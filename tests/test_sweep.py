@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import CONFIGS, REPO, TINY, tl
-from tl_cli.cli.sweep import parse_grid, points, split_values
+from tl_cli.cli.sweep import parse_grid, point_runs, points, split_values
 from tl_cli.errors import TLError
 
 
@@ -41,6 +41,7 @@ def test_grid_values_split_on_top_level_commas_and_expand_to_every_combination()
             parse_grid(bad)
 
 
+@pytest.mark.slow
 def test_a_local_sweep_runs_every_point_in_its_own_folder_and_gather_ranks_them_with_failures(tiny_data, capsys):
     folder = Path("runs/sweep_test")
     args = ["sweep", "-c", CONFIGS / "feature_extract.yaml", "--grid", "model.lr=0.05,0.001"]
@@ -53,6 +54,8 @@ def test_a_local_sweep_runs_every_point_in_its_own_folder_and_gather_ranks_them_
         assert (folder / "logs" / f"point_{i}.log").is_file()
     for i in (0, 2):  # augment none: finished, each point its own run folder
         assert (folder / f"point_{i}" / "latest" / "checkpoints" / "best.ckpt").is_file()
+        # its runs are the real folders, never the `latest` link (which would look unfinished)
+        assert [r.name for r in point_runs(folder / f"point_{i}")] == ["version_0"]
     # running the same sweep into the same folder is fine; another sweep there is refused
     assert tl("sweep", "-c", CONFIGS / "finetune.yaml", "--grid", "model.lr=1", "-o", folder) == 2
     assert "holds another sweep" in capsys.readouterr().err

@@ -52,6 +52,7 @@ def file_store(monkeypatch, tmp_path) -> str:
     return f"file:{tmp_path / 'mlruns'}"
 
 
+@pytest.mark.slow
 def test_mlflow_is_added_beside_the_run_folder_and_the_same_command_runs_twice(tiny_data, file_store):
     for _ in range(2):
         assert _fit(tiny_data, 1, *MLFLOW, "--trainer.logger.tracking_uri", file_store) == 0
@@ -67,6 +68,7 @@ def test_mlflow_is_added_beside_the_run_folder_and_the_same_command_runs_twice(t
     assert {a.path for a in client.list_artifacts(run.info.run_id, "fit")} >= {"fit/config.yaml", "fit/curves.svg"}
 
 
+@pytest.mark.slow
 def test_tl_test_logs_its_metrics_and_report_into_the_run_that_trained_the_checkpoint(tiny_data, file_store):
     assert _fit(tiny_data, 1, *MLFLOW, "--trainer.logger.tracking_uri", file_store) == 0
     best = RUNS / "latest/checkpoints/best.ckpt"
@@ -136,6 +138,7 @@ def mlflow_server(tmp_path):
         log.close()
 
 
+@pytest.mark.slow
 def test_a_real_mlflow_server_gets_the_fit_and_the_test(tiny_data, mlflow_server, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     assert _fit(tiny_data, 1, *MLFLOW, "--trainer.logger.tracking_uri", mlflow_server) == 0
@@ -149,6 +152,7 @@ def test_a_real_mlflow_server_gets_the_fit_and_the_test(tiny_data, mlflow_server
     assert (RUNS / "version_0/metrics.csv").is_file() and os.readlink(RUNS / "latest") == "version_0"
 
 
+@pytest.mark.slow
 def test_wandb_offline_is_added_and_resume_continues_its_run(tiny_data, monkeypatch, tmp_path):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb"))

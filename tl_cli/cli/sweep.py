@@ -205,6 +205,12 @@ def _marker(run: Path) -> dict[str, Any]:
         return {}
 
 
+def point_runs(root: Path) -> list[Path]:
+    """The run folders of one grid point, oldest first (not the ``latest`` link to one of them)."""
+    found = [p for p in root.glob("*") if p.is_dir() and not p.is_symlink() and (p / ".tl-run.json").is_file()]
+    return sorted(found, key=lambda p: (_marker(p).get("started", ""), p.name))
+
+
 def _error_of(logs: list[Path]) -> str:
     """The last error a run printed: tl's one-paragraph message, else the last exception line."""
     for log in sorted(logs, key=lambda p: p.stat().st_mtime, reverse=True):
@@ -247,10 +253,7 @@ def gather(folder: Path) -> list[Entry]:
     entries = []
     for i, point in enumerate(plan["points"]):
         root = folder / f"point_{i}"
-        runs = sorted(
-            (p for p in root.glob("*") if p.is_dir() and (p / ".tl-run.json").is_file()),
-            key=lambda p: _marker(p).get("started", ""),
-        )
+        runs = point_runs(root)
         run = runs[-1] if runs else None
         entry = Entry(backbone=point.get("model.backbone", ""), weights=point.get("model.weights", ""))
         entry.settings = label(point)
