@@ -173,7 +173,8 @@ def first_pass(text: str) -> float:
     found = FIRST_PASS.search(text)
     if not found:
         raise RuntimeError(f"no first-pass line in tl's output:\n{text[-3000:]}")
-    return float(found.group(2)) / int(found.group(1))
+    # tl prints tenths of a second: a pass shorter than that counts as half of one
+    return max(float(found.group(2)), 0.05) / int(found.group(1))
 
 
 def folder_bytes(path: Path, sub: str = "") -> int:
