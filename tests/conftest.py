@@ -10,6 +10,11 @@ from pathlib import Path
 
 import pytest
 
+# Offline before anything imports huggingface_hub (it reads HF_HUB_OFFLINE once, at import): a
+# test module importing timm at collection would otherwise send later tests to the network, to
+# wait out its timeouts (test_compare took 102 s instead of 8)
+os.environ["HF_HUB_OFFLINE"] = "1"
+
 # Re-exported: tests written before tests/helpers.py import these from here.
 from tests.helpers import CONFIGS, REPO, TINY, fit_tiny, tl  # noqa: F401
 from tl_cli.datatools.synth import synthesize

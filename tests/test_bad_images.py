@@ -15,7 +15,6 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
-import timm
 import torch
 from PIL import Image
 from typing_extensions import override
@@ -136,6 +135,8 @@ class SeenImages(pl.Callback):
 
 @functools.cache
 def _timm_config() -> dict:
+    import timm  # here, not at collection: importing huggingface_hub freezes HF_HUB_OFFLINE unset
+
     return dict(timm.create_model("test_efficientnet", pretrained=False).pretrained_cfg)
 
 
