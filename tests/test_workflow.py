@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -77,17 +78,22 @@ def test_fit_test_predict_finetune_through_the_cli(tiny_data, tmp_path):
     assert json.loads(Path("runs/test/latest/metrics.json").read_text())["checkpoint"] == str(ft_best)
 
 
-def test_batch_logs_are_plain_lines_and_the_bar_can_be_switched_off(tiny_data, capsys):
+def test_batch_logs_are_plain_lines_and_the_bar_can_be_switched_off(tiny_data, capsys, caplog):
     """A SLURM .out file gets a line per interval (step, loss, images/s, time left) and one per
     epoch; `--trainer.enable_progress_bar false` (what batch users type first) just works."""
     args = ["fit", "--config", CONFIGS / "feature_extract.yaml", *TINY, "--data.root", tiny_data]
     plain = ["--trainer.callbacks+", "tl_cli.callbacks.PlainProgress", "--trainer.callbacks.every_seconds", "0"]
+    caplog.set_level(logging.INFO)  # Lightning's rank-zero messages: its logger, not stdout, under pytest
     assert tl(*args, "--trainer.max_epochs", "2", *plain) == 0
-    out = capsys.readouterr().out
+    out, notes = capsys.readouterr().out, caplog.messages
     steps = [line for line in out.splitlines() if line.startswith("tl: epoch 1/2 step ")]
     assert len(steps) == 3  # 24 images / 8
     assert "loss " in steps[0] and "images/s" in steps[0] and "left" in steps[0]
     assert any(line.startswith("tl: epoch 2/2 done in") and "val/acc" in line for line in out.splitlines())
+    # the whole run's expected duration, and at the end what it took
+    said = [line for line in notes if line.startswith("tl: expected duration: ")]
+    assert len(said) == 1 and "for 2 epochs, unless early stopping ends it sooner" in said[0]
+    assert any(line.startswith("tl: training took ") for line in notes)
     assert "\x1b[" not in out  # no terminal control codes in a log file
     assert tl(*args, "--trainer.max_epochs", "1", "--trainer.enable_progress_bar", "false") == 0
     assert "epoch 1/1 done" not in capsys.readouterr().out

@@ -9,7 +9,8 @@ import time
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
+from lightning.pytorch.callbacks import EarlyStopping, ProgressBar, RichProgressBar
+from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
 
@@ -169,3 +170,131 @@ class PlainProgress(ProgressBar):
     @override
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._print(f"predicting {sum(trainer.num_predict_batches)} batches")
+
+
+class ExpectedDuration(pl.Callback):
+    """Says early how long training will take, corrects itself when an epoch shows otherwise,
+    and says at the end how long it took against what it said.
+
+    After ``measure_steps`` steps of the run's first epoch (not counting the first
+    ``skip_steps``, which pay for start-up) it prints the steps left at the measured rate, plus
+    one validation an epoch at the rate the sanity check's batches ran (without a sanity check:
+    a third of a training step a batch, the forward pass alone). At the end of each of the
+    first epochs it measures the whole epoch, validation included, and prints a revised figure
+    when that differs from the last one by more than a quarter (the first epoch of fine-tuning
+    also decodes the images into the cache; later ones read the cache). Lightning's bars give
+    the time left in one epoch; this is the whole run's, which a batch job's time limit needs.
+
+    Args:
+        measure_steps: training steps timed for the first figure.
+        skip_steps: steps at the start not timed.
+        clock: seconds, monotonic (a test passes its own).
+    """
+
+    def __init__(self, measure_steps: int = 10, skip_steps: int = 2, clock: Any = time.monotonic) -> None:
+        self.measure_steps = measure_steps
+        self.skip_steps = skip_steps
+        self.clock = clock
+        self._said: float | None = None
+        self._first_said: float | None = None
+        self._val_batch: float | None = None
+        self._sanity_times: list[float] = []
+
+    def _epochs(self, trainer: pl.Trainer) -> int:
+        return trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else 1
+
+    def _all_epochs(self, trainer: pl.Trainer) -> str:
+        stops = any(isinstance(c, EarlyStopping) for c in trainer.callbacks)
+        return f"{self._epochs(trainer)} epochs" + (", unless early stopping ends it sooner" if stops else "")
+
+    def _say(self, trainer: pl.Trainer, total: float, how: str, revised: bool = False) -> None:
+        self._said = total
+        if self._first_said is None:
+            self._first_said = total
+        left = max(0.0, total - (self.clock() - self._start))
+        ends = time.strftime("%H:%M", time.localtime(time.time() + left))
+        word = "expected duration, revised" if revised else "expected duration"
+        rank_zero_info(
+            f"tl: {word}: {_duration(total)} for {self._all_epochs(trainer)} ({how}); about {_duration(left)} left, "
+            f"ending about {ends}"
+        )
+
+    @override
+    def on_sanity_check_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._sanity_times = []
+
+    @override
+    def on_validation_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if trainer.sanity_checking:
+            self._sanity_times.append(self.clock())
+
+    @override
+    def on_sanity_check_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # the first batch pays for starting the loader's workers: time the ones after it
+        times = self._sanity_times
+        self._val_batch = (times[-1] - times[0]) / (len(times) - 1) if len(times) > 1 else None
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._start = self.clock()
+        self._first_epoch = trainer.current_epoch
+        self._steps = 0
+        self._timed_from: tuple[int, float] | None = None
+        self._said = self._first_said = None
+
+    @override
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._epoch_start = self.clock()
+        if trainer.current_epoch == self._first_epoch and min(self.skip_steps, trainer.num_training_batches - 1) <= 0:
+            self._timed_from = (0, self._epoch_start)
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if trainer.current_epoch != self._first_epoch or self._said is not None:
+            return
+        self._steps += 1
+        per_epoch = trainer.num_training_batches
+        skip = min(self.skip_steps, per_epoch - 1)
+        if self._steps == skip:
+            self._timed_from = (self._steps, self.clock())
+        if self._timed_from is None or self._steps < min(skip + self.measure_steps, per_epoch):
+            return
+        steps, since = self._timed_from
+        step = (self.clock() - since) / (self._steps - steps)
+        val_batches = sum(trainer.num_val_batches) if trainer.num_val_batches else 0
+        val_batch = self._val_batch if self._val_batch is not None else step / 3
+        epochs_left = self._epochs(trainer) - trainer.current_epoch
+        steps_left = per_epoch * epochs_left - self._steps
+        elapsed = self.clock() - self._start
+        total = elapsed + steps_left * step + epochs_left * val_batches * val_batch
+        how = f"{per_epoch} steps an epoch at {step:.2f} s"
+        if val_batches:
+            how += f", {val_batches} validation batches at {val_batch:.2f} s"
+        self._say(trainer, total, how)
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # runs after the epoch's validation (Lightning validates inside the training epoch)
+        done = trainer.current_epoch + 1 - self._first_epoch
+        if self._said is None or done > 3 or trainer.should_stop:
+            return
+        epoch = self.clock() - self._epoch_start
+        total = (self.clock() - self._start) + epoch * (self._epochs(trainer) - trainer.current_epoch - 1)
+        if abs(total - self._said) > 0.25 * self._said:
+            self._say(trainer, total, f"the last epoch took {_duration(epoch)}", revised=True)
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._first_said is not None:
+            took = self.clock() - self._start
+            rank_zero_info(f"tl: training took {_duration(took)} (first expected: {_duration(self._first_said)})")

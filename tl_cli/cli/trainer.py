@@ -27,6 +27,7 @@ from typing_extensions import override
 
 from tl_cli.callbacks import (
     ExactResume,
+    ExpectedDuration,
     PlainProgress,
     PreemptionCheckpoint,
     ReplanSchedule,
@@ -156,7 +157,7 @@ class TLTrainer(Trainer):
             if trackers:
                 callbacks.append(TrackerRecords())
         callbacks = self._reconcile_callbacks(callbacks, kwargs)
-        callbacks += [PreemptionCheckpoint(), ExactResume(), ReplanSchedule()]
+        callbacks += [PreemptionCheckpoint(), ExactResume(), ReplanSchedule(), ExpectedDuration()]
         kwargs["callbacks"] = callbacks
         if SLURMEnvironment.detect():
             # tl's PreemptionCheckpoint saves at a batch boundary and requeues; Lightning's own
