@@ -3,6 +3,11 @@
 - ``openclipart-png`` (Open Clip Art Library, public domain): clip art sorted into folders.
 - ``tuxpaint-stamps-default`` (Tux Paint's stamps, GPL/CC): mostly photographs of objects cut
   out on transparent backgrounds, sorted into folders.
+- ``dataset-fashion-mnist`` (Zalando's Fashion-MNIST, MIT): 70,000 product photographs, 28x28
+  grayscale, ten classes; the large photograph set.
+
+The small sets (``SETS``) have tens of images a class; the large ones (``LARGE_SETS``), at least
+2,000 training images each, are the scale the course works at (issue 33).
 
 The packages are downloaded with ``apt-get download`` and unpacked with ``dpkg -x`` under
 ``runs/bench/pkgs`` (no root, nothing installed); each set is a stratified, seeded split made
@@ -24,6 +29,12 @@ from common import WORK
 PKGS = WORK / "pkgs"
 OPENCLIPART = PKGS / "openclipart" / "usr/share/openclipart/png"
 TUXPAINT = PKGS / "tuxpaint" / "usr/share/tuxpaint/stamps"
+FASHION = PKGS / "fashion-mnist" / "usr/share/datasets/fashion-mnist"
+PACKAGES = {
+    "openclipart": "openclipart-png",
+    "tuxpaint": "tuxpaint-stamps-default",
+    "fashion-mnist": "dataset-fashion-mnist",
+}
 
 # name: (kind, {class: [source folders]}, per-class train/val/test)
 SETS = {
@@ -64,6 +75,44 @@ SETS = {
     ),
 }
 
+# At least 2,000 training images each. clipart8: Open Clip Art's eight largest top-level
+# categories, at most 540 pictures a class (drawn once, seeded), split 65/10/25 % a class
+# (unequal classes, as a lab's own collection is); fashion10: Fashion-MNIST's ten classes,
+# 350 product photos a class from its training file, split 200/50/100 a class.
+LARGE_SETS = {
+    "clipart8": (
+        "clip art",
+        {
+            name: [OPENCLIPART / name]
+            for name in (
+                "animals",
+                "computer",
+                "food",
+                "people",
+                "recreation",
+                "shapes",
+                "signs_and_symbols",
+                "transportation",
+            )
+        },
+        (0.65, 0.10, 0.25),
+    ),
+    "fashion10": ("product photographs, 28x28 grayscale", "fashion-mnist", (200, 50, 100)),
+}
+POOL_CAP = {"clipart8": 540, "fashion10": 350}
+FASHION_CLASSES = (
+    "tshirt_top",
+    "trouser",
+    "pullover",
+    "dress",
+    "coat",
+    "sandal",
+    "shirt",
+    "sneaker",
+    "bag",
+    "ankle_boot",
+)
+
 # A domain pair for domain adaptation: the same four classes as photographs and as clip art.
 PAIR_CLASSES = {
     "birds": ([TUXPAINT / "animals/birds"], [OPENCLIPART / "animals/birds"]),
@@ -75,7 +124,7 @@ PAIR_CLASSES = {
 
 def unpack() -> None:
     """Download and unpack the two packages once (apt-get download works as any user)."""
-    for name, package in (("openclipart", "openclipart-png"), ("tuxpaint", "tuxpaint-stamps-default")):
+    for name, package in PACKAGES.items():
         target = PKGS / name
         if (target / "usr").is_dir():
             continue
@@ -109,10 +158,12 @@ def _shrink(job: tuple[Path, Path]) -> None:
     img.save(dst, quality=92)
 
 
-def _pool(classes: dict[str, list[Path]], dest: Path) -> Path:
+def _pool(classes: dict[str, list[Path]], dest: Path, cap: int | None = None) -> Path:
     """One folder per class of shrunk JPEG copies of the package's pictures; a picture the
     package files under two names (symbolic links) or in two classes is used once, or not at
-    all. Built in a temporary folder and renamed, so an interrupted build leaves no pool."""
+    all; at most `cap` a class, drawn with a fixed seed. Built in a temporary folder and
+    renamed, so an interrupted build leaves no pool."""
+    import random
     from concurrent.futures import ProcessPoolExecutor
 
     files = {
@@ -124,7 +175,10 @@ def _pool(classes: dict[str, list[Path]], dest: Path) -> Path:
     jobs = []
     for name, fs in files.items():
         (tmp / name).mkdir(parents=True)
-        jobs += [(path, tmp / name / f"{i:04d}_{path.stem}.jpg") for i, path in enumerate(sorted(fs - shared))]
+        kept = sorted(fs - shared)
+        if cap is not None and len(kept) > cap:
+            kept = sorted(random.Random(0).sample(kept, cap))
+        jobs += [(path, tmp / name / f"{i:04d}_{path.stem}.jpg") for i, path in enumerate(kept)]
     with ProcessPoolExecutor(2) as pool:
         list(pool.map(_shrink, jobs, chunksize=8))
     shutil.rmtree(dest, ignore_errors=True)
@@ -132,9 +186,52 @@ def _pool(classes: dict[str, list[Path]], dest: Path) -> Path:
     return dest
 
 
-def _split(pool: Path, out: Path, counts: tuple[int, int, int], seed: int) -> Path:
+def _fashion_pool(dest: Path, per_class: int) -> Path:
+    """PNG files of the first `per_class` images of each class in Fashion-MNIST's training file."""
+    import gzip
+
+    import numpy as np
+    from PIL import Image
+
+    with gzip.open(FASHION / "train-images-idx3-ubyte.gz") as f:
+        images = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 28, 28)
+    with gzip.open(FASHION / "train-labels-idx1-ubyte.gz") as f:
+        labels = np.frombuffer(f.read(), np.uint8, offset=8)
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    for label, name in enumerate(FASHION_CLASSES):
+        (tmp / name).mkdir(parents=True)
+        for i in np.flatnonzero(labels == label)[:per_class]:
+            Image.fromarray(images[i]).save(tmp / name / f"{i:05d}.png")
+    tmp.rename(dest)
+    return dest
+
+
+def _split_fractions(pool: Path, out: Path, fractions: tuple[float, float, float], seed: int) -> Path:
+    """Like `tl data split`, with a fraction of each class per split (hard links)."""
+    import os
+    import random
+
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    for cls in sorted(p for p in pool.iterdir() if p.is_dir()):
+        files = sorted(cls.iterdir())
+        random.Random(f"{seed}/{cls.name}").shuffle(files)
+        n_train, n_val = round(fractions[0] * len(files)), round(fractions[1] * len(files))
+        parts = {"train": files[:n_train], "val": files[n_train : n_train + n_val], "test": files[n_train + n_val :]}
+        for split, chosen in parts.items():
+            (tmp / split / cls.name).mkdir(parents=True)
+            for f in chosen:
+                os.link(f, tmp / split / cls.name / f.name)
+    tmp.rename(out)
+    return out
+
+
+def _split(pool: Path, out: Path, counts: tuple, seed: int) -> Path:
     if (out / "train").is_dir():
         return out
+    if isinstance(counts[0], float):
+        return _split_fractions(pool, out, counts, seed)
     train, val, test = counts
     cmd = [sys.executable, "-m", "tl_cli.cli", "data", "split", str(pool), str(out), "--train", str(train)]
     cmd += ["--val", str(val), "--test", str(test), "--seed", str(seed)]
@@ -145,10 +242,12 @@ def _split(pool: Path, out: Path, counts: tuple[int, int, int], seed: int) -> Pa
 def build(name: str, seed: int = 0) -> Path:
     """``runs/bench/real/<name>_s<seed>/{train,val,test}/<class>/``."""
     unpack()
-    _, classes, counts = SETS[name]
+    _, classes, counts = {**SETS, **LARGE_SETS}[name]
     pool = WORK / "real" / f"{name}_pool"
-    if not pool.is_dir():
-        _pool(classes, pool)
+    if not pool.is_dir() and classes == "fashion-mnist":
+        _fashion_pool(pool, POOL_CAP[name])
+    elif not pool.is_dir():
+        _pool(classes, pool, POOL_CAP.get(name))
     return _split(pool, WORK / "real" / f"{name}_s{seed}", counts, seed)
 
 
@@ -165,9 +264,10 @@ def build_pair(seed: int = 0, counts: tuple[int, int, int] = (20, 8, 10)) -> tup
 
 
 if __name__ == "__main__":
-    for name in SETS:
+    for name, (kind, _, _) in {**SETS, **LARGE_SETS}.items():
         root = build(name)
         n = {s: sum(1 for _ in (root / s).rglob("*.*")) for s in ("train", "val", "test")}
-        print(f"{name}: {SETS[name][0]}, {len(SETS[name][1])} classes, {n} images in {root}")
+        classes = sum(1 for _ in (root / "train").iterdir())
+        print(f"{name}: {kind}, {classes} classes, {n} images in {root}")
     photos, clipart = build_pair()
     print(f"pair: {photos} / {clipart}")
