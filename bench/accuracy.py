@@ -17,6 +17,7 @@ mean and spread over the seeds.
     python bench/accuracy.py [--sets clipart6 photos4] [--seeds 0 1 2] [--epochs N] [--accelerator auto]
                              [--reuse-fe] [--ft-args='--model.lr 1e-3 ...']
     python bench/accuracy.py --sets clipart8 fashion10 --seeds 0 1 2      # the large sets
+    python bench/accuracy.py --sets clipart8 --tag all8 --fe-from shipped --ft-args='--unfreeze.schedule {0: 8}'
 
 For each run it also prints the share of feature extraction's test errors that fine-tuning
 removed, FT - FE in standard errors of the test accuracy (sqrt(p(1-p)/n) at FE's p) and the
@@ -97,9 +98,10 @@ def one(name: str, seed: int, epochs: list[str], args: argparse.Namespace) -> di
     root = build(name, seed)
     runs = WORK / "accuracy" / f"{name}_s{seed}" / args.tag
     common = [*BACKBONE, *ACCELERATOR, "--data.root", root, "--seed_everything", seed]
-    fe_best = runs / "fe" / "latest" / "checkpoints" / "best.ckpt"
+    fe_runs = runs if args.fe_from is None else WORK / "accuracy" / f"{name}_s{seed}" / args.fe_from
+    fe_best = fe_runs / "fe" / "latest" / "checkpoints" / "best.ckpt"
     start = time.perf_counter()
-    if not (args.reuse_fe and fe_best.exists()):
+    if not ((args.reuse_fe or args.fe_from is not None) and fe_best.exists()):
         tl("fit", "--config", "configs/feature_extract.yaml", *common, *args.fe_args, "-o", runs / "fe")
     fe_min = (time.perf_counter() - start) / 60
     if args.fe_only:
@@ -142,6 +144,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sets", nargs="+", default=list(SETS), choices=list(KINDS))
     parser.add_argument("--tag", default="", help="a sub-folder for these runs (to keep recipes apart)")
+    parser.add_argument("--fe-from", default=None, help="fine-tune from the FE runs of this --tag (implies --reuse-fe)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=None, help="fine-tuning epochs (default: the config's)")
     parser.add_argument("--fe-only", action="store_true", help="the probe and feature extraction only")

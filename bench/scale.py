@@ -472,6 +472,34 @@ def report(rows: list[dict[str, Any]], opts: argparse.Namespace) -> None:
     )
 
 
+def plot(rows: list[dict[str, Any]], path: Path) -> Path:
+    """The curve the README shows: ms per image against N (log), tl and the plain loop."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ns = [r["n"] for r in rows]
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    lines = (
+        ("first", "tl: first pass (screen, decode, backbone)", "C0", "-"),
+        ("plain_first", "plain loop: extraction", "C0", ":"),
+        ("finetune", "tl: fine-tuning epoch", "C1", "-"),
+        ("plain_finetune", "plain loop: fine-tuning epoch", "C1", ":"),
+        ("cached_epoch", "tl: feature-extraction epoch (cached)", "C2", "-"),
+    )
+    for key, label, color, style in lines:
+        ax.plot(ns, [r[key] * 1000 for r in rows], style, color=color, marker="o", label=label)
+    ax.set(xscale="log", yscale="log", xlabel="training images N", ylabel="ms per image")
+    ax.set_xticks(ns, [f"{n:,}" for n in ns])
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def parse(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", type=int, nargs="+", default=[1000, 4000, 16000, 64000], help="training images N")
@@ -515,6 +543,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         rows.append(measure(n, dataset(pool, opts.tag, n, opts.classes), opts, image_ram_budget()))
         print(f"scale: N={n} measured in {time.perf_counter() - t0:.0f} s", flush=True)
     report(rows, opts)
+    print(f"scale: curve in {plot(rows, WORK / f'scale_{opts.tag}.svg')}")
     print(
         f"scale: median ratio of plain first pass to tl's over N: {statistics.median(r['plain_first'] / r['first'] for r in rows):.2f}"
     )

@@ -43,6 +43,9 @@ def test_scale_bench_prints_per_image_costs_ratios_and_the_tiny_image_cache_byte
         assert f"RESULT scale.{name}: " in out
     for name in ("flat.first", "flat.cached_epoch", "flat.finetune", "memory"):
         assert f"RESULT scale.{name}: " in out
+    # the curve for the README: an SVG with the five lines
+    svg = (tmp_path / "scale_28x28gray_2c.svg").read_text()
+    assert svg.startswith("<?xml") and "fine-tuning epoch" in svg and "plain loop" in svg
     # 28 x 28 grayscale images: the decoded-image cache's bytes per image are reported
     assert (tmp_path / "scale_pool_28x28gray_2c" / "train").is_dir()
 
