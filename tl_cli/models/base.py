@@ -242,6 +242,10 @@ class Classifier(Network, Metrics, Reporting, Inputs, Optimization, pl.Lightning
         features = x if x.ndim == 2 else self.backbone(x)
         return self.head(self.dropout(self.neck(features)))
 
+    def say_recipe(self) -> None:
+        """One line at the start of training: what this run does for the data it has (a model
+        whose recipe depends on the data says it here)."""
+
     # -- Lightning's hooks, in the order it calls them ------------------------------------------
 
     @override
@@ -283,6 +287,7 @@ class Classifier(Network, Metrics, Reporting, Inputs, Optimization, pl.Lightning
 
     @override
     def on_train_start(self) -> None:
+        self.say_recipe()
         if self.starting_point is not None:
             self.starting_point.keep(self)
 

@@ -114,6 +114,37 @@ class FineTune(Classifier):
                 "feature-extraction best.ckpt (a random head distorts the pretrained features at first)."
             )
 
+    @override
+    def say_recipe(self) -> None:
+        from tl_cli.callbacks.freezing import BackboneFreezing
+
+        trainer = self.trainer
+        dm = getattr(trainer, "datamodule", None)
+        images = sum(dm.class_counts("train")) if dm is not None and hasattr(dm, "class_counts") else None
+        stages = len(self.backbone_info.stages)
+        freezing = next((c for c in trainer.callbacks if isinstance(c, BackboneFreezing)), None)
+        if freezing is None:
+            trains = f"all {stages} backbone stages train"
+        elif not freezing.schedule:
+            trains = "the backbone stays frozen"
+        else:
+            steps = [
+                f"the last {min(n, stages)} of {stages} from epoch {e}" for e, n in sorted(freezing.schedule.items())
+            ]
+            trains = "backbone stages trainable: " + ", ".join(steps)
+        bn = {"none": "pinned", "unfrozen": "updated in trainable stages", "all": "updated"}
+        bn_stats = bn.get(freezing.bn_stats, freezing.bn_stats) if freezing is not None else "updated"
+        epochs, per_epoch = trainer.max_epochs, trainer.num_training_batches
+        length = f"{epochs} epochs x {per_epoch} steps = {epochs * per_epoch} steps" if epochs and epochs > 0 else ""
+        augment = getattr(dm, "augment", None)
+        what = f"for {images:,} training images" if images is not None else ""
+        self.print(
+            f"tl: fine-tuning recipe {what}: {length}; {trains} (layer decay {self.hparams.layer_decay}, "
+            f"BatchNorm statistics {bn_stats}); lr {self.hparams.lr:g} at the head, "
+            f"{self.hparams.lr * self.hparams.backbone_lr_ratio:g} at the last stage; augment {augment}, "
+            f"label smoothing {self.hparams.label_smoothing:g}"
+        )
+
     def load_starting_weights(self) -> None:
         if self.init_checkpoint is None:
             return super().load_starting_weights()
