@@ -283,6 +283,10 @@ def parse(argv: Optional[list[str]] = None) -> argparse.Namespace:
     if opts.dry_run:
         opts.n, opts.backbone, opts.image_size, opts.batch_size = 16, "timm:test_efficientnet", 64, 8
         opts.workers, opts.fe_epochs, opts.numerics_batches = 1, 2, 2
+        if "no_channels_last" in opts.variants and len(opts.variants) > 1:
+            # channels-last applies on CUDA only: on the CPU this variant is the default again
+            opts.variants = [v for v in opts.variants if v != "no_channels_last"]
+            print("gpu: dry run: variant no_channels_last left out (channels-last is a CUDA layout)")
     return opts
 
 

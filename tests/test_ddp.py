@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import CONFIGS, TINY_DDP, TL, compare_ranks, ok, run_tl, subprocess_env
+from tests.helpers import CONFIGS, TINY_DDP, TL, compare_ranks, ok, run_tl, subprocess_env, tl
 
 DDP = ["--trainer.devices", "2", "--trainer.strategy", "ddp"]
 
@@ -143,12 +143,15 @@ def _csv_row(folder: str) -> dict[str, float]:
 
 @pytest.mark.slow
 def test_test_and_validation_count_every_image_once_and_a_rank0_failure_stops_all(data):
-    best = _fe(data, "--data.num_workers", "0")
+    # the checkpoint and the one-process reference run in this process (no start-up to pay)
+    fe = ["fit", "--config", CONFIGS / "feature_extract.yaml", *TINY_DDP, "--data.root", data]
+    assert tl(*fe, "--trainer.max_epochs", "2", "--data.num_workers", "0") == 0
+    best = Path("runs/feature_extract/latest/checkpoints/best.ckpt")
     next((data / "test" / "rectangles").iterdir()).unlink()  # 11 test images: the sampler pads one
     next((data / "val" / "rectangles").iterdir()).unlink()  # 11 validation images: Lightning's would too
     # validation on 2 ranks (2 workers each) gives what one process gives: no image counted twice
     validate = ["validate", "--ckpt_path", best, "--data.root", data, "--data.num_workers", "2"]
-    ok(run_tl([*validate, "--trainer.accelerator", "cpu", "-o", "v1"]))
+    assert tl(*validate, "--trainer.accelerator", "cpu", "-o", "v1") == 0
     ok(run_tl([*validate, *DDP, "--trainer.accelerator", "cpu", "-o", "v2"]))
     one, two = _csv_row("v1"), _csv_row("v2")
     assert set(one) >= {"val/loss", "val/acc", "val/calibrated_loss", "val/balanced_acc"} and set(one) == set(two)
@@ -247,11 +250,11 @@ def test_many_runs_at_once_into_one_folder(data):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("at", [(1, 1), (1, 2)])
-def test_two_process_preemption_resumes_like_an_uninterrupted_run(data, at):
-    """Both ranks (and their workers) get SIGUSR1 mid-epoch / in an epoch's last batch; the
-    job resumed from hpc_ckpt ends with the uninterrupted job's weights and step count. With
-    MixUp/CutMix on (drawn from each rank's generator, restored on resume)."""
+def test_two_process_preemption_in_an_epochs_last_batch_resumes_like_an_uninterrupted_run(data):
+    """Both ranks (and their workers) get SIGUSR1 in an epoch's last batch; the job resumed from
+    hpc_ckpt ends with the uninterrupted job's weights and step count. With MixUp/CutMix on
+    (drawn from each rank's generator, restored on resume). A preemption mid-epoch on two
+    ranks: tests/test_multinode.py and tests/test_slurm_cluster.py (under SLURM)."""
     args = [
         "fit",
         "--config",
@@ -266,8 +269,8 @@ def test_two_process_preemption_resumes_like_an_uninterrupted_run(data, at):
     args += ["--data.augment", "flip", "--unfreeze.schedule", "{1: 2}", "--trainer.max_epochs", "3"]
     args += ["--model.mixup_alpha", "0.2", "--model.cutmix_alpha", "1.0"]
     ok(run_tl([*args, "-o", "straight"]))
-    signal = ["--trainer.callbacks+", "tests.helpers.SignalSelf", "--trainer.callbacks.epoch", str(at[0])]
-    log = ok(run_tl([*args, "-o", "pre", *signal, "--trainer.callbacks.batch", str(at[1])]))
+    signal = ["--trainer.callbacks+", "tests.helpers.SignalSelf", "--trainer.callbacks.epoch", "1"]
+    log = ok(run_tl([*args, "-o", "pre", *signal, "--trainer.callbacks.batch", "2"]))  # of batches 0-2
     # the workers' fork server and multiprocessing's resource tracker were signalled too, and lived
     assert "died unexpectedly" not in log and "SIGUSR1" not in log, log[-3000:]
     assert list(Path("pre").glob("hpc_ckpt_*.ckpt")) and not Path("pre/latest").exists()  # not complete

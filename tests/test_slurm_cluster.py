@@ -117,7 +117,7 @@ def test_two_task_ddp_fine_tuning_job_ranks_agree(tiny_data, capsys):
     ]
 
 
-EPOCHS = 40
+EPOCHS = 12  # the preemption lands after epoch 3: 9 epochs (several seconds) still to run
 
 
 def _preemptable(capsys, data, root_dir: str, job_name: str, tasks: int) -> str:
@@ -151,16 +151,17 @@ def _state(job: str) -> str:
     return match.group(1) if match else "?"
 
 
-@pytest.mark.parametrize("tasks", [1, 2])
-def test_preempted_job_requeues_and_ends_like_an_uninterrupted_one(tiny_data, capsys, tasks):
-    """SIGUSR1 to every process of the step (workers too), mid-run; single task and 2-task DDP."""
+def test_preempted_job_requeues_and_ends_like_an_uninterrupted_one(tiny_data, capsys):
+    """SIGUSR1 to every process of the step (workers too), mid-run, in a 2-task DDP job. A
+    single-task job preempted and requeued: tests/test_sweep.py (a real job array)."""
+    tasks = 2
     straight = _preemptable(capsys, tiny_data, "runs/straight", "tl-test-straight", tasks)
     assert _wait(straight) == "COMPLETED", Path(f"slurm-tl-test-straight-{straight}.out").read_text()[-3000:]
 
     job = _preemptable(capsys, tiny_data, "runs/preempted", "tl-test-preempt", tasks)
     log = Path(f"slurm-tl-test-preempt-{job}.out")
     deadline = time.time() + 300
-    while time.time() < deadline and not (log.exists() and f"epoch 4/{EPOCHS} done" in log.read_text()):
+    while time.time() < deadline and not (log.exists() and f"epoch 3/{EPOCHS} done" in log.read_text()):
         time.sleep(0.1)  # wait until a few epochs are done (plain progress lines): then it is mid-run
     assert _state(job) == "RUNNING", "the job ended before it could be preempted"
     # USR1 to the job's steps (not --full: that would hit the batch shell too)
