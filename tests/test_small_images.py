@@ -16,28 +16,33 @@ from tl_cli.data.transforms import crop_pipeline, decode_resized, resize_side
 PREP = {"image_size": [64, 64], "mean": [0.5] * 3, "std": [0.25] * 3, "interpolation": "bicubic", "crop_pct": 0.875}
 
 
-def _images(folder, sizes):
+def _images(folder, sizes, colour_last=False):
+    """Grayscale PNGs of these sizes; with `colour_last`, the last one in colour."""
     folder.mkdir(parents=True)
     rng = np.random.default_rng(0)
     paths = []
     for i, (w, h) in enumerate(sizes):
         path = folder / f"{i}.png"
-        Image.fromarray(rng.integers(0, 255, (h, w), dtype=np.uint8), "L").save(path)  # grayscale
+        colour = colour_last and i == len(sizes) - 1
+        Image.fromarray(rng.integers(0, 255, (h, w, 3) if colour else (h, w), dtype=np.uint8)).save(path)
         paths.append(path)
     return paths
 
 
 @pytest.mark.parametrize("augment", ["none", "flip", "standard", "randaugment"])
 def test_small_images_are_cached_at_their_own_size_and_give_the_uncached_pixels(tmp_path, augment):
-    sizes = [(28, 28)] * 6 + [(20, 40), (500, 375), (73, 90)]
-    paths = _images(tmp_path / "imgs", sizes)
+    sizes = [(28, 28)] * 6 + [(20, 40), (500, 375), (73, 90), (30, 24)]
+    paths = _images(tmp_path / "imgs", sizes, colour_last=True)
     store = ImageStore(tmp_path / "cache", make_key("images", test=augment))
     store.build(decode_resized(p, PREP).permute(1, 2, 0).numpy() for p in paths)
     stored = store.load(len(paths), 10**9)
     side = resize_side(PREP)
     expected = [(h, w) if min(w, h) <= side else (side, round(w * side / h)) for w, h in sizes]
     assert [tuple(int(v) for v in shape[:2]) for shape in stored[2]] == expected
-    assert stored[0].nbytes == sum(h * w * 3 for h, w in expected)  # 28x28x3, not 73x73x3 (6.8x)
+    # grayscale: one channel at its own size, 28x28x1, not 73x73x3 (20x); colour keeps three
+    channels = [1] * (len(sizes) - 1) + [3]
+    assert [int(shape[2]) for shape in stored[2]] == channels
+    assert stored[0].nbytes == sum(h * w * c for (h, w), c in zip(expected, channels, strict=True))
     cached = CachedImages(*stored, [0] * len(paths), crop_pipeline(augment, PREP))
     files = ImageFiles([(p, 0) for p in paths], PREP, crop_pipeline(augment, PREP))
     for i in range(len(paths)):

@@ -32,7 +32,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-CACHE_FORMAT = 3
+CACHE_FORMAT = 4  # 4: grayscale images stored as one channel
 # In-memory if the decoded images take at most this share of the memory this process may
 # use; otherwise memory-mapped from the cache file (the OS page cache keeps what fits).
 IMAGE_RAM_SHARE = 0.25
@@ -194,6 +194,15 @@ class FeatureStore:
 # --------------------------------------------------------------------------- decoded images
 
 
+def _one_channel_if_gray(arr: np.ndarray) -> np.ndarray:
+    """An HWC image whose three channels are equal (a grayscale source) as one channel:
+    a third of the bytes, the same pixels once `CachedImages` repeats it."""
+    if arr.ndim == 3 and arr.shape[2] == 3 and arr.size:
+        if np.array_equal(arr[..., 0], arr[..., 1]) and np.array_equal(arr[..., 1], arr[..., 2]):
+            return arr[..., :1]
+    return arr
+
+
 class ImageStore:
     """Decoded uint8 RGB images of one split in one flat file, with an index of shapes.
 
@@ -235,7 +244,7 @@ class ImageStore:
             nonlocal total
             with open(tmp, "wb") as fh:
                 for arr in arrays:
-                    arr = np.ascontiguousarray(arr, dtype=np.uint8)
+                    arr = np.ascontiguousarray(_one_channel_if_gray(arr), dtype=np.uint8)
                     offsets.append(total)
                     shapes.append(list(arr.shape))
                     fh.write(arr.tobytes())

@@ -146,7 +146,8 @@ class ImageFiles(_Augmented):
 
 
 class CachedImages(_Augmented):
-    """Decoded images from the image cache: one flat uint8 array, offsets and shapes (HWC).
+    """Decoded images from the image cache: one flat uint8 array, offsets and shapes (HWC, C 3
+    or 1 for grayscale).
     `file` is the cache file the array was read from, if any (what fork-server workers map)."""
 
     def __init__(
@@ -192,7 +193,8 @@ class CachedImages(_Augmented):
         h, w, c = (int(v) for v in self.shapes[index])
         start = int(self.offsets[index])
         arr = np.asarray(self.data[start : start + h * w * c]).reshape(h, w, c)
-        return torch.from_numpy(arr.copy()).permute(2, 0, 1)
+        image = torch.from_numpy(arr.copy()).permute(2, 0, 1)
+        return image.repeat(3, 1, 1) if c == 1 else image  # grayscale is stored as one channel
 
 
 class FeatureDataset(Dataset):
