@@ -34,12 +34,11 @@ class Spend(pl.Callback):
         self.clock.now += self.val
 
 
-def _fit(tmp_path, caplog, train: dict[int, float], epochs: int = 4) -> tuple[list[str], float]:
-    clock = FakeClock()
-    trainer = pl.Trainer(
+def _trainer(tmp_path, callbacks: list, epochs: int, val_batches: int) -> pl.Trainer:
+    return pl.Trainer(
         max_epochs=epochs,
         limit_train_batches=20,
-        limit_val_batches=4,
+        limit_val_batches=val_batches,
         num_sanity_val_steps=2,
         accelerator="cpu",
         logger=False,
@@ -47,9 +46,14 @@ def _fit(tmp_path, caplog, train: dict[int, float], epochs: int = 4) -> tuple[li
         enable_progress_bar=False,
         enable_model_summary=False,
         default_root_dir=tmp_path,
-        # Spend first: the clock has moved when ExpectedDuration reads it
-        callbacks=[Spend(clock, train, val=0.5), ExpectedDuration(clock=clock)],
+        callbacks=callbacks,
     )
+
+
+def _fit(tmp_path, caplog, train: dict[int, float], epochs: int = 4) -> tuple[list[str], float]:
+    clock = FakeClock()
+    # Spend first: the clock has moved when ExpectedDuration reads it
+    trainer = _trainer(tmp_path, [Spend(clock, train, val=0.5), ExpectedDuration(clock=clock)], epochs, 4)
     start = clock.now
     with caplog.at_level(logging.INFO):
         trainer.fit(BoringModel())
@@ -87,22 +91,8 @@ def test_a_slower_or_faster_epoch_revises_the_figure(tmp_path, caplog):
 
 def test_a_run_with_early_stopping_says_it_may_end_sooner(tmp_path, caplog):
     clock = FakeClock()
-    trainer = pl.Trainer(
-        max_epochs=2,
-        limit_train_batches=20,
-        limit_val_batches=2,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-        callbacks=[
-            Spend(clock, {0: 1.0}, val=0.0),
-            ExpectedDuration(clock=clock),
-            pl.callbacks.EarlyStopping(monitor="valid_loss", patience=5),
-        ],
-    )
+    stop = pl.callbacks.EarlyStopping(monitor="valid_loss", patience=5)
+    trainer = _trainer(tmp_path, [Spend(clock, {0: 1.0}, val=0.0), ExpectedDuration(clock=clock), stop], 2, 2)
     model = BoringModel()
     model.validation_step = lambda batch, batch_idx: model.log("valid_loss", model.step(batch))
     with caplog.at_level(logging.INFO):
