@@ -243,6 +243,36 @@ MUTATIONS = {
         "            pass",
         ["tests/test_bad_images.py::test_what_skip_keeps_trains_with_its_own_pixels_and_label_run_after_run"],
     ),
+    "expected-duration-without-validation": (
+        "tl_cli/callbacks/progress.py",
+        "total = elapsed + steps_left * step + epochs_left * val_batches * val_batch",
+        "total = elapsed + steps_left * step",
+        ["tests/test_expected_duration.py"],
+    ),
+    "expected-duration-never-revised": (
+        "tl_cli/callbacks/progress.py",
+        "if abs(total - self._said) > 0.25 * self._said:",
+        "if False:",
+        ["tests/test_expected_duration.py"],
+    ),
+    "gray-cache-not-repeated": (
+        "tl_cli/data/datasets.py",
+        "return image.repeat(3, 1, 1) if c == 1 else image",
+        "return image",
+        ["tests/test_small_images.py"],
+    ),
+    "gray-cache-three-channels": (
+        "tl_cli/data/cache.py",
+        "            return arr[..., :1]",
+        "            return arr",
+        ["tests/test_small_images.py"],
+    ),
+    "recipe-line-ignores-schedule": (
+        "tl_cli/models/finetune.py",
+        'f"the last {min(n, stages)} of {stages} from epoch {e}" for e, n in sorted(freezing.schedule.items())',
+        'f"the last 4 of {stages} from epoch 0" for e, n in sorted(freezing.schedule.items())[:1]',
+        ["tests/test_recipe.py"],
+    ),
 }
 
 
