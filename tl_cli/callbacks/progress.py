@@ -264,6 +264,8 @@ class ExpectedDuration(pl.Callback):
             return
         self._steps += 1
         per_epoch = trainer.num_training_batches
+        if per_epoch == float("inf"):  # an iterable dataset of unknown length: no estimate
+            return
         skip = min(self.skip_steps, per_epoch - 1)
         if self._steps == skip:
             self._timed_from = (self._steps, self.clock())
