@@ -53,10 +53,24 @@ def test_scale_bench_prints_per_image_costs_ratios_and_the_tiny_image_cache_byte
 @pytest.mark.slow
 def test_gpu_bench_dry_run_runs_every_part_on_the_cpu(tmp_path):
     out = run_bench("gpu.py", "--dry-run", work=tmp_path, timeout=2400)
+    # the CUDA-only variants are the default again on the CPU: left out, their flags parsed by tl
     assert "variant no_channels_last left out (channels-last is a CUDA layout)" in out
-    for variant in ("default", "compile"):
-        for part in ("first_pass", "finetune", "fe_epoch"):
-            assert f"RESULT gpu.{part}.{variant}: " in out
+    assert "variant compile left out (compilation is off on the CPU)" in out
+    assert "gpu: dry run: tl takes --model.channels_last=false --model.compile=true" in out
+    for part in ("first_pass", "finetune", "fe_epoch"):
+        assert f"RESULT gpu.{part}.default: " in out
     assert "gpu: export: checked against the checkpoint" in out
     assert "RESULT gpu.numerics: " in out
     assert "fine-tune img/s tl / plain" in out
+
+
+def test_gpu_bench_dry_run_stops_on_a_variant_flag_tl_no_longer_takes(monkeypatch, capsys):
+    sys.path.insert(0, str(BENCH))
+    monkeypatch.chdir(BENCH)
+    try:
+        import gpu
+    finally:
+        sys.path.remove(str(BENCH))
+    monkeypatch.setitem(gpu.VARIANTS, "compile", ["--model.compile_it=true"])
+    with pytest.raises(SystemExit, match="does not take the flags"):
+        gpu.flags_parse(["compile"], [])

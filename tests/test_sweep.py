@@ -130,12 +130,12 @@ def test_a_sweep_as_a_real_job_array_with_one_task_preempted_is_gathered_whole(t
     args = ["sweep", "-c", CONFIGS / "finetune.yaml", "--grid", "model.lr=1e-3,1e-4,1e-5", "--slurm", "--cpu"]
     args += ["--max-concurrent", "2", "--partition", "debug", "--cpus-per-task", "1", "--mem", "2G"]
     args += ["--time", "00:10:00", "--venv", venv, "-o", folder, "--", *TINY, "--data.root", tiny_data]
-    args += ["--data.augment", "flip", "--trainer.max_epochs", "12", "--early_stopping", "null"]
+    args += ["--data.augment", "flip", "--trainer.max_epochs", "8", "--early_stopping", "null"]
     assert tl(*args) == 0
     job = re.search(r"Submitted batch job (\d+)", capsys.readouterr().out).group(1)
     log = folder / "logs" / "point_0.log"
     deadline = time.time() + 300
-    while time.time() < deadline and not (log.exists() and "epoch 2/12 done" in log.read_text()):
+    while time.time() < deadline and not (log.exists() and "epoch 2/8 done" in log.read_text()):
         time.sleep(0.2)
     assert "RUNNING" in _state(f"{job}_0"), _state(job)
     subprocess.run(["scancel", "--signal=USR1", f"{job}_0"], check=True)  # task 0 is preempted
