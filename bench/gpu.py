@@ -299,8 +299,9 @@ def parse(argv: Optional[list[str]] = None) -> argparse.Namespace:
 def flags_parse(names: list[str], base: list[str]) -> None:
     """The left-out variants' flags, given to `tl fit --print_config`: they must still exist."""
     flags = [f for name in names for f in VARIANTS[name]]
+    tl = [sys.executable, "-m", "tl_cli.cli", "fit", "--config", "configs/finetune.yaml"]
     done = subprocess.run(
-        [sys.executable, "-m", "tl_cli.cli", "fit", "--config", "configs/finetune.yaml", *base, *flags, "--print_config"],
+        [*tl, *base, *flags, "--print_config"],
         cwd=REPO,
         capture_output=True,
         text=True,
