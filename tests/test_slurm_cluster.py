@@ -32,7 +32,7 @@ def _wait(job: str, timeout: float = 400) -> str:
         state = re.search(r"JobState=(\w+)", shown)
         if state and state.group(1) in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
             return state.group(1)
-        time.sleep(2)
+        time.sleep(0.5)
     subprocess.run(["scancel", job])
     raise AssertionError(f"job {job} did not finish in {timeout} s")
 
@@ -117,7 +117,7 @@ def test_two_task_ddp_fine_tuning_job_ranks_agree(tiny_data, capsys):
     ]
 
 
-EPOCHS = 12  # the preemption lands after epoch 3: 9 epochs (several seconds) still to run
+EPOCHS = 8  # the preemption lands after epoch 3: 5 epochs (several seconds) still to run
 
 
 def _preemptable(capsys, data, root_dir: str, job_name: str, tasks: int) -> str:
