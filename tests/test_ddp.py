@@ -125,6 +125,8 @@ def test_torchrun_fine_tuning_ranks_agree(data):
         # shipped select=last compares them image by image, summed over the ranks
         "--model.label_smoothing",
         "0.9",
+        "--model.warmup_epochs",
+        "0",
         "--trainer.callbacks+",
         "tests.helpers.SaveRankState",
     ]
@@ -195,6 +197,7 @@ def test_test_and_validation_count_every_image_once_and_a_rank0_failure_stops_al
         "2",
     ]
     fit += ["--model.init_from", best, "--trainer.max_epochs", "1", "--checkpoint.select", "last"]
+    fit += ["--model.warmup_epochs", "0", "--model.lr", "0.05"]  # far from the start in 3 steps
     log = ok(run_tl([*fit, "--early_stopping", "null", "--model.label_smoothing", "0.9", "-o", "paired"]))
     assert "GLOBAL_RANK: 1" in log
     assert re.search(r"within the noise of 11 validation images|standard errors over 11 images", log), log[-3000:]
