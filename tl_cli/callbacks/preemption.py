@@ -50,6 +50,7 @@ class PreemptionCheckpoint(pl.Callback):
         self._next_check = 1
         self._started = time.monotonic()
         self._stop_at_epoch_end = False
+        self._saved = ""  # the hpc checkpoint written at the preemption
 
     def _flag(self, signum: int, frame: Any) -> None:
         self.requested = True
@@ -70,6 +71,8 @@ class PreemptionCheckpoint(pl.Callback):
         if self._pending is not None:
             self._pending[0].wait()  # every rank launched it: it completes
             self._pending = None
+        if self.preempted and stage == "fit":
+            self._requeue(trainer)
         if self._previous is not None:
             # a signal that comes after training (SLURM's warning of a job that is finishing
             # anyway) must not kill the process with the default action: ignore it then
@@ -143,13 +146,29 @@ class PreemptionCheckpoint(pl.Callback):
         path = trainer._checkpoint_connector.hpc_save_path(trainer.default_root_dir)
         trainer.save_checkpoint(path)
         rank_zero_info(f"tl: preemption signal: training state saved to {path}")
-        job = os.environ.get("SLURM_JOB_ID")
-        if trainer.is_global_zero and job:
-            array = os.environ.get("SLURM_ARRAY_JOB_ID")
-            job = f"{array}_{os.environ['SLURM_ARRAY_TASK_ID']}" if array else job
-            done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
-            if done.returncode == 0:
-                rank_zero_info(f"tl: SLURM job {job} requeued; it resumes from {path}")
-            else:
-                rank_zero_info(f"tl: requeueing SLURM job {job} failed: {done.stderr.strip()}")
+        self._saved = path
         trainer.should_stop = True
+
+    def _requeue(self, trainer: pl.Trainer) -> None:
+        """Under SLURM, requeue the job once every rank is out of the fit.
+
+        Requeueing sends SIGTERM to every process of the job. Inside the fit, Lightning's
+        SIGTERM handler (2.6, ``_SignalConnector._sigterm_notifier_fn``) runs a broadcast in
+        the handler, and the ranks hang there until SLURM's KillWait ends them with SIGKILL.
+        Here its handlers are gone (Trainer._teardown ran), the DataLoader workers are shut
+        down, and the state is saved: every rank ignores SIGTERM and exits on its own."""
+        job = os.environ.get("SLURM_JOB_ID")
+        if not job:
+            return
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if self._group is not None:
+            torch.distributed.barrier(group=self._group)  # every rank ignores it before it comes
+        if not trainer.is_global_zero:
+            return
+        array = os.environ.get("SLURM_ARRAY_JOB_ID")
+        job = f"{array}_{os.environ['SLURM_ARRAY_TASK_ID']}" if array else job
+        done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+        if done.returncode == 0:
+            rank_zero_info(f"tl: SLURM job {job} requeued; it resumes from {self._saved}")
+        else:
+            rank_zero_info(f"tl: requeueing SLURM job {job} failed: {done.stderr.strip()}")
