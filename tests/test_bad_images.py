@@ -107,18 +107,31 @@ def test_skip_holds_when_the_second_run_names_the_folder_another_way(messy, caps
     assert _warned_each(err, bad) or _warned_each(err, [p.resolve() for p in bad])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="DESIGN.md 'Bad input': a text file in a class folder gets an error or, where the user "
-    "chose to skip bad images, a warning; a README.txt stops `tl fit` even with "
-    "data.on_bad_image skip (folders.list_images refuses other extensions before screening)",
-)
 def test_skip_skips_a_text_file_in_a_class_folder(messy, capsys):
-    root, _ = messy
+    # DESIGN.md 'Bad input': a text file in a class folder stops the run with its name, or, where
+    # the user chose to skip bad images, is named in a warning and left out
+    root, bad = messy
     readme = root / "train" / "ellipses" / "README.txt"
     readme.write_text("photos from the field trip\n")
+    assert _fit(root) == 2
+    stopped = capsys.readouterr().err
+    assert str(readme) in stopped and "not images" in stopped and "on_bad_image skip" in stopped
     assert _fit(root, "--data.on_bad_image", "skip") == 0
-    assert str(readme) in capsys.readouterr().err
+    out, err = capsys.readouterr()
+    assert _warned_each(err, bad + [readme])
+    assert f"warning: skipping {readme}: not an image (extension .txt)" in err
+    n_train = sum(1 for p in (root / "train").rglob("*") if p.is_file()) - 3  # 2 bad + README
+    assert f"bottleneck features of {n_train} images prepared" in out
+
+
+def test_a_class_folder_with_only_a_text_file_has_no_images_even_when_skipping(messy, capsys):
+    root, _ = messy
+    lonely = root / "train" / "triangles"
+    lonely.mkdir()
+    (lonely / "notes.txt").write_text("to do\n")
+    assert _fit(root, "--data.on_bad_image", "skip") == 2
+    err = capsys.readouterr().err
+    assert str(lonely) in err and "contain no images" in err
 
 
 class SeenImages(pl.Callback):

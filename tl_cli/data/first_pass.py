@@ -74,12 +74,15 @@ class _Decode(Dataset):
         return len(self.samples)
 
     def __getitem__(self, i: int) -> tuple[Optional[str], Optional[torch.Tensor]]:
+        from tl_cli.data.folders import IMAGE_SUFFIXES
         from tl_cli.data.screening import inspect_image
 
         path = self.samples[i][0]
         if not self.inspect:
             return None, decode_resized(path, self.preprocessing)
-        info = inspect_image(path, digest=False, keep=True)
+        # by extension first, as `tl data check` does: a file PIL happens to open (.ico, .tga)
+        # is no more an image here than when data.on_bad_image is error
+        info = inspect_image(path, IMAGE_SUFFIXES, digest=False, keep=True)
         if info["error"]:
             return info["error"], None
         return None, decode_resized(info["image"], self.preprocessing)

@@ -23,11 +23,15 @@ def is_ignored(path: Path) -> bool:
     return path.name.startswith(".") or path.name in IGNORED_NAMES
 
 
+def is_image_name(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_SUFFIXES
+
+
 def list_images(folder: Path, others_too: bool = False) -> list[Path]:
     """Image files under `folder`, recursively, sorted; other files are an error, not skipped.
 
-    With `others_too` (prediction), every file is returned: the ones that are not images become
-    error rows in predictions.csv rather than stopping the run.
+    With `others_too`, every file is returned: the ones that are not images become error rows in
+    predictions.csv (prediction) or skipped files (``data.on_bad_image skip``).
     """
     images, others = [], []
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
@@ -36,14 +40,15 @@ def list_images(folder: Path, others_too: bool = False) -> list[Path]:
             path = Path(dirpath) / name
             if is_ignored(path):
                 continue
-            (images if others_too or path.suffix.lower() in IMAGE_SUFFIXES else others).append(path)
+            (images if others_too or is_image_name(path) else others).append(path)
     if others:
         shown = "\n  ".join(str(p) for p in others[:10])
         more = f"\n  ... and {len(others) - 10} more" if len(others) > 10 else ""
         raise TLError(
             f"{len(others)} file(s) under {folder} are not images (by extension; tl reads "
             f"{', '.join(sorted(IMAGE_SUFFIXES))}):\n  {shown}{more}\n"
-            "Move them out of the image folders (tl never skips a file silently)."
+            "Move them out of the image folders, or pass --data.on_bad_image skip to train without "
+            "them (each is named as it is skipped)."
         )
     return images
 
@@ -67,10 +72,14 @@ def class_folders(split_dir: Path) -> list[str]:
     return names
 
 
-def scan_split(split_dir: Path) -> dict[str, list[Path]]:
-    """``{class name: [image paths]}`` for one split folder, classes sorted by name."""
-    classes = {name: list_images(split_dir / name) for name in class_folders(split_dir)}
-    empty = [name for name, files in classes.items() if not files]
+def scan_split(split_dir: Path, others_too: bool = False) -> dict[str, list[Path]]:
+    """``{class name: [image paths]}`` for one split folder, classes sorted by name.
+
+    With `others_too` (``data.on_bad_image skip``) files that are not images by extension are
+    listed too: screening names and skips each, as it does with images that do not decode.
+    """
+    classes = {name: list_images(split_dir / name, others_too) for name in class_folders(split_dir)}
+    empty = [name for name, files in classes.items() if not any(is_image_name(f) for f in files)]
     if empty:
         raise TLError(
             f"Class folder(s) {', '.join(str(split_dir / e) for e in empty)} contain no images. "
@@ -94,9 +103,12 @@ def check_same_classes(reference: list[str], found: list[str], where: Path, refe
         )
 
 
-def labelled_samples(split_dir: Path, classes: list[str], reference_name: str) -> list[tuple[Path, int]]:
-    """``(path, label)`` for every image of a split, labels in the order of `classes`."""
-    found = scan_split(split_dir)
+def labelled_samples(
+    split_dir: Path, classes: list[str], reference_name: str, others_too: bool = False
+) -> list[tuple[Path, int]]:
+    """``(path, label)`` for every image of a split (with `others_too`, every file), labels in
+    the order of `classes`."""
+    found = scan_split(split_dir, others_too)
     check_same_classes(classes, sorted(found), split_dir, reference_name)
     index = {name: i for i, name in enumerate(classes)}
     return [(path, index[name]) for name in sorted(found) for path in found[name]]

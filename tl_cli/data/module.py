@@ -235,16 +235,17 @@ class ImageFolderData(pl.LightningDataModule):
         if split not in self._samples:
             if self.class_names is None and split != "predict":
                 raise TLError("ImageFolderData needs class_names (run setup, or set them) before loading data.")
+            skip = self.on_bad_image == "skip"  # other files are screened out, each named
             if split == "predict":
                 self._samples[split] = [(p, -1) for p in predict_images(self.predict_dir)]
             elif split == "target_train":
                 self._samples[split] = [(p, -1) for p in target_train_images(self.target_root)]
             elif split.startswith("target_"):
                 folder = self.target_root / split.removeprefix("target_")
-                self._samples[split] = labelled_samples(folder, self.class_names, "the source (data.root)")
+                self._samples[split] = labelled_samples(folder, self.class_names, "the source (data.root)", skip)
             else:
                 reference = "train/" if split == "train" else "the model's classes"
-                self._samples[split] = labelled_samples(self._read_root / split, self.class_names, reference)
+                self._samples[split] = labelled_samples(self._read_root / split, self.class_names, reference, skip)
         return self._samples[split]
 
     def _folder(self, split: str) -> Path:
