@@ -134,6 +134,39 @@ def test_a_class_folder_with_only_a_text_file_has_no_images_even_when_skipping(m
     assert str(lonely) in err and "contain no images" in err
 
 
+def _huge_png(path: Path, width: int = 30000, height: int = 20000) -> None:
+    """A small PNG file whose header says width x height: Pillow refuses it on opening."""
+    import io
+    import struct
+    import zlib
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (4, 4)).save(buffer, "PNG")
+    data = bytearray(buffer.getvalue())
+    data[16:24] = struct.pack(">II", width, height)  # IHDR's width and height
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))  # and its checksum
+    path.write_bytes(bytes(data))
+
+
+def test_a_huge_image_is_called_too_large_not_corrupt(messy, capsys):
+    # DESIGN.md 'Bad input': a PNG that Pillow refuses as a possible decompression bomb is said
+    # to be that, not "corrupt", wherever tl names it: the fit's error, skip's warning, data check
+    root, _ = messy
+    huge = root / "train" / "rectangles" / "scan.png"
+    _huge_png(huge)
+    said = "too large to decode (600 megapixels, over the 179 that Pillow decodes"
+    assert _fit(root) == 2
+    stopped = capsys.readouterr().err
+    assert f"{huge}: {said}" in stopped and "corrupt" not in stopped.split(str(huge))[1].splitlines()[0]
+    assert _fit(root, "--data.on_bad_image", "skip") == 0
+    assert f"warning: skipping {huge}: {said}" in capsys.readouterr().err
+    assert tl("data", "check", root, "--workers", "0") == 1
+    report = capsys.readouterr().out
+    line = next(line for line in report.splitlines() if "scan.png" in line)
+    assert "too large to decode" in line and "shrink it" in line and "corrupt" not in line
+    assert huge.stat().st_size < 200  # the file is left as it was
+
+
 class SeenImages(pl.Callback):
     """The training batches as the model receives them: ``(image, label, index)`` triples."""
 

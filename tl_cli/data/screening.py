@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import io
+import re
 import signal
 import sys
 import time
@@ -77,9 +78,22 @@ def inspect_image(
                 info["image"] = rgb
     except UnidentifiedImageError:
         info["error"] = "not an image (no image format recognises it)"
-    except Exception as exc:  # truncated data, bad huffman tables, decompression bombs...
+    except Image.DecompressionBombError as exc:
+        info["error"] = too_large(exc)
+    except Exception as exc:  # truncated data, bad huffman tables...
         info["error"] = f"corrupt or truncated ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})"
     return info
+
+
+def too_large(exc: Exception) -> str:
+    """Pillow's refusal of a huge image, said as what it is: the file may well be fine."""
+    pixels = re.search(r"\((\d+) pixels\)", str(exc))
+    size = f"{int(pixels.group(1)) / 1e6:,.0f} megapixels, " if pixels else ""
+    limit = 2 * (Image.MAX_IMAGE_PIXELS or 0) / 1e6
+    return (
+        f"too large to decode ({size}over the {limit:,.0f} that Pillow decodes: it refuses larger "
+        "images as a possible decompression bomb; the file itself may be fine, so shrink it)"
+    )
 
 
 def _ignore_preemption_signal() -> None:
