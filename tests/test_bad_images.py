@@ -134,6 +134,22 @@ def test_a_class_folder_with_only_a_text_file_has_no_images_even_when_skipping(m
     assert str(lonely) in err and "contain no images" in err
 
 
+def test_skip_stops_when_a_class_has_no_usable_image_left(messy, capsys):
+    # every file of train/triangles is bad: skipping them would train without the class
+    root, _ = messy
+    good = next((root / "val" / "ellipses").glob("*.jpg"))
+    for split in ("val", "train"):
+        (root / split / "triangles").mkdir()
+    shutil.copy(good, root / "val" / "triangles" / "t.jpg")
+    (root / "train" / "triangles" / "a.txt").write_text("no image\n")
+    (root / "train" / "triangles" / "b.jpg").write_bytes(good.read_bytes()[:200])
+    assert _fit(root, "--data.on_bad_image", "skip") == 2
+    err = capsys.readouterr().err
+    assert f"class folder(s) {root / 'train' / 'triangles'} have no usable images left" in err
+    assert "Traceback" not in err
+    assert sorted(p.name for p in (root / "train" / "triangles").iterdir()) == ["a.txt", "b.jpg"]  # untouched
+
+
 def _huge_png(path: Path, width: int = 30000, height: int = 20000) -> None:
     """A small PNG file whose header says width x height: Pillow refuses it on opening."""
     import io

@@ -291,7 +291,27 @@ def _apply(
     for b in bad:
         say(f"warning: skipping {b['path']}: {b['problem']} (data.on_bad_image=skip)")
     dropped = {b["path"] for b in bad}  # absolute source paths (as given, in older entries)
-    return [(p, label) for p, label in samples if str(p) not in dropped and source_name(p, staged) not in dropped]
+    kept = [(p, label) for p, label in samples if str(p) not in dropped and source_name(p, staged) not in dropped]
+    emptied = sorted({label for _, label in samples if label >= 0} - {label for _, label in kept})
+    if emptied:  # a class that only had bad files: training would go on without it
+        folders = [_class_folder(where, next(p for p, label in samples if label == e), staged) for e in emptied]
+        raise distributed.printed_by_rank_zero(
+            TLError(
+                f"With its bad files left out (data.on_bad_image=skip), class folder(s) "
+                f"{', '.join(folders)} have no usable images left. Fix or replace those files "
+                "(listed above), or remove the class folder from every split."
+            )
+        )
+    return kept
+
+
+def _class_folder(where: Path, path: Path, staged: Optional[tuple[Path, Path]]) -> str:
+    """The class folder (under `where`, the split as the user named it) that holds `path`."""
+    source = Path(source_name(path, staged))
+    for top in (where, where.resolve()):
+        if source.is_relative_to(top):
+            return str(where / source.relative_to(top).parts[0])
+    return str(source.parent)
 
 
 def _report(say: Callable, where: Path, n: int, images: Any, features: Any, seconds: Optional[float]) -> None:
