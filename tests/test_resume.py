@@ -126,3 +126,23 @@ def test_resume_of_a_folder_that_is_not_a_run_says_what_is_missing(tmp_path, cap
     assert "has no config.yaml" in err and "cannot be resumed" in err
     assert tl("resume", tmp_path / "nowhere") == 2
     assert "is not a run folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("damage", ["zero bytes", "cut short"])
+def test_resume_from_an_unreadable_last_ckpt_names_it_and_touches_nothing(tmp_path, capsys, damage):
+    # a job killed while Lightning wrote last.ckpt leaves it empty or cut short
+    run = tmp_path / "runs" / "version_0"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text("trainer:\n  max_epochs: 2\n")
+    last = run / "checkpoints" / "last.ckpt"
+    torch.save({"state_dict": {"w": torch.zeros(1000)}, "global_step": 3}, last)
+    last.write_bytes(b"" if damage == "zero bytes" else last.read_bytes()[:500])
+    good = tmp_path / "runs" / "hpc_ckpt_1.ckpt"
+    torch.save({"global_step": 3}, good)
+    (tmp_path / "runs" / "hpc_ckpt_2.ckpt").write_bytes(b"")
+    before = _snapshot(tmp_path)
+    assert tl("resume", run) == 2
+    err = capsys.readouterr().err
+    assert f"{last} is not a readable checkpoint" in err and "Traceback" not in err
+    assert f"readable: {good})" in err  # the unreadable hpc_ckpt_2 is not offered
+    assert _snapshot(tmp_path) == before

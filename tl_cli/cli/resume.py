@@ -75,17 +75,38 @@ def _mid_epoch_state(last: Path, hpc: list[Path]) -> Optional[Path]:
     """A run stopped mid-epoch (preempted) also wrote ``last.ckpt`` at that epoch's end, which
     Lightning would resume from the next epoch: its preemption checkpoint of the same step
     (``hpc_ckpt_N.ckpt`` beside the run folder) resumes within the epoch."""
-    import torch
-
-    state = torch.load(last, map_location="cpu", weights_only=True, mmap=True)
+    state = _load(last)
+    if state is None:
+        others = ", ".join(str(p) for p in hpc if _load(p) is not None)
+        raise TLError(
+            f"{last} is not a readable checkpoint (empty or cut short: a job killed while writing it?), "
+            "so the run cannot be resumed from it. "
+            + (
+                f"Continue from a preemption checkpoint with `tl fit --config {last.parent.parent / 'config.yaml'} "
+                f"--ckpt_path CKPT` (readable: {others}), or start the run again."
+                if others
+                else "Start the run again, or continue from another checkpoint of it with "
+                f"`tl fit --config {last.parent.parent / 'config.yaml'} --ckpt_path CKPT`."
+            )
+        )
     if not (state.get("tl_position") or {}).get("batches"):
         return None
     for path in reversed(hpc):
-        if torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("global_step") == state.get(
-            "global_step"
-        ):
+        other = _load(path)  # an unreadable preemption checkpoint is passed over
+        if other is not None and other.get("global_step") == state.get("global_step"):
             return path
     return None
+
+
+def _load(path: Path) -> Optional[dict[str, Any]]:
+    """A checkpoint's contents (memory-mapped, no code run), or None if it cannot be read."""
+    import torch
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # zero bytes, cut short, not a zip: every way a file can fail to load
+        return None
+    return state if isinstance(state, dict) else None
 
 
 def _flag_value(args: list[str], *flags: str) -> Optional[str]:
