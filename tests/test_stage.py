@@ -106,3 +106,25 @@ def test_a_run_staged_to_a_folder_trains_from_the_copy_and_shares_the_caches_of_
     fit_tiny(tiny_data, 1, "feature_extract.yaml", "--data.stage", "none")
     out = capsys.readouterr().out
     assert "bottleneck features of 12 images loaded" in out and "staged" not in out
+
+
+def test_layout_errors_of_a_staged_run_name_the_users_files_not_the_copies(tiny_data, tmp_path, monkeypatch, capsys):
+    from tests.conftest import CONFIGS, TINY, tl
+
+    monkeypatch.setattr(stage, "_READY", set())
+    root = tmp_path / "data"
+    shutil.copytree(tiny_data, root)
+    readme = root / "train" / "ellipses" / "README.txt"
+    readme.write_text("field notes\n")
+    loose = root / "val" / "notes.txt"
+    args = ["fit", "--config", CONFIGS / "feature_extract.yaml", *TINY, "--data.root", root]
+    args += ["--trainer.max_epochs", "1", "--data.stage", tmp_path / "local", "-o", tmp_path / "runs"]
+    for bad in (readme, loose):
+        if bad == loose:
+            readme.unlink()
+            loose.write_text("field notes\n")
+            monkeypatch.setattr(stage, "_READY", set())  # a new process: the copy is checked again
+        assert tl(*args) == 2
+        err = capsys.readouterr().err
+        assert "tl-stage" not in err, err
+        assert f"{bad}" in err if bad == readme else f"{root / 'val'} holds files directly (notes.txt" in err

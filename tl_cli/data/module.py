@@ -16,9 +16,11 @@ public (the model's side is in `tl_cli.models.Classifier.setup`):
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
@@ -206,8 +208,19 @@ class ImageFolderData(pl.LightningDataModule):
             self._read_root = stage_data(self.root, self.staging, ("train", "val", "test"), say)
         split = {"fit": "train", "validate": "val", "test": "test"}.get(stage)
         if split and self.class_names is None:
-            self.class_names = class_folders(self._read_root / split)
+            with self._named_as_source():
+                self.class_names = class_folders(self._read_root / split)
         self._samples, self._datasets = {}, {}
+
+    @contextlib.contextmanager
+    def _named_as_source(self) -> Iterator[None]:
+        """Layout errors name the user's folders (data.root), not their staged copies."""
+        try:
+            yield
+        except TLError as exc:
+            if self._read_root == self.root:
+                raise
+            raise TLError(str(exc).replace(str(self._read_root), str(self.root))) from None
 
     def offer_features(self, extractor: Extractor) -> None:
         """The backbone stays frozen for the whole run: its output may be cached."""
@@ -245,7 +258,8 @@ class ImageFolderData(pl.LightningDataModule):
                 self._samples[split] = labelled_samples(folder, self.class_names, "the source (data.root)", skip)
             else:
                 reference = "train/" if split == "train" else "the model's classes"
-                self._samples[split] = labelled_samples(self._read_root / split, self.class_names, reference, skip)
+                with self._named_as_source():
+                    self._samples[split] = labelled_samples(self._read_root / split, self.class_names, reference, skip)
         return self._samples[split]
 
     def _folder(self, split: str) -> Path:
