@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.helpers import tl
+from tests.helpers import CONFIGS, TINY, tl
 from tl_cli.datatools.synth import CLASSES, synthesize
 from tl_cli.errors import TLError
 
@@ -66,6 +66,23 @@ def test_data_check_reports_every_kind_of_problem(tmp_path, capsys):
     assert report["splits"]["train"]["ellipses"] == 6 + 7  # six generated + seven convertible files
     assert report["imbalance"]["train"] == pytest.approx(13 / 7, abs=0.01)
     assert t.exists()  # nothing was touched
+
+
+def test_data_check_reports_what_stops_tl_fit_outside_class_folders(tmp_path, capsys):
+    from tl_cli.datatools.synth import synthesize
+
+    root = tmp_path / "d"
+    synthesize(root, seed=1, num_classes=2, per_split={"train": 4, "val": 2}, size=48)
+    (root / "train" / "README.txt").write_text("about this set\n")
+    (root / "test").mkdir()
+    assert tl("data", "check", root, "--json", "--workers", "0") == 1
+    errors = {e["path"]: e["problem"] for e in json.loads(capsys.readouterr().out)["errors"]}
+    assert "move it into a class folder" in errors[str(root / "train" / "README.txt")]
+    assert errors[str(root / "test")].startswith("no class folders")
+    assert len(errors) == 2
+    # and tl fit stops on the same file
+    assert tl("fit", "--config", CONFIGS / "feature_extract.yaml", *TINY, "--data.root", root) == 2
+    assert "holds files directly (README.txt" in capsys.readouterr().err
 
 
 def test_data_check_human_report_and_clean_exit(tmp_path, capsys):

@@ -76,9 +76,18 @@ def check_dataset(root: str | Path, workers: int = 2, min_size: int = 32, progre
                 report["errors"].append(
                     {"path": str(root / split / cls), "problem": "class folder has no usable image"}
                 )
+        if not files[split]:
+            report["errors"].append(
+                {"path": str(root / split), "problem": "no class folders; put each class's images in <class>/"}
+            )
+        for loose in sorted(p for p in (root / split).iterdir() if p.is_file() and not is_ignored(p)):
+            # tl fit stops on these (folders.class_folders): images belong in a class folder
+            report["errors"].append(
+                {"path": str(loose), "problem": "a file directly in the split folder; move it into a class folder"}
+            )
     reference = sorted(files["train"]) if "train" in files else None
     for split in splits:
-        if reference is not None and sorted(files[split]) != reference:
+        if reference is not None and files[split] and sorted(files[split]) != reference:
             missing = sorted(set(reference) - set(files[split]))
             extra = sorted(set(files[split]) - set(reference))
             problem = "; ".join(
