@@ -188,3 +188,16 @@ def test_unlabelled_target_signals_are_logged(tiny_data, tmp_path):
     m = trainer.callback_metrics
     assert 0 <= float(m["train/domain_acc"]) <= 1
     assert 0 <= float(m["train/target_entropy"]) <= math.log(2) + 1e-4
+
+
+def test_a_text_file_among_the_target_images_stops_the_run_or_is_skipped_by_name(tiny_data, tmp_path, capsys):
+    source, target = _domains(tiny_data, tmp_path)
+    notes = target / "train" / "rectangles" / "notes.txt"
+    notes.write_text("camera settings\n")
+    args = ["--config", CONFIGS / "domain_adapt.yaml", *TINY, "--data.root", source, "--data.target_root", target]
+    args += ["--model.domain_hidden", "16", "--trainer.max_epochs", "1", "-o", tmp_path / "runs"]
+    assert tl("fit", *args) == 2
+    assert str(notes) in capsys.readouterr().err
+    assert tl("fit", *args, "--data.on_bad_image", "skip") == 0
+    assert f"warning: skipping {notes}: not an image (extension .txt)" in capsys.readouterr().err
+    assert notes.read_text() == "camera settings\n"

@@ -131,3 +131,17 @@ def test_export_refuses_and_deletes_a_model_that_disagrees(trained, tmp_path, mo
     err = capsys.readouterr().err
     assert "disagrees with the checkpoint" in err and "Nothing was kept" in err
     assert not out.exists() and not out.with_name("bad.onnx.json").exists()
+
+
+def test_export_check_images_come_from_the_image_files_of_the_folder(tiny_data, tmp_path):
+    from tl_cli.export import sample_images
+
+    folder = tmp_path / "sample"
+    folder.mkdir()
+    for path in sorted((tiny_data / "val" / "ellipses").iterdir())[:3]:
+        (folder / path.name).write_bytes(path.read_bytes())
+    (folder / "README.txt").write_text("which photos these are\n")
+    prep = {"image_size": [32, 32], "crop_pct": 1.0, "interpolation": "bilinear", "mean": [0.5] * 3, "std": [0.5] * 3}
+    batch = sample_images(prep, folder, count=8)
+    assert batch.shape == (3, 3, 32, 32)
+    assert torch.equal(batch[0], preprocess(sorted(folder.glob("*.jpg"))[0], prep))

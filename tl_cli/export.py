@@ -45,12 +45,12 @@ def load_classifier(ckpt_path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
 
 def sample_images(preprocessing: dict[str, Any], images: str | Path | None, count: int = 8) -> torch.Tensor:
     """A batch of real decoded images, preprocessed: from `images` or, without it, generated ones."""
-    from tl_cli.data.folders import list_images
+    from tl_cli.data.folders import is_image_name, list_images
     from tl_cli.data.transforms import preprocess
     from tl_cli.datatools.synth import CLASSES, image_rng, render_shape
 
-    if images is not None:
-        pictures = list_images(Path(images))[:count]
+    if images is not None:  # a sample to compare outputs on: other files in the folder do not matter
+        pictures = [p for p in list_images(Path(images), others_too=True) if is_image_name(p)][:count]
         if not pictures:
             raise TLError(f"--images {images} holds no images to check the export with.")
     else:

@@ -126,15 +126,20 @@ def predict_images(folder: Optional[Path]) -> list[Path]:
     return paths
 
 
-def target_train_images(target_root: Optional[Path]) -> list[Path]:
+def target_train_images(target_root: Optional[Path], others_too: bool = False) -> list[Path]:
     """Domain adaptation's unlabelled target images: ``target_root/train/`` (sub-folder names
-    ignored) or, without one, every image outside ``val/`` and ``test/``."""
+    ignored) or, without one, every image outside ``val/`` and ``test/``; with `others_too`
+    (``data.on_bad_image skip``) the other files too, for screening to name and skip."""
     if target_root is None or not target_root.is_dir():
         raise TLError(f"data.target_root={str(target_root)!r} does not exist.")
     if (target_root / "train").is_dir():
-        paths = list_images(target_root / "train")
+        paths = list_images(target_root / "train", others_too)
     else:
-        paths = [p for p in list_images(target_root) if p.relative_to(target_root).parts[0] not in ("val", "test")]
-    if not paths:
+        paths = [
+            p
+            for p in list_images(target_root, others_too)
+            if p.relative_to(target_root).parts[0] not in ("val", "test")
+        ]
+    if not any(is_image_name(p) for p in paths):
         raise TLError(f"data.target_root={str(target_root)!r} holds no training images.")
     return paths

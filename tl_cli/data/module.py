@@ -252,7 +252,7 @@ class ImageFolderData(pl.LightningDataModule):
             if split == "predict":
                 self._samples[split] = [(p, -1) for p in predict_images(self.predict_dir)]
             elif split == "target_train":
-                self._samples[split] = [(p, -1) for p in target_train_images(self.target_root)]
+                self._samples[split] = [(p, -1) for p in target_train_images(self.target_root, skip)]
             elif split.startswith("target_"):
                 folder = self.target_root / split.removeprefix("target_")
                 self._samples[split] = labelled_samples(folder, self.class_names, "the source (data.root)", skip)
