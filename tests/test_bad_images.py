@@ -134,6 +134,26 @@ def test_a_class_folder_with_only_a_text_file_has_no_images_even_when_skipping(m
     assert str(lonely) in err and "contain no images" in err
 
 
+def test_auto_class_weights_count_only_the_images_skip_keeps(messy, capsys):
+    # the weights are set up before the loaders' first pass: they must not count skipped files
+    root, bad = messy
+    extra = [root / "train" / "ellipses" / f"scan{i}.jpg" for i in range(3)]
+    for path in extra:
+        path.write_bytes(b"")
+    (root / "train" / "ellipses" / "README.txt").write_text("notes\n")
+    assert _fit(root, "--data.on_bad_image", "skip", "--model.class_weights", "auto") == 0
+    out, err = capsys.readouterr()
+    good = {
+        c: sum(1 for p in (root / "train" / c).iterdir() if p.suffix == ".jpg" and p.stat().st_size > 300)
+        for c in ("ellipses", "rectangles")
+    }
+    total = sum(good.values())
+    said = ", ".join(f"{c} {total / (2 * n):.3f}" for c, n in good.items())
+    assert f"tl: class weights (auto): {said}" in out
+    skipped = [line for line in err.splitlines() if "warning: skipping" in line]
+    assert len(skipped) == len(set(skipped)) == len(bad) + len(extra) + 1  # each named once
+
+
 def test_skip_stops_when_a_class_has_no_usable_image_left(messy, capsys):
     # every file of train/triangles is bad: skipping them would train without the class
     root, _ = messy

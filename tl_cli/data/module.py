@@ -39,7 +39,7 @@ from tl_cli.data.datasets import (
     ResumableSampler,
     worker_options,
 )
-from tl_cli.data.first_pass import Extractor, screen_and_cache
+from tl_cli.data.first_pass import Extractor, Prepared, screen_and_cache
 from tl_cli.data.folders import class_folders, labelled_samples, predict_images, target_train_images
 from tl_cli.data.stage import stage_data
 from tl_cli.data.transforms import Augment, crop_pipeline, is_deterministic
@@ -192,6 +192,7 @@ class ImageFolderData(pl.LightningDataModule):
         self._extractor: Optional[Extractor] = None
         self._samples: dict[str, list[tuple[Path, int]]] = {}
         self._datasets: dict[str, Dataset] = {}
+        self._told: set[str] = set()  # splits whose skipped files were named this run
         self._seed: Optional[int] = None
         self._resume: Optional[dict[str, int]] = None
 
@@ -210,7 +211,7 @@ class ImageFolderData(pl.LightningDataModule):
         if split and self.class_names is None:
             with self._named_as_source():
                 self.class_names = class_folders(self._read_root / split)
-        self._samples, self._datasets = {}, {}
+        self._samples, self._datasets, self._told = {}, {}, set()
 
     @contextlib.contextmanager
     def _named_as_source(self) -> Iterator[None]:
@@ -231,9 +232,15 @@ class ImageFolderData(pl.LightningDataModule):
         self._resume = {"epoch": epoch, "batches": batches}
 
     def class_counts(self, split: str = "train") -> list[int]:
-        """Images per class, in class order (the files in the split's folders)."""
+        """Images per class, in class order: the files in the split's folders, without those that
+        ``data.on_bad_image skip`` leaves out."""
+        samples = self.samples(split)
+        if self.on_bad_image == "skip" and split not in self._datasets and self.preprocessing is not None:
+            # before the loaders exist (class weights are set up first), screen the split now: its
+            # result is remembered, and the loader's first pass applies it without screening again
+            samples = self._screen(split, images=False, features=False).samples
         counts = [0] * len(self.class_names or [])
-        for _, label in self.samples(split):
+        for _, label in samples:
             counts[label] += 1
         return counts
 
@@ -285,20 +292,7 @@ class ImageFolderData(pl.LightningDataModule):
         if split == "predict":
             dataset: Dataset = ImageFiles(self.samples(split), prep, crop_pipeline("none", prep), tolerant=True)
         else:
-            ready = screen_and_cache(
-                self._folder(split),
-                self.samples(split),
-                prep,
-                cache_dir=cache_root(self.cache_dir),
-                on_bad_image=self.on_bad_image,
-                images=images,
-                extractor=self._extractor if features else None,
-                batch_size=self.batch_size,
-                workers=default_workers(self.num_workers),
-                ram_budget=image_ram_budget(self._processes_on_node()),
-                say=say,
-                staged=None if self._read_root == self.root else (self._read_root.resolve(), self.root.resolve()),
-            )
+            ready = self._screen(split, images, features)
             self._samples[split] = ready.samples
             labels = [label for _, label in ready.samples]
             if ready.features is not None:
@@ -309,6 +303,30 @@ class ImageFolderData(pl.LightningDataModule):
                 dataset = ImageFiles(ready.samples, prep, crop_pipeline(augment, prep))
         self._datasets[split] = dataset
         return dataset
+
+    def _screen(self, split: str, images: bool, features: bool) -> Prepared:
+        told = split in self._told  # each skipped file is named once a run
+
+        def tell(message: str) -> None:
+            if not (told and message.startswith("warning: skipping")):
+                say(message)
+
+        ready = screen_and_cache(
+            self._folder(split),
+            self.samples(split),
+            self.preprocessing,
+            cache_dir=cache_root(self.cache_dir),
+            on_bad_image=self.on_bad_image,
+            images=images,
+            extractor=self._extractor if features else None,
+            batch_size=self.batch_size,
+            workers=default_workers(self.num_workers),
+            ram_budget=image_ram_budget(self._processes_on_node()),
+            say=tell,
+            staged=None if self._read_root == self.root else (self._read_root.resolve(), self.root.resolve()),
+        )
+        self._told.add(split)
+        return ready
 
     # -- loaders ------------------------------------------------------------------------------
 
