@@ -268,3 +268,16 @@ def test_corrupt_image_in_a_worker_is_named_without_traceback(data, capsys):
     assert tl(*args, "--trainer.max_epochs", "1", "--data.num_workers", "1") == 2
     err = capsys.readouterr().err
     assert "rectangles.3.jpg" in err and "Traceback" not in err
+
+
+def test_a_decoder_error_without_a_message_is_still_named(tmp_path, monkeypatch):
+    # some decoders raise with an empty message (EOFError()); the screening must name the file,
+    # not crash on the message
+    path = tmp_path / "odd.jpg"
+    Image.new("RGB", (8, 8)).save(path)
+
+    def silent(*args, **kwargs):
+        raise EOFError()
+
+    monkeypatch.setattr(screening.Image, "open", silent)
+    assert screening.inspect_image(path)["error"] == "corrupt or truncated (EOFError)"

@@ -104,13 +104,21 @@ def test_fine_tuning_starts_from_the_feature_extraction_weights(tiny_data, tmp_p
 
 def test_clear_errors_for_bad_checkpoints_and_mismatched_classes(tiny_data, tmp_path, capsys):
     (tmp_path / "notes.ckpt").write_text("hello")
-    assert tl("test", "--ckpt_path", tmp_path / "notes.ckpt", "--data.root", tiny_data) == 2
-    assert "is not a loadable PyTorch checkpoint" in capsys.readouterr().err
+    (tmp_path / "empty.ckpt").write_bytes(b"")
+    fix = "a .ckpt file written by `tl fit`"
+    for name in ("notes.ckpt", "empty.ckpt"):
+        assert tl("test", "--ckpt_path", tmp_path / name, "--data.root", tiny_data) == 2
+        err = capsys.readouterr().err
+        assert f"{tmp_path / name} is not a loadable PyTorch checkpoint" in err and fix in err
+        assert "Traceback" not in err and ("(an empty file)" in err) == (name == "empty.ckpt")
     torch.save({"state_dict": {}}, tmp_path / "plain.ckpt")
     assert tl("test", "--ckpt_path", tmp_path / "plain.ckpt", "--data.root", tiny_data) == 2
-    assert "not a tl checkpoint" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'plain.ckpt'} is a PyTorch file but not a tl checkpoint" in err and fix in err
     assert tl("test", "--ckpt_path", tmp_path / "missing.ckpt") == 2
-    assert "does not exist" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'missing.ckpt'} does not exist" in err and fix in err
+    assert (tmp_path / "notes.ckpt").read_text() == "hello" and (tmp_path / "empty.ckpt").stat().st_size == 0
 
     best = fit_tiny(tiny_data)
     other = tmp_path / "other"
@@ -132,11 +140,11 @@ class Boom:
 def test_checkpoints_are_loaded_without_running_their_code(tiny_data, tmp_path, capsys):
     with open(tmp_path / "evil.ckpt", "wb") as fh:
         pickle.dump({"state_dict": Boom(), "tl": {"format": 1}}, fh)
-    for command in (["test", "--data.root", tiny_data], ["predict", "--data.predict_dir", tiny_data]):
+    commands = (["test", "--data.root", tiny_data], ["predict", "--data.predict_dir", tiny_data], ["export"])
+    for command in commands:
         assert tl(command[0], "--ckpt_path", tmp_path / "evil.ckpt", *command[1:]) == 2
-    assert tl("export", "--ckpt_path", tmp_path / "evil.ckpt") == 2
+        assert f"{tmp_path / 'evil.ckpt'} is not a loadable PyTorch checkpoint" in capsys.readouterr().err, command
     assert not Path("pwned").exists() and not (tmp_path / "pwned").exists()
-    assert "not a loadable PyTorch checkpoint" in capsys.readouterr().err
 
 
 def test_incompatible_checkpoint_version_is_explained(trained, tmp_path, capsys):

@@ -16,6 +16,12 @@ class WeightsUnavailableError(TLError):
     """Pretrained weights were asked for but cannot be downloaded or found in the cache."""
 
 
+def described(exc: BaseException, limit: int = 200) -> str:
+    """``Name: first line of the message`` (just the name when the message is empty)."""
+    lines = str(exc).strip().splitlines()
+    return type(exc).__name__ + (f": {lines[0][:limit]}" if lines else "")
+
+
 def find_tl_error(exc: BaseException) -> "TLError | None":
     """The user mistake behind `exc`, if any (jsonargparse wraps errors raised while it
     instantiates a class into its own)."""

@@ -17,7 +17,7 @@ from tl_cli.backbones.factory import (
     parse_spec,
     strip_last_linear,
 )
-from tl_cli.errors import TLError, WeightsUnavailableError
+from tl_cli.errors import TLError, WeightsUnavailableError, described
 
 WEIGHTS_FILE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors")
 
@@ -72,7 +72,7 @@ def resolve_weights_path(weights: str) -> Path:
 def _offline_error(spec: str, cause: BaseException) -> WeightsUnavailableError:
     return WeightsUnavailableError(
         f"ImageNet weights for {spec} are not in the local cache and could not be downloaded "
-        f"({type(cause).__name__}: {str(cause).splitlines()[0][:200] if str(cause) else 'no detail'}). "
+        f"({described(cause)}). "
         f"Either run `tl weights fetch {spec}` on a machine with internet access (a login node) "
         "so they land in the cache (HF_HOME for timm, TORCH_HOME for torchvision) that this "
         "machine reads, or download the weights file yourself and pass its path with "

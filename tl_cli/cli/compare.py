@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from tl_cli.errors import TLError, WeightsUnavailableError, find_tl_error
+from tl_cli.errors import TLError, WeightsUnavailableError, described, find_tl_error
 
 PRESETS = {
     # the families of the Keras Applications table the course material shows, as timm has them
@@ -153,7 +153,7 @@ def run_one(
             entry.note = f"weights not available offline: run `tl weights fetch {spec}` where there is internet"
         else:
             entry.status = "failed"
-            entry.note = f"{type(cause).__name__}: {str(cause).splitlines()[0][:300] if str(cause) else ''}"
+            entry.note = described(cause, 300)
         return entry
     best = folder / "latest" / "checkpoints" / "best.ckpt"
     ckpt = read_tl_checkpoint(best)

@@ -25,6 +25,7 @@ from typing import Any
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from tl_cli.data.images import to_rgb
+from tl_cli.errors import described
 
 HIGH_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I", "F"}
 
@@ -81,7 +82,7 @@ def inspect_image(
     except Image.DecompressionBombError as exc:
         info["error"] = too_large(exc)
     except Exception as exc:  # truncated data, bad huffman tables...
-        info["error"] = f"corrupt or truncated ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})"
+        info["error"] = f"corrupt or truncated ({described(exc, 120)})"
     return info
 
 

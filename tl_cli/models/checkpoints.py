@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from tl_cli import CHECKPOINT_FORMAT, __version__
-from tl_cli.errors import TLError
+from tl_cli.errors import TLError, described
 
 # Keys the checkpoint's hyperparameters may hold that are not constructor arguments.
 _NOT_ARGUMENTS = ("_class_path", "_instantiator")
@@ -33,9 +33,9 @@ def read_tl_checkpoint(path: str | Path, *, what: str = "checkpoint") -> dict[st
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
+        why = "an empty file" if path.stat().st_size == 0 else described(exc)
         raise TLError(
-            f"{path} is not a loadable PyTorch checkpoint ({type(exc).__name__}: "
-            f"{str(exc).splitlines()[0][:200]}). Pass a .ckpt file written by `tl fit` "
+            f"{path} is not a loadable PyTorch checkpoint ({why}). Pass a .ckpt file written by `tl fit` "
             "(e.g. runs/<config>/latest/checkpoints/best.ckpt)."
         ) from None
     if not isinstance(ckpt, dict) or "tl" not in ckpt or "state_dict" not in ckpt:
