@@ -281,3 +281,23 @@ def test_a_decoder_error_without_a_message_is_still_named(tmp_path, monkeypatch)
 
     monkeypatch.setattr(screening.Image, "open", silent)
     assert screening.inspect_image(path)["error"] == "corrupt or truncated (EOFError)"
+
+
+def test_tl_test_stops_on_a_bad_test_image_or_scores_without_it(tiny_data, tmp_path, capsys):
+    import json
+
+    from tests.helpers import fit_tiny
+
+    best = fit_tiny(tiny_data, 1, "feature_extract.yaml", *FAST[:2])
+    root = tmp_path / "data"
+    shutil.copytree(tiny_data, root)
+    broken = root / "test" / "rectangles" / "rectangles.0.jpg"
+    broken.write_bytes(broken.read_bytes()[:250])
+    n_test = sum(1 for p in (root / "test").rglob("*.jpg"))
+    base = ["test", "--ckpt_path", best, "--data.root", root, "--data.num_workers", "0"]
+    assert tl(*base, "-o", tmp_path / "a") == 2
+    err = capsys.readouterr().err
+    assert f"{broken}: corrupt or truncated" in err and "on_bad_image skip" in err
+    assert tl(*base, "--data.on_bad_image", "skip", "-o", tmp_path / "b") == 0
+    assert f"warning: skipping {broken}" in capsys.readouterr().err
+    assert json.loads((tmp_path / "b" / "latest" / "metrics.json").read_text())["n_samples"] == n_test - 1
