@@ -31,7 +31,7 @@ from lightning.pytorch.utilities import CombinedLoader
 from torch.utils.data import DataLoader, Dataset
 
 from tl_cli.cluster import distributed
-from tl_cli.data.cache import cache_root, image_ram_budget
+from tl_cli.data.cache import cache_root, files_fingerprint, image_ram_budget
 from tl_cli.data.datasets import (
     CachedImages,
     FeatureDataset,
@@ -41,6 +41,7 @@ from tl_cli.data.datasets import (
 )
 from tl_cli.data.first_pass import Extractor, Prepared, screen_and_cache
 from tl_cli.data.folders import class_folders, labelled_samples, predict_images, target_train_images
+from tl_cli.data.leaks import warn_about_leaks
 from tl_cli.data.stage import stage_data
 from tl_cli.data.transforms import Augment, crop_pipeline, is_deterministic
 from tl_cli.errors import TLError, warn_deprecated
@@ -212,6 +213,27 @@ class ImageFolderData(pl.LightningDataModule):
             with self._named_as_source():
                 self.class_names = class_folders(self._read_root / split)
         self._samples, self._datasets, self._told = {}, {}, set()
+        if stage == "fit":
+            self._check_leaks()
+
+    def _check_leaks(self) -> None:
+        """Warn (rank 0) about val/ and test/ files that copy training images."""
+        train, val = self.samples("train"), self.samples("val")  # every rank: layout errors alike
+        if distributed.rank() != 0:
+            return
+        try:  # test/ is not needed to fit: a problem there waits for `tl test`
+            test = self.samples("test") if (self._read_root / "test").is_dir() else []
+        except TLError:
+            test = []
+        staged = None if self._read_root == self.root else (self._read_root.resolve(), self.root.resolve())
+        warn_about_leaks(
+            [p for p, _ in train],
+            [p for p, _ in val + test],
+            files_fingerprint(train + val + test, staged),
+            cache_root(self.cache_dir),
+            lambda path: str(path).replace(str(self._read_root), str(self.root), 1),
+            say,
+        )
 
     @contextlib.contextmanager
     def _named_as_source(self) -> Iterator[None]:

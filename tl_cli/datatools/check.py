@@ -135,7 +135,10 @@ def format_check_report(report: dict[str, Any], limit: int = 20) -> str:
     section("Very small images", report["small"])
     if report["ok"]:
         lines.append(
-            "\nNo errors: training can use every file." if not leaks else "\nNo errors, but see the leaks above."
+            "\nNo errors: training can use every file."
+            if not leaks
+            else "\nNo errors, but see the leaks above: remove the copies from val/ and test/ (or the originals "
+            "from train/), or validation and test scores overstate accuracy."
         )
     else:
         lines.append(

@@ -1,0 +1,80 @@
+"""`tl fit` warns, before training starts, about val/ and test/ files that are byte-identical
+copies of training images (DESIGN.md 'Bad input'), naming each copy and its original."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from tests.helpers import CONFIGS, TINY, tl
+from tl_cli.data import leaks
+
+FAST = ["--model.head_init", "random", "--trainer.max_epochs", "1"]
+
+
+@pytest.fixture
+def leaky(tiny_data, tmp_path):
+    root = tmp_path / "data"
+    shutil.copytree(tiny_data, root)
+    original = sorted((root / "train" / "ellipses").glob("*.jpg"))[2]
+    in_val = root / "val" / "ellipses" / "again.jpg"
+    in_test = root / "test" / "rectangles" / "renamed.jpg"  # a copy under another class too
+    shutil.copy(original, in_val)
+    shutil.copy(original, in_test)
+    return root, original, [in_val, in_test]
+
+
+def _fit(root, *extra):
+    return tl("fit", "--config", CONFIGS / "feature_extract.yaml", *TINY, "--data.root", root, *FAST, *extra)
+
+
+def _leak_lines(err: str) -> list[str]:
+    lines = err.splitlines()
+    start = next((i for i, line in enumerate(lines) if "byte-identical copies of training images" in line), None)
+    return [] if start is None else lines[start : start + 4]
+
+
+def test_fit_names_each_copy_of_a_training_image_in_val_and_test(leaky, capsys, monkeypatch):
+    root, original, copies = leaky
+    assert _fit(root) == 0
+    said = _leak_lines(capsys.readouterr().err)
+    assert said and said[0].startswith("tl: warning: 2 file(s) in val/ or test/")
+    for copy in copies:
+        assert f"  {copy} = {original}" in said
+    assert "`tl data check`" in said[3]
+    # the second run remembers the answer: no file is read again, the warning is the same
+    monkeypatch.setattr(leaks, "copies_of_training_files", None)
+    assert _fit(root) == 0
+    assert _leak_lines(capsys.readouterr().err) == said
+
+
+def test_no_warning_without_copies_even_where_sizes_match(tiny_data, tmp_path, capsys):
+    root = tmp_path / "data"
+    shutil.copytree(tiny_data, root)
+    original = sorted((root / "train" / "ellipses").glob("*.jpg"))[0]
+    twin = root / "val" / "ellipses" / "twin.jpg"
+    data = bytearray(original.read_bytes())
+    data[-3] ^= 0xFF  # same size, other bytes
+    twin.write_bytes(bytes(data))
+    (root / "test" / "notes.txt").write_text("a problem in test/ does not stop a fit\n")
+    assert _fit(root) == 0
+    assert "byte-identical" not in capsys.readouterr().err
+
+
+def test_a_staged_run_names_the_users_files(leaky, capsys, tmp_path, monkeypatch):
+    from tl_cli.data import stage
+
+    monkeypatch.setattr(stage, "_READY", set())
+    root, original, copies = leaky
+    assert _fit(root, "--data.stage", tmp_path / "local", "--data.cache_dir", tmp_path / "cache") == 0
+    said = _leak_lines(capsys.readouterr().err)
+    assert f"  {copies[0]} = {original}" in said and "tl-stage" not in "\n".join(said)
+
+
+def test_data_check_lists_the_copies_and_says_what_to_do(leaky, capsys):
+    root, original, copies = leaky
+    assert tl("data", "check", root, "--workers", "0") == 0  # a leak is not an error (--strict makes it one)
+    out = capsys.readouterr().out
+    assert f"{copies[1]} = {original}" in out or f"{original} = {copies[1]}" in out
+    assert "remove the copies from val/ and test/" in out
