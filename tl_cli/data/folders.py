@@ -6,7 +6,9 @@ into folders, and the one-paragraph errors for folders that do not fit the layou
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Optional
 
@@ -51,6 +53,18 @@ def list_images(folder: Path, others_too: bool = False) -> list[Path]:
             "them (each is named as it is skipped)."
         )
     return images
+
+
+@contextlib.contextmanager
+def named_as(read_root: Path, root: Path) -> Iterator[None]:
+    """Layout errors raised inside name `root`'s files (the user's data.root), not those of
+    `read_root` (its staged copy)."""
+    try:
+        yield
+    except TLError as exc:
+        if read_root == root:
+            raise
+        raise TLError(str(exc).replace(str(read_root), str(root))) from None
 
 
 def class_folders(split_dir: Path) -> list[str]:

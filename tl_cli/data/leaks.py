@@ -15,10 +15,11 @@ import json
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
-from typing import Optional
 
-from tl_cli.data.cache import atomic_write, make_key
+from tl_cli.data.cache import atomic_write, files_fingerprint, make_key
+from tl_cli.errors import TLError
 
+Samples = list[tuple[Path, int]]
 Pairs = list[tuple[str, str]]  # (copy in val/ or test/, the training file it repeats)
 
 
@@ -46,21 +47,33 @@ def copies_of_training_files(train: list[Path], others: list[Path]) -> list[tupl
 
 
 def warn_about_leaks(
-    train: list[Path],
-    others: list[Path],
-    fingerprint: list,
+    train: Samples,
+    val: Samples,
+    test: Callable[[], Samples],
+    read_root: Path,
+    root: Path,
     cache_dir: Path,
-    name: Callable[[Path], str],
     say: Callable[[str], None],
 ) -> Pairs:
-    """Say which files of `others` (val/, test/) copy a training file; `fingerprint` keys the
-    remembered result, `name` turns a path read into the one the user knows."""
+    """Say which files of val/ and test/ copy a training file. `test` lists test/ (a layout
+    problem there waits for `tl test`: test/ is not needed to fit); the files are read under
+    `read_root` (a staged copy, or `root`) and named under `root`; the answer is remembered in
+    `cache_dir` per file set."""
+    try:
+        test_samples = test()
+    except TLError:
+        test_samples = []
+    staged = None if read_root == root else (read_root.resolve(), root.resolve())
+    fingerprint = files_fingerprint(train + val + test_samples, staged)
     entry = cache_dir / "checks" / f"leaks-{make_key('leaks', files=fingerprint)}.json"
-    pairs: Optional[Pairs] = None
     try:
         pairs = [tuple(p) for p in json.loads(entry.read_text())["copies"]]
     except (OSError, ValueError, KeyError, TypeError):
-        pairs = [(name(copy), name(original)) for copy, original in copies_of_training_files(train, others)]
+        found = copies_of_training_files([p for p, _ in train], [p for p, _ in val + test_samples])
+        pairs = [
+            (str(c).replace(str(read_root), str(root), 1), str(o).replace(str(read_root), str(root), 1))
+            for c, o in found
+        ]
         try:
             atomic_write(entry, lambda tmp: tmp.write_text(json.dumps({"copies": pairs})))
         except OSError:

@@ -16,11 +16,11 @@ public (the model's side is in `tl_cli.models.Classifier.setup`):
 
 from __future__ import annotations
 
-import contextlib
+import collections
 import math
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
@@ -31,7 +31,7 @@ from lightning.pytorch.utilities import CombinedLoader
 from torch.utils.data import DataLoader, Dataset
 
 from tl_cli.cluster import distributed
-from tl_cli.data.cache import cache_root, files_fingerprint, image_ram_budget
+from tl_cli.data.cache import cache_root, image_ram_budget
 from tl_cli.data.datasets import (
     CachedImages,
     FeatureDataset,
@@ -40,7 +40,7 @@ from tl_cli.data.datasets import (
     worker_options,
 )
 from tl_cli.data.first_pass import Extractor, Prepared, screen_and_cache
-from tl_cli.data.folders import class_folders, labelled_samples, predict_images, target_train_images
+from tl_cli.data.folders import class_folders, labelled_samples, named_as, predict_images, target_train_images
 from tl_cli.data.leaks import warn_about_leaks
 from tl_cli.data.stage import stage_data
 from tl_cli.data.transforms import Augment, crop_pipeline, is_deterministic
@@ -112,6 +112,11 @@ def default_workers(num_workers: Optional[int]) -> int:
     return min(8, cores)
 
 
+def _once(say: Callable[[str], None]) -> Callable[[str], None]:
+    """`say` without the skip warnings, said already this run."""
+    return lambda text: None if text.startswith("warning: skipping") else say(text)
+
+
 def say(text: str) -> None:
     """Print a ``tl:`` line once (rank 0); warnings to stderr."""
     if distributed.rank() == 0:
@@ -150,7 +155,7 @@ class ImageFolderData(pl.LightningDataModule):
         on_bad_image: what to do with files that cannot be decoded (every image is decoded
             once before the first epoch, in the same pass that fills the caches; the result is
             remembered until the files change): ``error`` stops with the list of bad files;
-            ``skip`` leaves them out and warns with each one's name.
+            ``skip`` leaves them out (and files that are not images) and names each.
         stage: copy ``train/``, ``val/`` and ``test/`` to node-local disk once per node, check
             the copy, and read it for the rest of the job. ``auto``: in a SLURM job, to
             ``$SLURM_TMPDIR``, Expanse's ``/scratch/$USER/job_$SLURM_JOB_ID`` or a job ``$TMPDIR``;
@@ -210,40 +215,14 @@ class ImageFolderData(pl.LightningDataModule):
             self._read_root = stage_data(self.root, self.staging, ("train", "val", "test"), say)
         split = {"fit": "train", "validate": "val", "test": "test"}.get(stage)
         if split and self.class_names is None:
-            with self._named_as_source():
+            with named_as(self._read_root, self.root):
                 self.class_names = class_folders(self._read_root / split)
         self._samples, self._datasets, self._told = {}, {}, set()
-        if stage == "fit":
-            self._check_leaks()
-
-    def _check_leaks(self) -> None:
-        """Warn (rank 0) about val/ and test/ files that copy training images."""
-        train, val = self.samples("train"), self.samples("val")  # every rank: layout errors alike
-        if distributed.rank() != 0:
-            return
-        try:  # test/ is not needed to fit: a problem there waits for `tl test`
-            test = self.samples("test") if (self._read_root / "test").is_dir() else []
-        except TLError:
-            test = []
-        staged = None if self._read_root == self.root else (self._read_root.resolve(), self.root.resolve())
-        warn_about_leaks(
-            [p for p, _ in train],
-            [p for p, _ in val + test],
-            files_fingerprint(train + val + test, staged),
-            cache_root(self.cache_dir),
-            lambda path: str(path).replace(str(self._read_root), str(self.root), 1),
-            say,
-        )
-
-    @contextlib.contextmanager
-    def _named_as_source(self) -> Iterator[None]:
-        """Layout errors name the user's folders (data.root), not their staged copies."""
-        try:
-            yield
-        except TLError as exc:
-            if self._read_root == self.root:
-                raise
-            raise TLError(str(exc).replace(str(self._read_root), str(self.root))) from None
+        if stage == "fit":  # copies of training images in val/ or test/ are warned about (rank 0)
+            train, val = self.samples("train"), self.samples("val")  # every rank: layout errors alike
+            test = (lambda: self.samples("test")) if (self._read_root / "test").is_dir() else list
+            if distributed.rank() == 0:
+                warn_about_leaks(train, val, test, self._read_root, self.root, cache_root(self.cache_dir), say)
 
     def offer_features(self, extractor: Extractor) -> None:
         """The backbone stays frozen for the whole run: its output may be cached."""
@@ -258,13 +237,10 @@ class ImageFolderData(pl.LightningDataModule):
         ``data.on_bad_image skip`` leaves out."""
         samples = self.samples(split)
         if self.on_bad_image == "skip" and split not in self._datasets and self.preprocessing is not None:
-            # before the loaders exist (class weights are set up first), screen the split now: its
-            # result is remembered, and the loader's first pass applies it without screening again
+            # before the loaders (class weights come first): screened now, remembered for the loader
             samples = self._screen(split, images=False, features=False).samples
-        counts = [0] * len(self.class_names or [])
-        for _, label in samples:
-            counts[label] += 1
-        return counts
+        counts = collections.Counter(label for _, label in samples)
+        return [counts[i] for i in range(len(self.class_names or []))]
 
     def paths(self, split: str) -> list[Path]:
         """The files of a split in the order its loader's ``index`` refers to."""
@@ -287,7 +263,7 @@ class ImageFolderData(pl.LightningDataModule):
                 self._samples[split] = labelled_samples(folder, self.class_names, "the source (data.root)", skip)
             else:
                 reference = "train/" if split == "train" else "the model's classes"
-                with self._named_as_source():
+                with named_as(self._read_root, self.root):
                     self._samples[split] = labelled_samples(self._read_root / split, self.class_names, reference, skip)
         return self._samples[split]
 
@@ -327,12 +303,6 @@ class ImageFolderData(pl.LightningDataModule):
         return dataset
 
     def _screen(self, split: str, images: bool, features: bool) -> Prepared:
-        told = split in self._told  # each skipped file is named once a run
-
-        def tell(message: str) -> None:
-            if not (told and message.startswith("warning: skipping")):
-                say(message)
-
         ready = screen_and_cache(
             self._folder(split),
             self.samples(split),
@@ -344,7 +314,7 @@ class ImageFolderData(pl.LightningDataModule):
             batch_size=self.batch_size,
             workers=default_workers(self.num_workers),
             ram_budget=image_ram_budget(self._processes_on_node()),
-            say=tell,
+            say=_once(say) if split in self._told else say,  # each skipped file named once a run
             staged=None if self._read_root == self.root else (self._read_root.resolve(), self.root.resolve()),
         )
         self._told.add(split)
