@@ -15,6 +15,7 @@ import json
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
+from typing import Optional
 
 from tl_cli.data.cache import atomic_write, files_fingerprint, make_key
 from tl_cli.errors import TLError
@@ -23,12 +24,15 @@ Samples = list[tuple[Path, int]]
 Pairs = list[tuple[str, str]]  # (copy in val/ or test/, the training file it repeats)
 
 
-def copies_of_training_files(train: list[Path], others: list[Path]) -> list[tuple[Path, Path]]:
+def copies_of_training_files(
+    train: list[Path], others: list[Path], sizes: Optional[list[int]] = None
+) -> list[tuple[Path, Path]]:
     """(file of `others`, file of `train`) for every file of `others` byte-identical to one of
-    `train`, in the order of `others`."""
+    `train`, in the order of `others`; `sizes`: those of train + others, if known."""
+    sizes = sizes if sizes is not None else [p.stat().st_size for p in train + others]
     by_size: dict[int, list[Path]] = defaultdict(list)
-    for path in train:
-        by_size[path.stat().st_size].append(path)
+    for path, size in zip(train, sizes, strict=False):
+        by_size[size].append(path)
     digests: dict[Path, str] = {}
 
     def digest(path: Path) -> str:
@@ -37,8 +41,8 @@ def copies_of_training_files(train: list[Path], others: list[Path]) -> list[tupl
         return digests[path]
 
     found = []
-    for path in others:
-        same_size = by_size.get(path.stat().st_size)
+    for path, size in zip(others, sizes[len(train) :], strict=True):
+        same_size = by_size.get(size)
         if same_size:
             match = next((t for t in same_size if digest(t) == digest(path)), None)
             if match is not None:
@@ -69,7 +73,8 @@ def warn_about_leaks(
     try:
         pairs = [tuple(p) for p in json.loads(entry.read_text())["copies"]]
     except (OSError, ValueError, KeyError, TypeError):
-        found = copies_of_training_files([p for p, _ in train], [p for p, _ in val + test_samples])
+        sizes = [size for _, size, _, _ in fingerprint]  # stat once
+        found = copies_of_training_files([p for p, _ in train], [p for p, _ in val + test_samples], sizes)
         pairs = [
             (str(c).replace(str(read_root), str(root), 1), str(o).replace(str(read_root), str(root), 1))
             for c, o in found
