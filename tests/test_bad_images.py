@@ -134,8 +134,13 @@ def test_a_class_folder_with_only_a_text_file_has_no_images_even_when_skipping(m
     assert str(lonely) in err and "contain no images" in err
 
 
-def test_auto_class_weights_count_only_the_images_skip_keeps(messy, capsys):
-    # the weights are set up before the loaders' first pass: they must not count skipped files
+def test_auto_class_weights_count_only_the_images_skip_keeps(messy, capsys, monkeypatch):
+    # the weights must not count skipped files, and counting must not cost a second decode
+    from tl_cli.data import first_pass
+
+    decoded = []
+    real = first_pass.decode_resized
+    monkeypatch.setattr(first_pass, "decode_resized", lambda image, *a: decoded.append(1) or real(image, *a))
     root, bad = messy
     extra = [root / "train" / "ellipses" / f"scan{i}.jpg" for i in range(3)]
     for path in extra:
@@ -150,6 +155,8 @@ def test_auto_class_weights_count_only_the_images_skip_keeps(messy, capsys):
     total = sum(good.values())
     said = ", ".join(f"{c} {total / (2 * n):.3f}" for c, n in good.items())
     assert f"tl: class weights (auto): {said}" in out
+    usable = sum(good.values()) + sum(1 for p in (root / "val").rglob("*.jpg"))  # val's bad one is a .png
+    assert len(decoded) == usable  # one decode a usable file: the first pass, weights counted after it
     skipped = [line for line in err.splitlines() if "warning: skipping" in line]
     assert len(skipped) == len(set(skipped)) == len(bad) + len(extra) + 1  # each named once
 

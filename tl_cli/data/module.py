@@ -20,7 +20,6 @@ import collections
 import math
 import os
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
@@ -39,7 +38,7 @@ from tl_cli.data.datasets import (
     ResumableSampler,
     worker_options,
 )
-from tl_cli.data.first_pass import Extractor, Prepared, screen_and_cache
+from tl_cli.data.first_pass import Extractor, screen_and_cache
 from tl_cli.data.folders import class_folders, labelled_samples, named_as, predict_images, target_train_images
 from tl_cli.data.leaks import warn_about_leaks
 from tl_cli.data.stage import stage_data
@@ -110,11 +109,6 @@ def default_workers(num_workers: Optional[int]) -> int:
     except AttributeError:
         cores = os.cpu_count() or 1
     return min(8, cores)
-
-
-def _once(say: Callable[[str], None]) -> Callable[[str], None]:
-    """`say` without the skip warnings, said already this run."""
-    return lambda text: None if text.startswith("warning: skipping") else say(text)
 
 
 def say(text: str) -> None:
@@ -198,7 +192,6 @@ class ImageFolderData(pl.LightningDataModule):
         self._extractor: Optional[Extractor] = None
         self._samples: dict[str, list[tuple[Path, int]]] = {}
         self._datasets: dict[str, Dataset] = {}
-        self._told: set[str] = set()  # splits whose skipped files were named this run
         self._seed: Optional[int] = None
         self._resume: Optional[dict[str, int]] = None
 
@@ -217,7 +210,7 @@ class ImageFolderData(pl.LightningDataModule):
         if split and self.class_names is None:
             with named_as(self._read_root, self.root):
                 self.class_names = class_folders(self._read_root / split)
-        self._samples, self._datasets, self._told = {}, {}, set()
+        self._samples, self._datasets = {}, {}
         if stage == "fit":  # copies of training images in val/ or test/ are warned about (rank 0)
             train, val = self.samples("train"), self.samples("val")  # every rank: layout errors alike
             test = (lambda: self.samples("test")) if (self._read_root / "test").is_dir() else list
@@ -235,11 +228,9 @@ class ImageFolderData(pl.LightningDataModule):
     def class_counts(self, split: str = "train") -> list[int]:
         """Images per class, in class order: the files in the split's folders, without those that
         ``data.on_bad_image skip`` leaves out."""
-        samples = self.samples(split)
-        if self.on_bad_image == "skip" and split not in self._datasets and self.preprocessing is not None:
-            # before the loaders (class weights come first): screened now, remembered for the loader
-            samples = self._screen(split, images=False, features=False).samples
-        counts = collections.Counter(label for _, label in samples)
+        if self.on_bad_image == "skip" and self.preprocessing is not None:
+            self.dataset_for(split)  # the first pass: what it leaves out is not counted
+        counts = collections.Counter(label for _, label in self.samples(split))
         return [counts[i] for i in range(len(self.class_names or []))]
 
     def paths(self, split: str) -> list[Path]:
@@ -290,7 +281,20 @@ class ImageFolderData(pl.LightningDataModule):
         if split == "predict":
             dataset: Dataset = ImageFiles(self.samples(split), prep, crop_pipeline("none", prep), tolerant=True)
         else:
-            ready = self._screen(split, images, features)
+            ready = screen_and_cache(
+                self._folder(split),
+                self.samples(split),
+                prep,
+                cache_dir=cache_root(self.cache_dir),
+                on_bad_image=self.on_bad_image,
+                images=images,
+                extractor=self._extractor if features else None,
+                batch_size=self.batch_size,
+                workers=default_workers(self.num_workers),
+                ram_budget=image_ram_budget(self._processes_on_node()),
+                say=say,
+                staged=None if self._read_root == self.root else (self._read_root.resolve(), self.root.resolve()),
+            )
             self._samples[split] = ready.samples
             labels = [label for _, label in ready.samples]
             if ready.features is not None:
@@ -301,24 +305,6 @@ class ImageFolderData(pl.LightningDataModule):
                 dataset = ImageFiles(ready.samples, prep, crop_pipeline(augment, prep))
         self._datasets[split] = dataset
         return dataset
-
-    def _screen(self, split: str, images: bool, features: bool) -> Prepared:
-        ready = screen_and_cache(
-            self._folder(split),
-            self.samples(split),
-            self.preprocessing,
-            cache_dir=cache_root(self.cache_dir),
-            on_bad_image=self.on_bad_image,
-            images=images,
-            extractor=self._extractor if features else None,
-            batch_size=self.batch_size,
-            workers=default_workers(self.num_workers),
-            ram_budget=image_ram_budget(self._processes_on_node()),
-            say=_once(say) if split in self._told else say,  # each skipped file named once a run
-            staged=None if self._read_root == self.root else (self._read_root.resolve(), self.root.resolve()),
-        )
-        self._told.add(split)
-        return ready
 
     # -- loaders ------------------------------------------------------------------------------
 

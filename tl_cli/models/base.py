@@ -15,6 +15,7 @@ takes the class names the data found (or imposes its own order, from a checkpoin
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from typing import Any, Literal, Optional, Union
 
 import lightning.pytorch as pl
@@ -35,12 +36,19 @@ from tl_cli.models.reporting import Reporting
 from tl_cli.models.starting_point import StartingPoint
 
 
-def class_weights(setting: Union[str, list[float], None], class_names: list[str], dm: Any) -> Optional[torch.Tensor]:
-    """``model.class_weights`` as a tensor: ``auto`` (inverse class frequency), a list, or None."""
+def class_weights(
+    setting: Union[str, list[float], None], class_names: list[str], dm: Any, say: Callable[[str], None] = print
+) -> Optional[torch.Tensor]:
+    """``model.class_weights`` as a tensor: ``auto`` (inverse class frequency, said), a list, or None."""
     n = len(class_names)
     if setting == "auto":
         counts = torch.tensor(dm.class_counts("train"), dtype=torch.float32)
-        return counts.sum() / (n * counts.clamp(min=1))
+        weights = counts.sum() / (n * counts.clamp(min=1))
+        say(
+            "tl: class weights (auto): "
+            + ", ".join(f"{c} {w:.3f}" for c, w in zip(class_names, weights.tolist(), strict=True))
+        )
+        return weights
     if setting is None:
         return None
     if len(setting) != n or any(w < 0 for w in setting):
@@ -255,12 +263,18 @@ class Classifier(Network, Metrics, Reporting, Inputs, Optimization, pl.Lightning
         self.resolve_preprocessing(getattr(dm, "image_size", None), stage)
         if dm is not None:
             dm.preprocessing = self.preprocessing
-        if stage == "fit":
-            weights = class_weights(self.hparams.class_weights, self.class_names, dm)
-            if self.hparams.class_weights == "auto":
-                pairs = zip(self.class_names, weights.tolist(), strict=True)
-                self.print("tl: class weights (auto): " + ", ".join(f"{c} {w:.3f}" for c, w in pairs))
-            self.loss_weight = weights
+        # auto weights count the images data.on_bad_image skip keeps: known after the first pass,
+        # which needs the starting weights (configure_model), so on_fit_start counts them then
+        self._weights_later = self.hparams.class_weights == "auto" and getattr(dm, "on_bad_image", "") == "skip"
+        if stage == "fit" and not self._weights_later:
+            self.loss_weight = class_weights(self.hparams.class_weights, self.class_names, dm, self.print)
+
+    @override
+    def on_fit_start(self) -> None:
+        if self._weights_later:
+            self.loss_weight = class_weights("auto", self.class_names, self.trainer.datamodule, self.print).to(
+                self.device
+            )
 
     @override
     def configure_model(self) -> None:

@@ -108,6 +108,7 @@ class FineTune(Classifier):
 
     @override
     def on_fit_start(self) -> None:
+        super().on_fit_start()
         if self.expects_init_from and self.init_checkpoint is None and self.trainer.ckpt_path is None:
             self.print(
                 "tl: note: no model.init_from, so the head starts untrained; for the recipe pass the "
