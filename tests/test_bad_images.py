@@ -161,16 +161,24 @@ def test_auto_class_weights_count_only_the_images_skip_keeps(messy, capsys, monk
     assert len(skipped) == len(set(skipped)) == len(bad) + len(extra) + 1  # each named once
 
 
-def test_skip_stops_when_a_class_has_no_usable_image_left(messy, capsys):
+@pytest.mark.parametrize("staged", [False, True])
+def test_skip_stops_when_a_class_has_no_usable_image_left(messy, capsys, monkeypatch, staged):
     # every file of train/triangles is bad: skipping them would train without the class
+    from tl_cli.data import stage
+
+    monkeypatch.setattr(stage, "_READY", set())
     root, _ = messy
     good = next((root / "val" / "ellipses").glob("*.jpg"))
     for split in ("val", "train"):
         (root / split / "triangles").mkdir()
     shutil.copy(good, root / "val" / "triangles" / "t.jpg")
     (root / "train" / "triangles" / "a.txt").write_text("no image\n")
-    (root / "train" / "triangles" / "b.jpg").write_bytes(good.read_bytes()[:200])
-    assert _fit(root, "--data.on_bad_image", "skip") == 2
+    pool = root.parent / "pool"
+    pool.mkdir()
+    (pool / "b.jpg").write_bytes(good.read_bytes()[:200])
+    (root / "train" / "triangles" / "b.jpg").symlink_to(pool / "b.jpg")  # the folder, not the target, is named
+    where = ["--data.stage", str(root.parent / "local")] if staged else []
+    assert _fit(root, "--data.on_bad_image", "skip", *where) == 2
     err = capsys.readouterr().err
     assert f"class folder(s) {root / 'train' / 'triangles'} have no usable images left" in err
     assert "Traceback" not in err

@@ -42,7 +42,30 @@ def test_lightning_launcher_feature_extraction_then_fine_tuning_ranks_agree(data
     data several times an epoch (`data.min_steps_per_epoch`)."""
     rich = ["--trainer.callbacks+", "RichProgressBar"]
     save = ["--trainer.callbacks+", "tests.helpers.SaveRankState", "--trainer.callbacks.folder"]
-    out = _fe(data, *DDP, "--data.num_workers", "2", *rich, *save, "fe_state")
+    # a bad file skipped, auto class weights counted after the first pass, a leaked test image:
+    # each said once (rank 0), and nothing of it lets the ranks diverge
+    broken = data / "train" / "ellipses" / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8 not a whole jpeg")
+    leaked = data / "test" / "ellipses" / "copy.jpg"
+    leaked.write_bytes(next((data / "train" / "rectangles").glob("*.jpg")).read_bytes())
+    skip = ["--data.on_bad_image", "skip"]
+    done = run_tl(
+        [
+            "fit",
+            "--config",
+            CONFIGS / "feature_extract.yaml",
+            *TINY_DDP,
+            "--data.root",
+            data,
+            "--trainer.max_epochs",
+            "2",
+        ]
+        + [*DDP, "--data.num_workers", "2", *rich, *save, "fe_state", *skip, "--model.class_weights", "auto"]
+    )
+    log = ok(done)
+    out = Path("runs/feature_extract/latest/checkpoints/best.ckpt")
+    assert log.count(f"warning: skipping {broken}") == 1 and log.count("tl: class weights (auto): ") == 1
+    assert log.count("byte-identical copies of training images") == 1 and f"  {leaked} = " in log
     folders = list(Path("runs/feature_extract").glob("version_*"))
     assert len(folders) == 1 and sorted(p.name for p in (folders[0] / "checkpoints").iterdir()) == [
         "best.ckpt",
@@ -75,6 +98,7 @@ def test_lightning_launcher_feature_extraction_then_fine_tuning_ranks_agree(data
             *rich,
             *save,
             "ft_state",
+            *skip,
         ]
     )
     log = ok(done)

@@ -42,7 +42,7 @@ def test_fit_names_each_copy_of_a_training_image_in_val_and_test(leaky, capsys, 
     assert said and said[0].startswith("tl: warning: 2 file(s) in val/ or test/")
     for copy in copies:
         assert f"  {copy} = {original}" in said
-    assert "`tl data check`" in said[3]
+    assert f"`tl data check {root}`" in said[3]
     # the second run remembers the answer: no file is read again, the warning is the same
     monkeypatch.setattr(leaks, "copies_of_training_files", None)
     assert _fit(root) == 0
@@ -78,3 +78,46 @@ def test_data_check_lists_the_copies_and_says_what_to_do(leaky, capsys):
     out = capsys.readouterr().out
     assert f"{copies[1]} = {original}" in out or f"{original} = {copies[1]}" in out
     assert "remove the copies from val/ and test/" in out
+
+
+def test_the_answer_follows_the_files_and_the_name_the_user_gives(leaky, capsys, monkeypatch, tmp_path):
+    root, original, copies = leaky
+    assert _fit(root) == 0
+    capsys.readouterr()
+    # the same files named from elsewhere: the remembered answer, printed under today's name
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    monkeypatch.setattr(leaks, "copies_of_training_files", None)
+    assert _fit("../data") == 0
+    said = _leak_lines(capsys.readouterr().err)
+    assert f"  ../data/{copies[0].relative_to(root)} = ../data/{original.relative_to(root)}" in said
+    monkeypatch.undo()
+    # a copy rewritten with other bytes of the same size is no longer one
+    data = bytearray(copies[0].read_bytes())
+    data[-3] ^= 0xFF
+    copies[0].write_bytes(bytes(data))
+    assert _fit(root) == 0
+    said = _leak_lines(capsys.readouterr().err)
+    assert said[0].startswith("tl: warning: 1 file(s)") and f"  {copies[1]} = {original}" in said
+
+
+def test_skipped_files_are_not_reported_as_copies(tiny_data, tmp_path, capsys):
+    root = tmp_path / "data"
+    shutil.copytree(tiny_data, root)
+    for split in ("train", "val"):
+        (root / split / "ellipses" / "README.txt").write_text("the same notes\n")
+        (root / split / "ellipses" / "empty.jpg").write_bytes(b"")
+    assert _fit(root, "--data.on_bad_image", "skip") == 0
+    err = capsys.readouterr().err
+    assert "warning: skipping" in err and "byte-identical" not in err
+
+
+def test_files_alike_in_size_and_head_but_not_in_bytes_are_not_copies(tmp_path):
+    head = bytes(range(256)) * 64  # 16 KiB, as much as the first comparison reads
+    a, b, c, d = (tmp_path / f"{n}.jpg" for n in "abcd")
+    a.write_bytes(head + b"x" * 100)
+    b.write_bytes(head + b"y" * 100)  # same size, same head, other tail
+    c.write_bytes(head + b"x" * 100)  # a copy of a
+    d.write_bytes(b"z" * 50)
+    assert leaks.copies_of_training_files([a, d], [b, c]) == [(c, a)]
+    assert leaks.copies_of_training_files([b], [a, c]) == []

@@ -306,12 +306,12 @@ def _apply(
 
 
 def _class_folder(where: Path, path: Path, staged: Optional[tuple[Path, Path]]) -> str:
-    """The class folder (under `where`, the split as the user named it) that holds `path`."""
-    source = Path(source_name(path, staged))
-    for top in (where, where.resolve()):
-        if source.is_relative_to(top):
-            return str(where / source.relative_to(top).parts[0])
-    return str(source.parent)
+    """The class folder (under `where`, the split as the user named it) that lists `path`: by
+    the path as listed, not resolved (a symlinked image names its class folder, not its target)."""
+    path = Path(path)
+    if staged is not None and path.resolve().is_relative_to(staged[0]):
+        return str(where / path.resolve().relative_to(staged[0]).parts[1])  # <copy>/<split>/<class>/...
+    return str(where / path.relative_to(where).parts[0]) if path.is_relative_to(where) else str(path.parent)
 
 
 def _report(say: Callable, where: Path, n: int, images: Any, features: Any, seconds: Optional[float]) -> None:

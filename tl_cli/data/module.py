@@ -9,7 +9,8 @@ public (the model's side is in `tl_cli.models.Classifier.setup`):
 - ``image_size``: read by the model to size its preprocessing.
 - ``preprocessing``: input size, mean, std, interpolation, crop; set by the model before any
   loader is built (it belongs to the backbone and is stored in checkpoints).
-- ``class_counts(split)``: images per class, for class weights.
+- ``class_counts(split)``: images per class, for class weights; with ``on_bad_image skip``
+  it runs the split's first pass (after ``configure_model``) so skipped files do not count.
 - ``offer_features(extractor)``: called by the freezing callback when the backbone stays
   frozen for the whole run; then train/val may be served as cached bottleneck features.
 """
@@ -149,7 +150,9 @@ class ImageFolderData(pl.LightningDataModule):
         on_bad_image: what to do with files that cannot be decoded (every image is decoded
             once before the first epoch, in the same pass that fills the caches; the result is
             remembered until the files change): ``error`` stops with the list of bad files;
-            ``skip`` leaves them out (and files that are not images) and names each.
+            ``skip`` leaves them out (and files that are not images) and names each; a class
+            left without images stops the run. Either way ``fit`` warns about val/ and test/
+            files that are byte-identical copies of training images.
         stage: copy ``train/``, ``val/`` and ``test/`` to node-local disk once per node, check
             the copy, and read it for the rest of the job. ``auto``: in a SLURM job, to
             ``$SLURM_TMPDIR``, Expanse's ``/scratch/$USER/job_$SLURM_JOB_ID`` or a job ``$TMPDIR``;
@@ -214,8 +217,8 @@ class ImageFolderData(pl.LightningDataModule):
         if stage == "fit":  # copies of training images in val/ or test/ are warned about (rank 0)
             train, val = self.samples("train"), self.samples("val")  # every rank: layout errors alike
             test = (lambda: self.samples("test")) if (self._read_root / "test").is_dir() else list
-            if distributed.rank() == 0:
-                warn_about_leaks(train, val, test, self._read_root, self.root, cache_root(self.cache_dir), say)
+            check = (train, val, test, self._read_root, self.root, cache_root(self.cache_dir), say)
+            distributed.on_rank_zero(lambda: warn_about_leaks(*check), distributed.timeout_for(len(train) + len(val)))
 
     def offer_features(self, extractor: Extractor) -> None:
         """The backbone stays frozen for the whole run: its output may be cached."""
