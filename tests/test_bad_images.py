@@ -67,6 +67,7 @@ def _warned_each(text: str, bad: list[Path]) -> bool:
 
 def test_skip_holds_on_a_second_run_over_the_same_cache(messy, capsys, monkeypatch):
     root, bad = messy
+    kept = {p: p.read_bytes() for p in bad}
     assert _fit(root, "--data.on_bad_image", "skip") == 0
     first = capsys.readouterr()
     assert _warned_each(first.err, bad)
@@ -77,6 +78,7 @@ def test_skip_holds_on_a_second_run_over_the_same_cache(messy, capsys, monkeypat
     assert _warned_each(second.err, bad)  # and the skipped files are named again
     n_train = sum(1 for p in (root / "train").rglob("*") if p.is_file()) - 2
     assert f"bottleneck features of {n_train} images loaded" in second.out
+    assert {p: p.read_bytes() for p in bad} == kept  # skipped files are left as they were
 
 
 def test_skip_after_a_run_that_stopped_on_the_bad_files(messy, capsys):

@@ -46,6 +46,7 @@ def _messy(root):
 
 def test_data_check_reports_every_kind_of_problem(tmp_path, capsys):
     t = _messy(tmp_path / "messy")
+    before = {p: p.read_bytes() for p in (tmp_path / "messy").rglob("*") if p.is_file()}
     assert tl("data", "check", tmp_path / "messy", "--json", "--workers", "0") == 1
     report = json.loads(capsys.readouterr().out)
     errors = {os.path.basename(e["path"]): e["problem"] for e in report["errors"]}
@@ -65,7 +66,8 @@ def test_data_check_reports_every_kind_of_problem(tmp_path, capsys):
     assert ["leak.jpg", "rectangles.1.jpg"] in across
     assert report["splits"]["train"]["ellipses"] == 6 + 7  # six generated + seven convertible files
     assert report["imbalance"]["train"] == pytest.approx(13 / 7, abs=0.01)
-    assert t.exists()  # nothing was touched
+    assert t.exists()
+    assert {p: p.read_bytes() for p in (tmp_path / "messy").rglob("*") if p.is_file()} == before  # nothing touched
 
 
 def test_data_check_reports_what_stops_tl_fit_outside_class_folders(tmp_path, capsys):
