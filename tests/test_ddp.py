@@ -20,7 +20,8 @@ from tests.helpers import CONFIGS, TINY_DDP, TL, compare_ranks, ok, run_tl, subp
 DDP = ["--trainer.devices", "2", "--trainer.strategy", "ddp"]
 
 
-def _fe(data: Path, *extra: str) -> Path:
+def _fe(data: Path, *extra: str) -> tuple[Path, str]:
+    """Feature extraction, 2 epochs: its best.ckpt and what it printed."""
     args = [
         "fit",
         "--config",
@@ -31,8 +32,8 @@ def _fe(data: Path, *extra: str) -> Path:
         "--trainer.max_epochs",
         "2",
     ]
-    ok(run_tl([*args, *extra]))
-    return Path("runs/feature_extract/latest/checkpoints/best.ckpt")
+    log = ok(run_tl([*args, *extra]))
+    return Path("runs/feature_extract/latest/checkpoints/best.ckpt"), log
 
 
 @pytest.mark.slow
@@ -49,21 +50,8 @@ def test_lightning_launcher_feature_extraction_then_fine_tuning_ranks_agree(data
     leaked = data / "test" / "ellipses" / "copy.jpg"
     leaked.write_bytes(next((data / "train" / "rectangles").glob("*.jpg")).read_bytes())
     skip = ["--data.on_bad_image", "skip"]
-    done = run_tl(
-        [
-            "fit",
-            "--config",
-            CONFIGS / "feature_extract.yaml",
-            *TINY_DDP,
-            "--data.root",
-            data,
-            "--trainer.max_epochs",
-            "2",
-        ]
-        + [*DDP, "--data.num_workers", "2", *rich, *save, "fe_state", *skip, "--model.class_weights", "auto"]
-    )
-    log = ok(done)
-    out = Path("runs/feature_extract/latest/checkpoints/best.ckpt")
+    fe = [*DDP, "--data.num_workers", "2", *rich, *save, "fe_state", *skip, "--model.class_weights", "auto"]
+    out, log = _fe(data, *fe)
     assert log.count(f"warning: skipping {broken}") == 1 and log.count("tl: class weights (auto): ") == 1
     assert log.count("byte-identical copies of training images") == 1 and f"  {leaked} = " in log
     folders = list(Path("runs/feature_extract").glob("version_*"))
@@ -115,7 +103,7 @@ def test_lightning_launcher_feature_extraction_then_fine_tuning_ranks_agree(data
 
 @pytest.mark.slow
 def test_torchrun_fine_tuning_ranks_agree(data):
-    best = _fe(data, "--data.num_workers", "0")
+    best, _ = _fe(data, "--data.num_workers", "0")
     torchrun = [
         sys.executable,
         "-m",
