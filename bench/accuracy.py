@@ -109,7 +109,7 @@ def one(name: str, seed: int, epochs: list[str], args: argparse.Namespace) -> di
     shutil.rmtree(runs / "ft", ignore_errors=True)  # `latest` is this run's, whatever ran before
     ft = ["--model.init_from", fe_best, *args.ft_args, "-o", runs / "ft"]
     start = time.perf_counter()
-    out = tl("fit", "--config", "configs/finetune.yaml", *common, *epochs, *ft)
+    out = tl("fit", "--config", "configs/finetune.yaml", *common, *epochs, *ft, tl_lines_of_stderr=True)
     ft_min = (time.perf_counter() - start) / 60
     print("\n".join(line for line in out.splitlines() if line.startswith("tl: ")), flush=True)
     # which epoch best.ckpt holds, or that the starting point stayed best

@@ -42,11 +42,13 @@ def synth_data(name: str, per_class_train: int, per_class_val: int, size: int = 
     return root
 
 
-def tl(*args: object) -> str:
-    """Run ``tl ARGS`` in a fresh process from the repository; its stdout, or an error with its tail."""
+def tl(*args: object, tl_lines_of_stderr: bool = False) -> str:
+    """Run ``tl ARGS`` in a fresh process from the repository; its stdout (and, if asked, the
+    ``tl:`` lines it logged to stderr, such as the expected duration), or an error with its tail."""
     done = subprocess.run(
         [sys.executable, "-m", "tl_cli.cli", *map(str, args)], cwd=REPO, capture_output=True, text=True
     )
     if done.returncode != 0:
         raise RuntimeError(f"tl {' '.join(map(str, args))} failed:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}")
-    return done.stdout
+    logged = [line for line in done.stderr.splitlines() if line.startswith("tl: ")] if tl_lines_of_stderr else []
+    return done.stdout + "".join(f"{line}\n" for line in logged)
