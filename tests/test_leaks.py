@@ -11,6 +11,7 @@ from tests.helpers import CONFIGS, TINY, tl
 from tl_cli.data import leaks
 
 FAST = ["--model.head_init", "random", "--trainer.max_epochs", "1"]
+SKIP = ["--data.on_bad_image", "skip"]
 
 
 @pytest.fixture
@@ -35,41 +36,45 @@ def _leak_lines(err: str) -> list[str]:
     return [] if start is None else lines[start : start + 4]
 
 
-def test_fit_names_each_copy_of_a_training_image_in_val_and_test(leaky, capsys, monkeypatch):
+def test_fit_names_each_copy_remembers_the_answer_and_follows_the_files(leaky, capsys, monkeypatch, tmp_path):
     root, original, copies = leaky
-    assert _fit(root) == 0
+    for split in ("train", "val"):  # files skip leaves out are no copies of anything
+        (root / split / "ellipses" / "README.txt").write_text("the same notes\n")
+        (root / split / "ellipses" / "empty.jpg").write_bytes(b"")
+    assert _fit(root, *SKIP) == 0
     said = _leak_lines(capsys.readouterr().err)
     assert said and said[0].startswith("tl: warning: 2 file(s) in val/ or test/")
     for copy in copies:
         assert f"  {copy} = {original}" in said
     assert f"`tl data check {root}`" in said[3]
-    # the second run remembers the answer: no file is read again, the warning is the same
+    # the same files named from elsewhere: the remembered answer (nothing is read again),
+    # printed under today's name of the data root
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
     monkeypatch.setattr(leaks, "copies_of_training_files", None)
-    assert _fit(root) == 0
-    assert _leak_lines(capsys.readouterr().err) == said
+    assert _fit("../data", *SKIP) == 0
+    said = _leak_lines(capsys.readouterr().err)
+    assert f"  ../data/{copies[0].relative_to(root)} = ../data/{original.relative_to(root)}" in said
+    monkeypatch.undo()
+    # a copy rewritten with other bytes of the same size is no longer one
+    data = bytearray(copies[0].read_bytes())
+    data[-3] ^= 0xFF
+    copies[0].write_bytes(bytes(data))
+    assert _fit(root, *SKIP) == 0
+    said = _leak_lines(capsys.readouterr().err)
+    assert said[0].startswith("tl: warning: 1 file(s)") and f"  {copies[1]} = {original}" in said
 
 
-def test_no_warning_without_copies_even_where_sizes_match(tiny_data, tmp_path, capsys):
-    root = tmp_path / "data"
-    shutil.copytree(tiny_data, root)
-    original = sorted((root / "train" / "ellipses").glob("*.jpg"))[0]
-    twin = root / "val" / "ellipses" / "twin.jpg"
-    data = bytearray(original.read_bytes())
-    data[-3] ^= 0xFF  # same size, other bytes
-    twin.write_bytes(bytes(data))
-    (root / "test" / "notes.txt").write_text("a problem in test/ does not stop a fit\n")
-    assert _fit(root) == 0
-    assert "byte-identical" not in capsys.readouterr().err
-
-
-def test_a_staged_run_names_the_users_files(leaky, capsys, tmp_path, monkeypatch):
+def test_a_staged_run_names_the_users_files_and_a_broken_test_folder_waits(leaky, capsys, tmp_path, monkeypatch):
     from tl_cli.data import stage
 
     monkeypatch.setattr(stage, "_READY", set())
     root, original, copies = leaky
+    (root / "test" / "notes.txt").write_text("a layout problem in test/ waits for `tl test`\n")
     assert _fit(root, "--data.stage", tmp_path / "local", "--data.cache_dir", tmp_path / "cache") == 0
     said = _leak_lines(capsys.readouterr().err)
     assert f"  {copies[0]} = {original}" in said and "tl-stage" not in "\n".join(said)
+    assert said[0].startswith("tl: warning: 1 file(s)")  # test/ is not listed, so not compared
 
 
 def test_data_check_lists_the_copies_and_says_what_to_do(leaky, capsys):
@@ -78,38 +83,6 @@ def test_data_check_lists_the_copies_and_says_what_to_do(leaky, capsys):
     out = capsys.readouterr().out
     assert f"{copies[1]} = {original}" in out or f"{original} = {copies[1]}" in out
     assert "remove the copies from val/ and test/" in out
-
-
-def test_the_answer_follows_the_files_and_the_name_the_user_gives(leaky, capsys, monkeypatch, tmp_path):
-    root, original, copies = leaky
-    assert _fit(root) == 0
-    capsys.readouterr()
-    # the same files named from elsewhere: the remembered answer, printed under today's name
-    (tmp_path / "elsewhere").mkdir()
-    monkeypatch.chdir(tmp_path / "elsewhere")
-    monkeypatch.setattr(leaks, "copies_of_training_files", None)
-    assert _fit("../data") == 0
-    said = _leak_lines(capsys.readouterr().err)
-    assert f"  ../data/{copies[0].relative_to(root)} = ../data/{original.relative_to(root)}" in said
-    monkeypatch.undo()
-    # a copy rewritten with other bytes of the same size is no longer one
-    data = bytearray(copies[0].read_bytes())
-    data[-3] ^= 0xFF
-    copies[0].write_bytes(bytes(data))
-    assert _fit(root) == 0
-    said = _leak_lines(capsys.readouterr().err)
-    assert said[0].startswith("tl: warning: 1 file(s)") and f"  {copies[1]} = {original}" in said
-
-
-def test_skipped_files_are_not_reported_as_copies(tiny_data, tmp_path, capsys):
-    root = tmp_path / "data"
-    shutil.copytree(tiny_data, root)
-    for split in ("train", "val"):
-        (root / split / "ellipses" / "README.txt").write_text("the same notes\n")
-        (root / split / "ellipses" / "empty.jpg").write_bytes(b"")
-    assert _fit(root, "--data.on_bad_image", "skip") == 0
-    err = capsys.readouterr().err
-    assert "warning: skipping" in err and "byte-identical" not in err
 
 
 def test_files_alike_in_size_and_head_but_not_in_bytes_are_not_copies(tmp_path):
