@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 from tl_cli.cluster import distributed
 from tl_cli.data.cache import FeatureStore, ImageStore, ScreenStore, files_fingerprint, make_key, source_name
 from tl_cli.data.datasets import as_is, worker_options
+from tl_cli.data.folders import IMAGE_SUFFIXES
 from tl_cli.data.sharing import folder_group
 from tl_cli.data.transforms import crop_pipeline, decode_resized
 from tl_cli.errors import TLError
@@ -74,7 +75,6 @@ class _Decode(Dataset):
         return len(self.samples)
 
     def __getitem__(self, i: int) -> tuple[Optional[str], Optional[torch.Tensor]]:
-        from tl_cli.data.folders import IMAGE_SUFFIXES
         from tl_cli.data.screening import inspect_image
 
         path = self.samples[i][0]
