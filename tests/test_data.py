@@ -61,8 +61,27 @@ def test_min_steps_per_epoch_sets_the_number_of_training_batches(data):
     assert len(_dm(data, image_size=32, batch_size=4, min_steps_per_epoch=6).train_dataloader()) == 6
     assert len(_dm(data, image_size=32, batch_size=4, min_steps_per_epoch=7).train_dataloader()) == 12
     assert len(_dm(data, image_size=32, batch_size=4, min_steps_per_epoch=7).val_dataloader()) == 3  # val: once
+    # passes are batched as one stream: 24 images in batches of 10 make 3 batches a pass, but
+    # 3 passes make 8 (not 9); at least 9 takes 4 passes, 10 batches
+    assert len(_dm(data, image_size=32, batch_size=10, min_steps_per_epoch=9).train_dataloader()) == 10
     with pytest.raises(TLError, match="min_steps_per_epoch=0"):
         ImageFolderData(root=str(data), min_steps_per_epoch=0)
+
+
+def test_passes_for_gives_the_fewest_passes_that_reach_the_minimum():
+    from tl_cli.data.module import passes_for
+
+    def steps(passes, n, world, batch):
+        return -(-passes * -(-n // world) // batch)
+
+    assert passes_for(None, 80, 1, 32) == 1
+    for n in (1, 7, 80, 112, 180, 2000):
+        for world in (1, 2, 3):
+            for batch in (1, 4, 32):
+                for least in (1, 5, 15, 40):
+                    p = passes_for(least, n, world, batch)
+                    assert steps(p, n, world, batch) >= least, (n, world, batch, least)
+                    assert p == 1 or steps(p - 1, n, world, batch) < least, (n, world, batch, least)
 
 
 def test_deprecated_steps_per_epoch_still_works_and_names_its_new_key(data, capsys):

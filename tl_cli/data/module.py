@@ -61,10 +61,15 @@ def _check_sizes(batch_size: int, min_steps_per_epoch: Optional[int], image_size
 
 
 def passes_for(min_steps: Optional[int], n: int, world: int, batch_size: int) -> int:
-    """Passes over `n` training samples an epoch for at least `min_steps` batches a rank."""
+    """Passes over `n` training samples an epoch for at least `min_steps` batches a rank.
+
+    An epoch's passes are one stream, batched across pass boundaries (`ResumableSampler`), so
+    the count is the fewest passes p with ceil(p * per_rank / batch_size) >= min_steps.
+    """
     if min_steps is None:
         return 1
-    return max(1, math.ceil(min_steps / math.ceil(math.ceil(n / world) / batch_size)))
+    per_rank = math.ceil(n / world)
+    return max(1, (min_steps - 1) * batch_size // per_rank + 1)
 
 
 def validation_sampler(dataset: Dataset) -> Optional[UnrepeatedDistributedSampler]:
