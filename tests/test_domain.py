@@ -201,3 +201,18 @@ def test_a_text_file_among_the_target_images_stops_the_run_or_is_skipped_by_name
     assert tl("fit", *args, "--data.on_bad_image", "skip") == 0
     assert f"warning: skipping {notes}: not an image (extension .txt)" in capsys.readouterr().err
     assert notes.read_text() == "camera settings\n"
+
+
+def test_target_images_all_left_out_by_skip_stop_with_the_folder_named(tiny_data, tmp_path, capsys):
+    source, target = _domains(tiny_data, tmp_path)
+    shutil.rmtree(target / "train")
+    bad = target / "train" / "x" / "photo.jpg"
+    bad.parent.mkdir(parents=True)
+    bad.write_bytes(b"\xff\xd8\xff\xe0 cut short")
+    (bad.parent / "notes.txt").write_text("camera settings\n")
+    args = ["--config", CONFIGS / "domain_adapt.yaml", *TINY, "--data.root", source, "--data.target_root", target]
+    args += ["--model.domain_hidden", "16", "--trainer.max_epochs", "1", "-o", tmp_path / "runs"]
+    assert tl("fit", *args, "--data.on_bad_image", "skip") == 2
+    err = capsys.readouterr().err
+    assert f"{target / 'train'} has no usable images left" in err and "data.target_root" in err
+    assert "Traceback" not in err and bad.exists()

@@ -292,6 +292,14 @@ def _apply(
         say(f"warning: skipping {b['path']}: {b['problem']} (data.on_bad_image=skip)")
     dropped = {b["path"] for b in bad}  # absolute source paths (as given, in older entries)
     kept = [(p, label) for p, label in samples if str(p) not in dropped and source_name(p, staged) not in dropped]
+    if samples and not kept and all(label < 0 for _, label in samples):  # unlabelled: DA's target
+        raise distributed.printed_by_rank_zero(
+            TLError(
+                f"With its bad files left out (data.on_bad_image=skip), {where} has no usable images "
+                "left. Fix or replace those files (listed above), or point data.target_root at a "
+                "folder with images that decode."
+            )
+        )
     emptied = sorted({label for _, label in samples if label >= 0} - {label for _, label in kept})
     if emptied:  # a class that only had bad files: training would go on without it
         folders = [_class_folder(where, next(p for p, label in samples if label == e), staged) for e in emptied]

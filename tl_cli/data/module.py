@@ -66,7 +66,7 @@ def passes_for(min_steps: Optional[int], n: int, world: int, batch_size: int) ->
     An epoch's passes are one stream, batched across pass boundaries (`ResumableSampler`), so
     the count is the fewest passes p with ceil(p * per_rank / batch_size) >= min_steps.
     """
-    if min_steps is None:
+    if min_steps is None or n == 0:
         return 1
     per_rank = math.ceil(n / world)
     return max(1, (min_steps - 1) * batch_size // per_rank + 1)
