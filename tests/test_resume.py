@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from tests.conftest import CONFIGS, TINY, fit_tiny, tl
+from tl_cli.errors import TLError
 
 RUNS = Path("runs/feature_extract")
 
@@ -144,5 +145,39 @@ def test_resume_from_an_unreadable_last_ckpt_names_it_and_touches_nothing(tmp_pa
     assert tl("resume", run) == 2
     err = capsys.readouterr().err
     assert f"{last} is not a readable checkpoint" in err and "Traceback" not in err
-    assert f"readable: {good})" in err  # the unreadable hpc_ckpt_2 is not offered
+    assert f"readable: {good}; it goes on in a new version folder)" in err  # the unreadable hpc_ckpt_2: not offered
     assert _snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("command", ["resume", "claim"])
+def test_a_requeued_job_whose_newest_preemption_checkpoint_is_unreadable_names_it(
+    tmp_path, capsys, monkeypatch, command
+):
+    # Lightning resumes a requeued job from the newest hpc_ckpt_N.ckpt, unchecked: an empty one
+    # would end the job in a traceback (tl resume and a requeued tl fit alike)
+    from tl_cli.cli.runs import MARKER, claim
+
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    root = tmp_path / "runs"
+    run = root / "version_0"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / MARKER).write_text(json.dumps({"slurm_job_id": "77"}))
+    (run / "config.yaml").write_text("trainer:\n  max_epochs: 2\n")
+    torch.save({"global_step": 3}, run / "checkpoints" / "last.ckpt")
+    torch.save({"global_step": 3}, root / "hpc_ckpt_1.ckpt")
+    (root / "hpc_ckpt_2.ckpt").write_bytes(b"")
+    before = _snapshot(tmp_path)
+    if command == "resume":
+        assert tl("resume", run) == 2
+        err = capsys.readouterr().err
+    else:
+        with pytest.raises(TLError) as caught:
+            claim(root)
+        err = str(caught.value)
+    assert f"{root / 'hpc_ckpt_2.ckpt'} is not a readable checkpoint" in err and "Traceback" not in err
+    assert "to continue from hpc_ckpt_1.ckpt, the newest readable one" in err
+    assert _snapshot(tmp_path) == before
+    (root / "hpc_ckpt_2.ckpt").unlink()  # what the message says: then the job goes on
+    if command == "claim":
+        assert claim(root) == ("version_0", True)

@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 from typing import Any, Optional
 
+from tl_cli.cli import runs
 from tl_cli.errors import TLError
 
 DESCRIPTION = (
@@ -51,8 +52,9 @@ def resume_arguments(argv: list[str]) -> tuple[list[str], str]:
             raise TLError(f"tl resume continues {run} from its last.ckpt, in that folder: drop {flag}.")
     name = Path(os.path.realpath(run)).name  # runs/x/latest -> the version it points at
     ckpt: Any = str(last)
-    hpc = sorted(run.parent.glob("hpc_ckpt_*.ckpt"), key=lambda p: int(p.stem.rsplit("_", 1)[1]))
+    hpc = runs.preemption_checkpoints(run.parent)
     if hpc and int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) > 0:
+        runs.newest_preemption_checkpoint(run.parent)  # readable, or stop with it named
         ckpt = "hpc"  # a requeued `tl resume` job: Lightning's newest preemption checkpoint
     else:
         ckpt = str(_mid_epoch_state(last, hpc) or last)
@@ -75,15 +77,15 @@ def _mid_epoch_state(last: Path, hpc: list[Path]) -> Optional[Path]:
     """A run stopped mid-epoch (preempted) also wrote ``last.ckpt`` at that epoch's end, which
     Lightning would resume from the next epoch: its preemption checkpoint of the same step
     (``hpc_ckpt_N.ckpt`` beside the run folder) resumes within the epoch."""
-    state = _load(last)
+    state = runs.load_state(last)
     if state is None:
-        others = ", ".join(str(p) for p in hpc if _load(p) is not None)
+        others = ", ".join(str(p) for p in hpc if runs.load_state(p) is not None)
         raise TLError(
             f"{last} is not a readable checkpoint (empty or cut short: a job killed while writing it?), "
             "so the run cannot be resumed from it. "
             + (
                 f"Continue from a preemption checkpoint with `tl fit --config {last.parent.parent / 'config.yaml'} "
-                f"--ckpt_path CKPT` (readable: {others}), or start the run again."
+                f"--ckpt_path CKPT` (readable: {others}; it goes on in a new version folder), or start the run again."
                 if others
                 else "Start the run again, or continue from another checkpoint of it with "
                 f"`tl fit --config {last.parent.parent / 'config.yaml'} --ckpt_path CKPT`."
@@ -92,21 +94,10 @@ def _mid_epoch_state(last: Path, hpc: list[Path]) -> Optional[Path]:
     if not (state.get("tl_position") or {}).get("batches"):
         return None
     for path in reversed(hpc):
-        other = _load(path)  # an unreadable preemption checkpoint is passed over
+        other = runs.load_state(path)  # an unreadable preemption checkpoint is passed over
         if other is not None and other.get("global_step") == state.get("global_step"):
             return path
     return None
-
-
-def _load(path: Path) -> Optional[dict[str, Any]]:
-    """A checkpoint's contents (memory-mapped, no code run), or None if it cannot be read."""
-    import torch
-
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # zero bytes, cut short, not a zip: every way a file can fail to load
-        return None
-    return state if isinstance(state, dict) else None
 
 
 def _flag_value(args: list[str], *flags: str) -> Optional[str]:

@@ -25,6 +25,7 @@ from typing import Any, Optional
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from tl_cli.cluster import distributed
+from tl_cli.errors import TLError
 
 MARKER = ".tl-run.json"
 _resumed: Optional[str] = None  # the run folder `tl resume` continues (`continuing`)
@@ -78,6 +79,8 @@ def claim(root: Path) -> tuple[str, bool]:
     root.mkdir(parents=True, exist_ok=True)
     earlier = _continued(root)
     if earlier:
+        if _slurm_restarted():
+            newest_preemption_checkpoint(root)  # what Lightning resumes from: readable, or stop here
         _count_restart(root / earlier)
         return earlier, True
     array, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
@@ -216,10 +219,45 @@ class RunTensorBoardLogger(_InRunFolder, TensorBoardLogger):
         super().__init__(run, default_hp_metric=False)
 
 
+def load_state(path: Path) -> Optional[dict[str, Any]]:
+    """A checkpoint's contents (memory-mapped, no code run), or None if it cannot be read."""
+    import torch
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # zero bytes, cut short, not a zip: every way a file can fail to load
+        return None
+    return state if isinstance(state, dict) else None
+
+
+def preemption_checkpoints(root: Path) -> list[Path]:
+    """Lightning's ``hpc_ckpt_N.ckpt`` under `root` (beside the run folders), oldest first."""
+    return sorted(root.glob("hpc_ckpt_*.ckpt"), key=lambda p: int(p.stem.rsplit("_", 1)[1]))
+
+
+def newest_preemption_checkpoint(root: Path) -> Optional[Path]:
+    """The newest preemption checkpoint under `root`, the one Lightning resumes a requeued job
+    from, or None if there is none. Stops with the file named if it cannot be read: Lightning
+    would fail on it with a traceback, and tl does not delete a user's file to go on."""
+    hpc = preemption_checkpoints(root)
+    if not hpc or load_state(hpc[-1]) is not None:
+        return hpc[-1] if hpc else None
+    older = next((p for p in reversed(hpc[:-1]) if load_state(p) is not None), None)
+    raise TLError(
+        f"{hpc[-1]} is not a readable checkpoint (empty or cut short: the job stopped while writing it?), "
+        "and a requeued job continues from the newest preemption checkpoint. "
+        + (
+            f"Move it out of {root} to continue from {older.name}, the newest readable one, and submit again."
+            if older is not None
+            else f"Move it out of {root} and submit again: the run then starts from its last.ckpt or anew."
+        )
+    )
+
+
 def resumed_checkpoint(run: RunFolder) -> Optional[Path]:
     """The checkpoint a continued run resumes from: the newest ``hpc_ckpt_N.ckpt`` of a requeued
     job (Lightning's choice), else the run's ``last.ckpt`` (``tl resume``)."""
-    hpc = sorted(run.root.glob("hpc_ckpt_*.ckpt"), key=lambda p: int(p.stem.rsplit("_", 1)[1]))
+    hpc = preemption_checkpoints(run.root)
     if hpc and _slurm_restarted():
         return hpc[-1]
     last = run.path / "checkpoints" / "last.ckpt"
