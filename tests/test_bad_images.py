@@ -174,17 +174,18 @@ def test_skip_stops_when_a_class_has_no_usable_image_left(messy, capsys, monkeyp
     for split in ("val", "train"):
         (root / split / "triangles").mkdir()
     shutil.copy(good, root / "val" / "triangles" / "t.jpg")
-    (root / "train" / "triangles" / "a.txt").write_text("no image\n")
+    (root / "train" / "triangles" / "b.txt").write_text("no image\n")
     pool = root.parent / "pool"
     pool.mkdir()
-    (pool / "b.jpg").write_bytes(good.read_bytes()[:200])
-    (root / "train" / "triangles" / "b.jpg").symlink_to(pool / "b.jpg")  # the folder, not the target, is named
+    (pool / "a.jpg").write_bytes(good.read_bytes()[:200])
+    # listed first, so it names the class: by the folder that lists it, not by its target's
+    (root / "train" / "triangles" / "a.jpg").symlink_to(pool / "a.jpg")
     where = ["--data.stage", str(root.parent / "local")] if staged else []
     assert _fit(root, "--data.on_bad_image", "skip", *where) == 2
     err = capsys.readouterr().err
     assert f"class folder(s) {root / 'train' / 'triangles'} have no usable images left" in err
     assert "Traceback" not in err
-    assert sorted(p.name for p in (root / "train" / "triangles").iterdir()) == ["a.txt", "b.jpg"]  # untouched
+    assert sorted(p.name for p in (root / "train" / "triangles").iterdir()) == ["a.jpg", "b.txt"]  # untouched
 
 
 def _huge_png(path: Path, width: int = 30000, height: int = 20000) -> None:

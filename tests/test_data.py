@@ -324,3 +324,14 @@ def test_workers_start_under_slurms_signal_and_a_deep_tmpdir(tmp_path):
         env={**env, "TMPDIR": str(deep)},
     )
     assert done.returncode == 0 and f"TMPDIR={deep} is too deep" in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_layout_errors_every_rank_meets_are_printed_by_rank_zero_alone(data, monkeypatch, rank):
+    from tl_cli.cluster import distributed
+
+    monkeypatch.setattr(distributed, "rank", lambda: rank)
+    (data / "val" / "notes.txt").write_text("loose\n")
+    with pytest.raises(TLError, match="holds files directly") as caught:
+        _dm(data, image_size=32)
+    assert getattr(caught.value, "quiet", False) == (rank == 1)  # `tl` prints an error unless quiet

@@ -87,10 +87,12 @@ def test_lightning_launcher_feature_extraction_then_fine_tuning_ranks_agree(data
             *save,
             "ft_state",
             *skip,
+            *("--model.class_weights", "auto"),
         ]
     )
     log = ok(done)
     assert "GLOBAL_RANK: 1" in log and "epoch 1: backbone stages trainable" in log
+    assert log.count("tl: class weights (auto): ") == 1  # fine-tuning counts them too, once
     differ, trained = compare_ranks(Path("ft_state"))
     assert differ == 0, f"{differ} tensors differ between the ranks"  # weights and val/ metrics
     ends = torch.load("ft_state/end0.pt", weights_only=True)

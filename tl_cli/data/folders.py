@@ -64,7 +64,8 @@ def named_as(read_root: Path, root: Path) -> Iterator[None]:
     except TLError as exc:
         if read_root == root:
             raise
-        raise TLError(str(exc).replace(str(read_root), str(root))) from None
+        exc.args = (str(exc).replace(str(read_root), str(root)), *exc.args[1:])  # its class kept
+        raise
 
 
 def class_folders(split_dir: Path) -> list[str]:

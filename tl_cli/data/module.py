@@ -215,12 +215,16 @@ class ImageFolderData(pl.LightningDataModule):
         if stage != "predict":
             self._read_root = stage_data(self.root, self.staging, ("train", "val", "test"), say)
         split = {"fit": "train", "validate": "val", "test": "test"}.get(stage)
-        if split and self.class_names is None:
-            with named_as(self._read_root, self.root):
-                self.class_names = class_folders(self._read_root / split)
         self._samples, self._datasets = {}, {}
+        try:  # every rank reads the same layout and meets its errors alike: rank 0 says them
+            if split and self.class_names is None:
+                with named_as(self._read_root, self.root):
+                    self.class_names = class_folders(self._read_root / split)
+            if stage == "fit":
+                train, val = self.samples("train"), self.samples("val")
+        except TLError as exc:
+            raise distributed.printed_by_rank_zero(exc)
         if stage == "fit":  # copies of training images in val/ or test/ are warned about (rank 0)
-            train, val = self.samples("train"), self.samples("val")  # every rank: layout errors alike
             test = (lambda: self.samples("test")) if (self._read_root / "test").is_dir() else list
             check = (train, val, test, self._read_root, self.root, cache_root(self.cache_dir), say)
             distributed.on_rank_zero(lambda: warn_about_leaks(*check), distributed.timeout_for(len(train) + len(val)))
