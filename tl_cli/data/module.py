@@ -223,7 +223,8 @@ class ImageFolderData(pl.LightningDataModule):
             if stage == "fit":
                 train, val = self.samples("train"), self.samples("val")
         except TLError as exc:
-            raise distributed.printed_by_rank_zero(exc)
+            distributed.printed_by_rank_zero(exc)
+            raise
         if stage == "fit":  # copies of training images in val/ or test/ are warned about (rank 0)
             test = (lambda: self.samples("test")) if (self._read_root / "test").is_dir() else list
             check = (train, val, test, self._read_root, self.root, cache_root(self.cache_dir), say)
