@@ -80,7 +80,7 @@ def test_data_check_reports_what_stops_tl_fit_outside_class_folders(tmp_path, ca
     assert tl("data", "check", root, "--json", "--workers", "0") == 1
     errors = {e["path"]: e["problem"] for e in json.loads(capsys.readouterr().out)["errors"]}
     assert "move it into a class folder" in errors[str(root / "train" / "README.txt")]
-    assert errors[str(root / "test")].startswith("no class folders")
+    assert errors[str(root / "test")].startswith("no class folders (tl test needs them")
     assert len(errors) == 2
     # and tl fit stops on the same file
     assert tl("fit", "--config", CONFIGS / "feature_extract.yaml", *TINY, "--data.root", root) == 2

@@ -77,11 +77,17 @@ def check_dataset(root: str | Path, workers: int = 2, min_size: int = 32, progre
                     {"path": str(root / split / cls), "problem": "class folder has no usable image"}
                 )
         if not files[split]:
+            needs = (
+                "tl test needs them; tl fit only checks test/ for copies" if split == "test" else "tl fit needs them"
+            )
             report["errors"].append(
-                {"path": str(root / split), "problem": "no class folders; put each class's images in <class>/"}
+                {
+                    "path": str(root / split),
+                    "problem": f"no class folders ({needs}); put each class's images in <class>/",
+                }
             )
         for loose in sorted(p for p in (root / split).iterdir() if p.is_file() and not is_ignored(p)):
-            # tl fit stops on these (folders.class_folders): images belong in a class folder
+            # tl fit (train/, val/) and tl test (test/) stop on these: images belong in a class folder
             report["errors"].append(
                 {"path": str(loose), "problem": "a file directly in the split folder; move it into a class folder"}
             )
