@@ -94,3 +94,27 @@ def test_files_alike_in_size_and_head_but_not_in_bytes_are_not_copies(tmp_path):
     d.write_bytes(b"z" * 50)
     assert leaks.copies_of_training_files([a, d], [b, c]) == [(c, a)]
     assert leaks.copies_of_training_files([b], [a, c]) == []
+
+
+def test_each_file_is_read_once_however_many_training_files_share_its_size(tmp_path, monkeypatch):
+    # uncompressed images of one resolution all have one size: no file is compared with each
+    rng = __import__("random").Random(0)
+    head = bytes(range(256)) * 64
+    train = []
+    for i in range(200):
+        path = tmp_path / f"t{i}.bmp"
+        path.write_bytes(bytes(rng.getrandbits(8) for _ in range(64)) * 32)  # 2 KiB, distinct heads
+        train.append(path)
+    twins = [tmp_path / "twin_a.bmp", tmp_path / "twin_b.bmp"]  # same head, other tails, 2.5 MiB
+    for twin, tail in zip(twins, (b"a", b"b"), strict=True):
+        twin.write_bytes(head + tail * (5 * 2**19))
+    others = [tmp_path / f"o{i}.bmp" for i in range(3)]
+    others[0].write_bytes(train[137].read_bytes())
+    others[1].write_bytes(twins[1].read_bytes())  # the second training file with its head
+    others[2].write_bytes(bytes(rng.getrandbits(8) for _ in range(2048)))  # a stranger of the same size
+    reads = []
+    digest = leaks._digest
+    monkeypatch.setattr(leaks, "_digest", lambda path, limit=None: reads.append(path) or digest(path, limit))
+    found = leaks.copies_of_training_files([*train, *twins], others)
+    assert found == [(others[0], train[137]), (others[1], twins[1])]
+    assert len(reads) <= len(train) + len(twins) + len(others) + 3  # heads once; whole files where heads match

@@ -4,8 +4,8 @@ A copy in val/ makes validation (and what it selects: best.ckpt, early stopping)
 accuracy; a copy in test/ does the same to the reported result. `tl data check` lists every
 duplicate; `tl fit` warns about the copies that leak, before training starts.
 
-Only files whose size equals a training file's are read: their first 16 KiB, and the whole
-file only where those match too. Photographs of one camera often share sizes, so at 100k
+Only files whose size equals a file of the other side are read: their first 16 KiB, and the
+whole file only where those match too. Photographs of one camera often share sizes, so at 100k
 images this can open tens of thousands of files once; the answer is then remembered per file
 set in the cache folder, and later runs read nothing.
 """
@@ -32,31 +32,48 @@ def copies_of_training_files(
 ) -> list[tuple[Path, Path]]:
     """(file of `others`, file of `train`) for every file of `others` byte-identical to one of
     `train`, in the order of `others`; `sizes`: those of train + others, if known. Empty files
-    and files that are not images by name are left out (screening names those)."""
+    and files that are not images by name are left out (screening names those).
+
+    Each file is looked up once, by (size, digest of its first 16 KiB), not compared with every
+    training file of its size: uncompressed images of one resolution all share a size."""
     sizes = sizes if sizes is not None else [p.stat().st_size for p in train + others]
-    by_size: dict[int, list[Path]] = defaultdict(list)
+    wanted = [(p, n) for p, n in zip(others, sizes[len(train) :], strict=True) if n and is_image_name(p)]
+    needed = {n for _, n in wanted}
+    by_head: dict[tuple[int, str], list[Path]] = defaultdict(list)
     for path, size in zip(train, sizes, strict=False):
-        if size and is_image_name(path):
-            by_size[size].append(path)
-    digests: dict[tuple[Path, bool], str] = {}
-
-    def digest(path: Path, whole: bool) -> str:
-        if (path, whole) not in digests:
-            with open(path, "rb") as fh:
-                digests[path, whole] = hashlib.sha256(fh.read() if whole else fh.read(HEAD)).hexdigest()
-        return digests[path, whole]
-
+        if size in needed and is_image_name(path):  # only training files some other file's size
+            by_head[size, _digest(path, HEAD)].append(path)
+    train_sizes = {n for n, _ in by_head}
+    whole: dict[Path, str] = {}
     found = []
-    for path, size in zip(others, sizes[len(train) :], strict=True):
-        if not (size and is_image_name(path) and by_size.get(size)):
+    for path, size in wanted:
+        candidates = by_head.get((size, _digest(path, HEAD))) if size in train_sizes else None
+        if not candidates:
             continue
-        for original in by_size[size]:
-            if digest(original, False) == digest(path, False) and (
-                size <= HEAD or digest(original, True) == digest(path, True)
-            ):
+        if size <= HEAD:  # the first 16 KiB are the whole file
+            found.append((path, candidates[0]))
+            continue
+        mine = _digest(path)
+        for original in candidates:
+            if original not in whole:
+                whole[original] = _digest(original)
+            if whole[original] == mine:
                 found.append((path, original))
                 break
     return found
+
+
+def _digest(path: Path, limit: Optional[int] = None) -> str:
+    """SHA-256 of a file's first `limit` bytes (the whole file if None), read in 1 MiB chunks."""
+    sha, left = hashlib.sha256(), limit
+    with open(path, "rb") as fh:
+        while left is None or left > 0:
+            chunk = fh.read(2**20 if left is None else min(2**20, left))
+            if not chunk:
+                break
+            sha.update(chunk)
+            left = None if left is None else left - len(chunk)
+    return sha.hexdigest()
 
 
 def warn_about_leaks(
