@@ -216,3 +216,7 @@ def test_target_images_all_left_out_by_skip_stop_with_the_folder_named(tiny_data
     err = capsys.readouterr().err
     assert f"{target / 'train'} has no usable images left" in err and "data.target_root" in err
     assert "Traceback" not in err and bad.exists()
+    (bad.parent / "good.png").write_bytes(next((target / "test" / "ellipses").iterdir()).read_bytes())
+    assert tl("fit", *args, "--data.on_bad_image", "skip") == 0
+    said = capsys.readouterr()
+    assert "target train: 1 decoded images prepared" in said.out + said.err  # not the source's "train:"

@@ -173,12 +173,13 @@ def screen_and_cache(
     ram_budget: int,
     say: Callable[[str], None],
     staged: Optional[tuple[Path, Path]] = None,
+    name: Optional[str] = None,
 ) -> Prepared:
     """Screen `samples` for bad images (the result is remembered per file set) and load or
     build the caches asked for: decoded images (`images`), bottleneck features (`extractor`).
 
     `staged` is (copy, source) when the samples are a staged copy (``data.stage``): entries and
-    messages name the source's files. Returns the usable samples and what was cached of them.
+    messages name the source's files. `name`: the split as messages call it (default: the folder's). Returns the usable samples and what was cached of them.
     """
     screen = ScreenStore(cache_dir, make_key("check", files=files_fingerprint(samples, staged)))
     known = distributed.broadcast(screen.load())
@@ -211,7 +212,7 @@ def screen_and_cache(
         lacking = (images and got_images is None) or (extractor is not None and got_features is None)
         missing = distributed.on_every_rank(lambda: lacking, distributed.timeout_for(len(kept), 0.0))
         if not any(missing):
-            _report(say, where, len(kept), got_images, got_features, None)
+            _report(say, name or where.name, len(kept), got_images, got_features, None)
             return Prepared(kept, got_images, got_features, image_file)
         build = any(missing[r] for r in group.ranks)
     start = time.perf_counter()
@@ -263,7 +264,7 @@ def screen_and_cache(
     got_images, got_features, image_file = loaded(kept)
     if (images and got_images is None) or (extractor is not None and got_features is None):
         raise RuntimeError(f"the cache entries for {where} are missing right after they were built")
-    _report(say, where, len(kept), got_images, got_features, time.perf_counter() - start)
+    _report(say, name or where.name, len(kept), got_images, got_features, time.perf_counter() - start)
     return Prepared(kept, got_images, got_features, image_file)
 
 
@@ -322,13 +323,13 @@ def _class_folder(where: Path, path: Path, staged: Optional[tuple[Path, Path]]) 
     return str(where / path.relative_to(where).parts[0]) if path.is_relative_to(where) else str(path.parent)
 
 
-def _report(say: Callable, where: Path, n: int, images: Any, features: Any, seconds: Optional[float]) -> None:
+def _report(say: Callable, name: str, n: int, images: Any, features: Any, seconds: Optional[float]) -> None:
     how = "loaded" if seconds is None else f"prepared in {seconds:.1f} s"
     if features is not None:
-        say(f"{where.name}: bottleneck features of {n} images {how}")
+        say(f"{name}: bottleneck features of {n} images {how}")
     elif images is not None:
         data = images[0]
         kind = "memory-mapped" if isinstance(data, np.memmap) else "in memory"
-        say(f"{where.name}: {n} decoded images {how}, {data.nbytes / 2**20:.0f} MiB {kind}")
+        say(f"{name}: {n} decoded images {how}, {data.nbytes / 2**20:.0f} MiB {kind}")
     elif seconds is not None:
-        say(f"{where.name}: {n} images checked in {seconds:.1f} s")
+        say(f"{name}: {n} images checked in {seconds:.1f} s")

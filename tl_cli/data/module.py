@@ -307,6 +307,7 @@ class ImageFolderData(pl.LightningDataModule):
                 ram_budget=image_ram_budget(self._processes_on_node()),
                 say=say,
                 staged=None if self._read_root == self.root else (self._read_root.resolve(), self.root.resolve()),
+                name=split.replace("_", " "),  # target_train: "target train", not the folder's "train"
             )
             self._samples[split] = ready.samples
             labels = [label for _, label in ready.samples]
