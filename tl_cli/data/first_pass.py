@@ -179,7 +179,8 @@ def screen_and_cache(
     build the caches asked for: decoded images (`images`), bottleneck features (`extractor`).
 
     `staged` is (copy, source) when the samples are a staged copy (``data.stage``): entries and
-    messages name the source's files. `name`: the split as messages call it (default: the folder's). Returns the usable samples and what was cached of them.
+    messages name the source's files; `name` is the split as messages call it (default: the
+    folder's). Returns the usable samples and what was cached of them.
     """
     screen = ScreenStore(cache_dir, make_key("check", files=files_fingerprint(samples, staged)))
     known = distributed.broadcast(screen.load())
