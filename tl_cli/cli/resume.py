@@ -53,7 +53,7 @@ def resume_arguments(argv: list[str]) -> tuple[list[str], str]:
     name = Path(os.path.realpath(run)).name  # runs/x/latest -> the version it points at
     ckpt: Any = str(last)
     hpc = runs.preemption_checkpoints(run.parent)
-    if hpc and int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) > 0:
+    if hpc and runs.slurm_restarted():
         runs.newest_preemption_checkpoint(run.parent)  # readable, or stop with it named
         ckpt = "hpc"  # a requeued `tl resume` job: Lightning's newest preemption checkpoint
     else:

@@ -42,7 +42,7 @@ def continuing(name: str) -> Iterator[None]:
         _resumed = before
 
 
-def _slurm_restarted() -> bool:
+def slurm_restarted() -> bool:
     return int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) > 0
 
 
@@ -52,7 +52,7 @@ def _continued(root: Path) -> Optional[str]:
     if _resumed is not None and (root / _resumed).is_dir():
         return _resumed
     job = os.environ.get("SLURM_JOB_ID")
-    if not job or not _slurm_restarted() or not root.is_dir():
+    if not job or not slurm_restarted() or not root.is_dir():
         return None
     for marker in root.glob(f"*/{MARKER}"):
         if marker.parent.is_symlink():  # latest: the folder it points at is found as itself
@@ -79,7 +79,7 @@ def claim(root: Path) -> tuple[str, bool]:
     root.mkdir(parents=True, exist_ok=True)
     earlier = _continued(root)
     if earlier:
-        if _slurm_restarted():
+        if slurm_restarted():
             newest_preemption_checkpoint(root)  # what Lightning resumes from: readable, or stop here
         _count_restart(root / earlier)
         return earlier, True
@@ -114,7 +114,7 @@ def _count_restart(folder: Path) -> None:
         marker = json.loads((folder / MARKER).read_text())
     except (OSError, ValueError):
         return
-    key = "resumes" if _resumed is not None and not _slurm_restarted() else "restarts"
+    key = "resumes" if _resumed is not None and not slurm_restarted() else "restarts"
     marker[key] = int(marker.get(key, 0)) + 1
     (folder / MARKER).write_text(json.dumps(marker) + "\n")
 
@@ -258,7 +258,7 @@ def resumed_checkpoint(run: RunFolder) -> Optional[Path]:
     """The checkpoint a continued run resumes from: the newest ``hpc_ckpt_N.ckpt`` of a requeued
     job (Lightning's choice), else the run's ``last.ckpt`` (``tl resume``)."""
     hpc = preemption_checkpoints(run.root)
-    if hpc and _slurm_restarted():
+    if hpc and slurm_restarted():
         return hpc[-1]
     last = run.path / "checkpoints" / "last.ckpt"
     return last if last.is_file() else (hpc[-1] if hpc else None)
