@@ -201,6 +201,8 @@ def _fashion_pool(dest: Path, per_class: int, names: tuple[str, ...] = FASHION_C
         images = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 28, 28)
     with gzip.open(FASHION / "train-labels-idx1-ubyte.gz") as f:
         labels = np.frombuffer(f.read(), np.uint8, offset=8)
+    if unknown := set(names) - set(FASHION_CLASSES):  # a misspelt class would give an empty pool
+        raise ValueError(f"not Fashion-MNIST classes: {sorted(unknown)}; they are {', '.join(FASHION_CLASSES)}")
     tmp = dest.with_name(dest.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     for label, name in enumerate(FASHION_CLASSES):
