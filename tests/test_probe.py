@@ -37,11 +37,35 @@ def test_linear_probe_is_scikit_learns_logistic_regression_with_c_chosen_on_val(
     assert torch.allclose(ours, theirs, atol=2e-3)
 
 
+def test_probe_strength_is_chosen_by_accuracy_on_a_large_val_split_and_by_loss_on_a_small_one():
+    from tl_cli.models.probe import ACCURACY_FROM, fit_linear_probe
+
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(3, 20, generator=g) * 0.5  # overlapping classes: the two rules disagree
+    scale = torch.rand(20, generator=g) * 5 + 0.1
+
+    def blobs(n):
+        y = torch.arange(n) % 3
+        return (centres[y] + torch.randn(n, 20, generator=g)) * scale + 3, y
+
+    (x, y), (xv, yv) = blobs(60), blobs(ACCURACY_FROM)
+    large = fit_linear_probe(x, y, xv, yv, 3)
+    small = fit_linear_probe(x, y, xv[:-1], yv[:-1], 3)  # one image fewer than the threshold
+    assert (large.chosen_by, small.chosen_by) == ("accuracy", "loss")
+    assert large.c == max(large.table, key=lambda r: (r[1], -r[2]))[0]
+    assert (large.val_acc, large.val_loss) == next((a, lo) for c, a, lo in large.table if c == large.c)
+    assert small.c == min(small.table, key=lambda r: (r[2], -r[1]))[0]
+    assert large.c != small.c  # the data make the rules disagree, so each assertion above can fail
+    # the head is the chosen strength's fit: its validation accuracy is the one reported
+    acc = float(((xv @ large.weight.T + large.bias).argmax(1) == yv).double().mean())
+    assert acc == pytest.approx(large.val_acc, abs=1e-9)
+
+
 def test_feature_extraction_head_starts_as_the_tuned_probe(tiny_data, capsys):
     fit_tiny(tiny_data, 1, "feature_extract.yaml", "-o", "probe")
     out = capsys.readouterr().out
     probe = re.search(
-        r"tl: head = tuned linear probe on 24 cached features: L2 C=\S+ chosen on val/ \(val acc ([\d.]+), val loss ([\d.]+)\)",
+        r"tl: head = tuned linear probe on 24 cached features: L2 C=\S+ chosen on val/ by loss \(\d+ images; val acc ([\d.]+), val loss ([\d.]+)\)",
         out,
     )
     start = re.search(r"tl: starting point: val/loss ([\d.]+), val/acc ([\d.]+)", out)

@@ -78,5 +78,6 @@ class FeatureExtraction(Classifier):
             self.head.bias.copy_(probe.bias.to(self.head.bias))
         self.print(
             f"tl: head = tuned linear probe on {len(train)} cached features: L2 C={probe.c:.3g} chosen on val/ "
-            f"(val acc {probe.val_acc:.4f}, val loss {probe.val_loss:.4f}); the epochs go on from it"
+            f"by {probe.chosen_by} ({len(val)} images; val acc {probe.val_acc:.4f}, val loss {probe.val_loss:.4f}); "
+            "the epochs go on from it"
         )
