@@ -140,9 +140,27 @@ MUTATIONS = {
     ),
     "probe-val-choice-ignored": (
         "tl_cli/models/probe.py",
-        "if best is None or (-loss, acc) > (-best[2], best[1]):",
+        "if best is None or score(acc, loss) > score(best[1], best[2]):",
         "if True:",
         ["tests/test_probe.py::test_linear_probe_is_scikit_learns_logistic_regression_with_c_chosen_on_val"],
+    ),
+    "probe-rule-threshold-off-by-one": (
+        "tl_cli/models/probe.py",
+        "by_accuracy = len(yv) >= ACCURACY_FROM",
+        "by_accuracy = len(yv) > ACCURACY_FROM",
+        [
+            "tests/test_probe.py::"
+            "test_probe_strength_is_chosen_by_accuracy_on_a_large_val_split_and_by_loss_on_a_small_one"
+        ],
+    ),
+    "probe-always-by-loss": (
+        "tl_cli/models/probe.py",
+        "return (acc, -loss) if by_accuracy else (-loss, acc)",
+        "return (-loss, acc)",
+        [
+            "tests/test_probe.py::"
+            "test_probe_strength_is_chosen_by_accuracy_on_a_large_val_split_and_by_loss_on_a_small_one"
+        ],
     ),
     "neck-not-trained": (
         "tl_cli/models/finetune.py",
