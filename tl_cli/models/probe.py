@@ -10,14 +10,15 @@ from the previous. Which strength wins depends on the validation split's size. F
 probes the field reports (CLIP's linear probes, scikit-learn's LogisticRegressionCV): a few
 images of hundreds then separate the grid's strengths, and accuracy is what users compare. On a
 smaller split one image is several points of accuracy, so the lowest validation loss wins
-(ties: accuracy), which moves smoothly. The objective is scikit-learn's (L2 on the weights, not the bias; ``C = 1 / (lambda n)``),
-with the training loss's class weights and label smoothing, and no copy of every feature in NumPy.
+(ties: accuracy), which moves smoothly. The objective is scikit-learn's (L2 on the weights, not
+the bias; ``C = 1 / (lambda n)``), with the training loss's class weights and label smoothing,
+and no copy of every feature in NumPy.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
 import torch.nn.functional as F
@@ -25,9 +26,8 @@ import torch.nn.functional as F
 #: scikit-learn's C (inverse L2 strength) from strong to weak regularisation
 C_GRID = tuple(float(c) for c in torch.logspace(-4, 3, 15, dtype=torch.float64))
 
-#: validation images from which the probe's strength is chosen by accuracy (below: by loss); one
-#: image is then at most half a point. On 18 real-image runs (bench/README.md, "tl's probe: which
-#: C") accuracy chose better on splits of 313-500 images, loss on splits of 32-72.
+#: validation images from which the probe's strength is chosen by accuracy (below: by loss): one
+#: image is then at most half a point (the measurements: bench/README.md, "tl's probe: which C")
 ACCURACY_FROM = 200
 
 
@@ -38,7 +38,7 @@ class Probe:
     c: float  # the chosen inverse regularisation strength
     val_acc: float
     val_loss: float
-    chosen_by: str  # "accuracy" or "loss", by the validation split's size
+    chosen_by: Literal["accuracy", "loss"]  # by the validation split's size
     table: list[tuple[float, float, float]]  # (C, val acc, val loss) of every fit
 
 
