@@ -9,12 +9,14 @@ files and in the same run:
   RandAugment), and fine-tuning again (largest N) with the image cache forced to memory-mapped files;
 - a plain PyTorch baseline in this process: torchvision ImageFolder + DataLoader with the same
   workers + the same timm model under inference_mode; for fine-tuning the same augmentation,
-  stages, loss and optimizer.
+  stages, loss and optimizer. Twice: as a user writes it (the default contiguous layout), and
+  in channels-last, tl's layout, which isolates tl's own overhead from the layout's gain.
 
 Per N: seconds per image of tl's first pass, of a cached feature-extraction epoch and of a
 fine-tuning epoch; peak memory of tl's process tree; cache bytes on disk. Targets: per-image
 cost from the smallest to the largest N within 1.25x; first pass and fine-tuning >= 0.95x the
-baseline's images/s; cached epochs >= 10x its first pass; memory-mapped fine-tuning epochs
+baseline's images/s (>= 0.90x the channels-last baseline's: tl's overhead, as bench/overhead.py);
+cached epochs >= 10x its first pass; memory-mapped fine-tuning epochs
 <= 1.5x in-memory ones; peak memory growth from the smallest N within the image-cache budget.
 """
 
@@ -290,24 +292,34 @@ def plain_loader(root: Path, transform: Any, batch: int, workers: int, shuffle: 
     )
 
 
-def plain_features(root: Path, name: str, image_size: Optional[int], batch: int, workers: int) -> float:
+def plain_features(
+    root: Path, name: str, image_size: Optional[int], batch: int, workers: int, channels_last: bool = False
+) -> float:
     """Seconds per image of feature extraction as a user writes it (workers started included)."""
     import torch
 
     transform, _ = plain_transforms(name, image_size, augment=False)
-    model = plain_model(name, 0, 0)
+    model = plain_model(name, 0, 0, channels_last=channels_last)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
     start = time.perf_counter()
     out, n = [], 0
     with torch.inference_mode():
         for x, _ in plain_loader(root, transform, batch, workers, shuffle=False):
-            out.append(model(x))
+            out.append(model(x.contiguous(memory_format=fmt)))
             n += len(x)
     torch.cat(out)
     return (time.perf_counter() - start) / n
 
 
 def plain_finetune(
-    root: Path, name: str, classes: int, image_size: Optional[int], batch: int, workers: int, epochs: int
+    root: Path,
+    name: str,
+    classes: int,
+    image_size: Optional[int],
+    batch: int,
+    workers: int,
+    epochs: int,
+    channels_last: bool = False,
 ):
     """Seconds per image of each fine-tuning epoch as a user writes it: ImageFolder with crop +
     flip + RandAugment, the last 4 stages and the classifier, AdamW, label smoothing 0.1."""
@@ -315,7 +327,8 @@ def plain_finetune(
 
     torch.manual_seed(0)
     transform, _ = plain_transforms(name, image_size, augment=True)
-    model = plain_model(name, classes, trainable_stages=4)
+    model = plain_model(name, classes, trainable_stages=4, channels_last=channels_last)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-4, weight_decay=1e-4)
     loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
     loader = plain_loader(root, transform, batch, workers, shuffle=True)
@@ -323,7 +336,7 @@ def plain_finetune(
     for _ in range(epochs):
         start, n = time.perf_counter(), 0
         for x, y in loader:
-            loss = loss_fn(model(x), y)
+            loss = loss_fn(model(x.contiguous(memory_format=fmt)), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -355,6 +368,7 @@ def measure(n: int, root: Path, opts: argparse.Namespace, budget: int) -> dict[s
     row: dict[str, Any] = {"n": n}
 
     row["plain_first"] = plain_features(root, name, opts.image_size, opts.batch_size, opts.workers)
+    row["plain_first_cl"] = plain_features(root, name, opts.image_size, opts.batch_size, opts.workers, True)
     first = run_tl(fe, work / "fe_first.log", env)
     row["first"] = first_pass(first["text"])
     row["feature_bytes"] = folder_bytes(cache)
@@ -371,10 +385,9 @@ def measure(n: int, root: Path, opts: argparse.Namespace, budget: int) -> dict[s
     row["image_cache"] = kind.group(2) if kind else "?"
     row["image_bytes"] = folder_bytes(cache, "images")
     row["cached_images"] = n + opts.classes * opts.val_per_class  # train and val are both cached
-    row["plain_finetune"] = per_image(
-        plain_finetune(root, name, opts.classes, opts.image_size, opts.batch_size, opts.workers, opts.ft_epochs),
-        skip_first=True,
-    )
+    loop = (root, name, opts.classes, opts.image_size, opts.batch_size, opts.workers, opts.ft_epochs)
+    row["plain_finetune"] = per_image(plain_finetune(*loop), skip_first=True)
+    row["plain_finetune_cl"] = per_image(plain_finetune(*loop, channels_last=True), skip_first=True)
     runs = {"fe_first": first, "fe_warm": warm, "ft": ft_run}
     if opts.memmap and n == max(opts.sizes):  # the largest N: where a cache outgrows the budget
         mm = run_tl([*ft, f"--trainer.default_root_dir={work / 'ft_mm'}"], work / "ft_memmap.log", env, ram_share=0.0)
@@ -396,15 +409,16 @@ def report(rows: list[dict[str, Any]], opts: argparse.Namespace) -> None:
     mib = 2**20
     ms = 1000
     print(
-        "scale: N      | first pass ms/img tl / plain | cached FE epoch ms/img | fine-tune epoch ms/img tl / plain"
-        " / memmap | peak PSS MiB fe-first fe-warm ft | held (anon) MiB ft | cache MiB | image cache B/img"
+        "scale: N      | first pass ms/img tl / plain / plain-CL | cached FE epoch ms/img | fine-tune epoch ms/img"
+        " tl / plain / plain-CL / memmap | peak PSS MiB fe-first fe-warm ft | held (anon) MiB ft | cache MiB"
+        " | image cache B/img"
     )
     for r in rows:
         mm = f"{r['memmap'] * ms:8.2f}" if "memmap" in r else "       -"
         print(
-            f"scale: {r['n']:6d} | {r['first'] * ms:8.2f} / {r['plain_first'] * ms:8.2f}"
+            f"scale: {r['n']:6d} | {r['first'] * ms:8.2f} / {r['plain_first'] * ms:8.2f} / {r['plain_first_cl'] * ms:8.2f}"
             f"          | {r['cached_epoch'] * ms:10.4f}             | {r['finetune'] * ms:8.2f} / "
-            f"{r['plain_finetune'] * ms:8.2f} / {mm} | {r['pss']['fe_first'] / mib:7.0f} {r['pss']['fe_warm'] / mib:7.0f}"
+            f"{r['plain_finetune'] * ms:8.2f} / {r['plain_finetune_cl'] * ms:8.2f} / {mm} | {r['pss']['fe_first'] / mib:7.0f} {r['pss']['fe_warm'] / mib:7.0f}"
             f" {r['pss']['ft'] / mib:7.0f} | {r['held']['ft'] / mib:7.0f} | {r['cache_bytes'] / mib:9.1f} |"
             f" {r['image_bytes'] / r['cached_images']:9.0f} ({r['image_cache']})"
         )
@@ -427,6 +441,14 @@ def report(rows: list[dict[str, Any]], opts: argparse.Namespace) -> None:
             0.95,
             f"tl {1 / r['finetune']:.1f} vs plain {1 / r['plain_finetune']:.1f} images/s",
         )
+        for key, what in (("first", "first_pass"), ("finetune", "finetune")):
+            result(
+                f"scale.{what}_vs_plain_channels_last.{name}",
+                r[f"plain_{key}_cl"] / r[key],
+                0.90,
+                f"tl {1 / r[key]:.1f} vs the plain loop in channels-last "
+                f"{1 / r[f'plain_{key}_cl']:.1f} images/s: tl's own overhead, one layout",
+            )
         result(
             f"scale.cached_vs_plain.{name}",
             r["plain_first"] / r["cached_epoch"],
@@ -486,6 +508,8 @@ def plot(rows: list[dict[str, Any]], path: Path) -> Path:
         ("plain_first", "plain loop: extraction", "C0", ":"),
         ("finetune", "tl: fine-tuning epoch", "C1", "-"),
         ("plain_finetune", "plain loop: fine-tuning epoch", "C1", ":"),
+        ("plain_first_cl", "plain loop in channels-last: extraction", "C0", "--"),
+        ("plain_finetune_cl", "plain loop in channels-last: fine-tuning epoch", "C1", "--"),
         ("cached_epoch", "tl: feature-extraction epoch (cached)", "C2", "-"),
     )
     for key, label, color, style in lines:

