@@ -7,7 +7,16 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-BENCHES = ["small_data", "feature_cache", "loader", "overhead", "channels_last", "startup", "linear_probe", "domain_adapt"]
+BENCHES = [
+    "small_data",
+    "feature_cache",
+    "loader",
+    "overhead",
+    "channels_last",
+    "startup",
+    "linear_probe",
+    "domain_adapt",
+]
 
 
 def main() -> int:

@@ -111,6 +111,36 @@ def tree_memory(pid: int) -> tuple[int, int]:
     return pss, held
 
 
+# Every SAMPLE_EVERY seconds, the same for tl's runs and the plain loop's. Reading smaps_rollup
+# walks the process's whole address space under its mmap lock, which the allocator's mmap and
+# munmap of large tensors wait for: at every 0.25 s it slowed tl's fine-tuning epochs by 15-20 %
+# (2026-12-07: 48-52 against 40-42 ms/image unsampled) while the plain loop ran unsampled, and
+# the walk grows with the image cache, i.e. with N. Memory here changes in steps that last
+# seconds (cache builds, epochs), so 2 s loses no peak worth reporting.
+SAMPLE_EVERY = 2.0
+
+
+class TreePeak:
+    """Peak (PSS, held) of a process tree while the `with` block runs, sampled by a thread."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid, self.peak, self.done = pid, [0, 0], threading.Event()
+
+    def __enter__(self) -> TreePeak:
+        def sample() -> None:
+            while not self.done.wait(SAMPLE_EVERY):
+                pss, held = tree_memory(self.pid)
+                self.peak = [max(self.peak[0], pss), max(self.peak[1], held)]
+
+        self.thread = threading.Thread(target=sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.done.set()
+        self.thread.join()
+
+
 def run_tl(args: list[str], log: Path, env: Optional[dict[str, str]] = None, ram_share: Optional[float] = None) -> dict:
     """`tl ARGS` in a fresh process, sampling its tree's memory; what it printed, its epochs
     (`EpochClock`), peak PSS, peak anonymous memory, wall seconds. `ram_share` overrides the
@@ -133,20 +163,10 @@ def run_tl(args: list[str], log: Path, env: Optional[dict[str, str]] = None, ram
         proc = subprocess.Popen(
             [sys.executable, "-c", code, *map(str, argv)], cwd=REPO, env=full_env, stdout=out, stderr=subprocess.STDOUT
         )
-        peak = [0, 0]
-        done = threading.Event()
-
-        def sample() -> None:
-            while not done.wait(0.25):
-                pss, held = tree_memory(proc.pid)
-                peak[0], peak[1] = max(peak[0], pss), max(peak[1], held)
-
-        sampler = threading.Thread(target=sample, daemon=True)
-        sampler.start()
-        _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        done.set()
-        sampler.join()
+        with TreePeak(proc.pid) as sampler:
+            _, status, usage = os.wait4(proc.pid, 0)
+            proc.returncode = os.waitstatus_to_exitcode(status)
+        peak = sampler.peak
     seconds = time.perf_counter() - start
     text = log.read_text()
     if proc.returncode != 0:
@@ -367,8 +387,17 @@ def measure(n: int, root: Path, opts: argparse.Namespace, budget: int) -> dict[s
     fe += [f"--trainer.max_epochs={opts.fe_epochs}", f"--trainer.default_root_dir={work / 'fe'}"]
     row: dict[str, Any] = {"n": n}
 
-    row["plain_first"] = plain_features(root, name, opts.image_size, opts.batch_size, opts.workers)
-    row["plain_first_cl"] = plain_features(root, name, opts.image_size, opts.batch_size, opts.workers, True)
+    plain_peak = {}
+
+    def plain(key: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        with TreePeak(os.getpid()) as sampler:  # sampled as tl's runs are (SAMPLE_EVERY)
+            out = fn(*args, **kwargs)
+        plain_peak[key] = sampler.peak[0]
+        return out
+
+    features = (root, name, opts.image_size, opts.batch_size, opts.workers)
+    row["plain_first"] = plain("first", plain_features, *features)
+    row["plain_first_cl"] = plain("first_cl", plain_features, *features, True)
     first = run_tl(fe, work / "fe_first.log", env)
     row["first"] = first_pass(first["text"])
     row["feature_bytes"] = folder_bytes(cache)
@@ -386,8 +415,10 @@ def measure(n: int, root: Path, opts: argparse.Namespace, budget: int) -> dict[s
     row["image_bytes"] = folder_bytes(cache, "images")
     row["cached_images"] = n + opts.classes * opts.val_per_class  # train and val are both cached
     loop = (root, name, opts.classes, opts.image_size, opts.batch_size, opts.workers, opts.ft_epochs)
-    row["plain_finetune"] = per_image(plain_finetune(*loop), skip_first=True)
-    row["plain_finetune_cl"] = per_image(plain_finetune(*loop, channels_last=True), skip_first=True)
+    row["plain_finetune"] = per_image(plain("finetune", plain_finetune, *loop), skip_first=True)
+    row["plain_finetune_cl"] = per_image(
+        plain("finetune_cl", plain_finetune, *loop, channels_last=True), skip_first=True
+    )
     runs = {"fe_first": first, "fe_warm": warm, "ft": ft_run}
     if opts.memmap and n == max(opts.sizes):  # the largest N: where a cache outgrows the budget
         mm = run_tl([*ft, f"--trainer.default_root_dir={work / 'ft_mm'}"], work / "ft_memmap.log", env, ram_share=0.0)
@@ -397,6 +428,7 @@ def measure(n: int, root: Path, opts: argparse.Namespace, budget: int) -> dict[s
         row["memmap"] = per_image(mm["epochs"], skip_first=True)
         runs["ft_memmap"] = mm
     row["cache_bytes"] = folder_bytes(cache)
+    row["plain_pss"] = plain_peak  # the bench process's own tree
     row["pss"] = {k: r["pss"] for k, r in runs.items()}
     row["held"] = {k: r["held"] for k, r in runs.items()}
     row["maxrss"] = {k: r["maxrss"] for k, r in runs.items()}
@@ -427,6 +459,9 @@ def report(rows: list[dict[str, Any]], opts: argparse.Namespace) -> None:
             f"scale: N={r['n']}: fine-tuning's image-cache build before its first epoch {r['ft_build'] * ms:.2f} ms/image"
         )
     print(f"scale: image-cache budget in memory (1/4 of available): {rows[0]['budget'] / mib:.0f} MiB")
+    for r in rows:
+        peaks = " ".join(f"{k} {v / mib:.0f}" for k, v in r["plain_pss"].items())
+        print(f"scale: N={r['n']}: peak PSS MiB of the bench process around the plain loop: {peaks}")
     for r in rows:
         name = f"n{r['n']}"
         result(
