@@ -247,15 +247,7 @@ def test_channels_last_is_the_cpu_default_and_changes_no_result(data):
         pl.seed_everything(0)
         model = FineTune(backbone="timm:test_efficientnet", weights="none", channels_last=setting, dropout=0.0)
         dm = ImageFolderData(root=str(data), batch_size=8, num_workers=0, image_size=64)
-        trainer = pl.Trainer(
-            max_epochs=1,
-            accelerator="cpu",
-            logger=False,
-            enable_progress_bar=False,
-            enable_checkpointing=False,
-            callbacks=[UnfreezeSchedule({0: 1})],
-        )
-        trainer.fit(model, dm)
+        fit_model(model, dm, 1, enable_checkpointing=False, callbacks=[UnfreezeSchedule({0: 1})])
         runs[setting] = model
         x, _, _ = model.on_after_batch_transfer((torch.zeros(2, 3, 8, 8, dtype=torch.uint8), [0, 0], [0, 1]), 0)
         on = setting is None
