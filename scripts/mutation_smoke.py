@@ -144,6 +144,12 @@ MUTATIONS = {
         "if True:",
         ["tests/test_probe.py::test_linear_probe_is_scikit_learns_logistic_regression_with_c_chosen_on_val"],
     ),
+    "channels-last-cuda-only": (
+        "tl_cli/models/inputs.py",
+        'in ("CUDAAccelerator", "CPUAccelerator")',
+        'in ("CUDAAccelerator",)',
+        ["tests/test_cache.py::test_channels_last_is_the_cpu_default_and_changes_no_result"],
+    ),
     "probe-rule-threshold-off-by-one": (
         "tl_cli/models/probe.py",
         "by_accuracy = len(yv) >= ACCURACY_FROM",
