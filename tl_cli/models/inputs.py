@@ -81,8 +81,8 @@ class Inputs:
 
     def use_channels_last(self) -> bool:
         """``model.channels_last``, or by default: on CUDA and on the CPU (oneDNN's convolutions
-        run 1.3-2x faster on it there too, for MobileNet/EfficientNet/ResNet alike; neutral for
-        ConvNeXt), off on other accelerators, and off without a trainer."""
+        are faster in it there too: bench/channels_last.py), off on other accelerators and
+        without a trainer."""
         if self.hparams.channels_last is not None:
             return bool(self.hparams.channels_last)
         if self._trainer is None:
