@@ -61,6 +61,41 @@ def test_probe_strength_is_chosen_by_accuracy_on_a_large_val_split_and_by_loss_o
     assert acc == pytest.approx(large.val_acc, abs=1e-9)
 
 
+def test_probe_holds_one_float64_copy_of_the_features_and_fits_as_without_blocks(monkeypatch):
+    """The fit's memory beyond the cached features is one standardised float64 copy (per image:
+    8 bytes a feature), built a block of rows at a time; the blocks change no result."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import tl_cli.models.probe as probe_module
+
+    g = torch.Generator().manual_seed(1)
+    y = torch.arange(90) % 3
+    centres = torch.randn(3, 12, generator=g) * 2
+    x = centres[y] + torch.randn(90, 12, generator=g) * 2 + 5
+    yv = torch.arange(30) % 3
+    xv = centres[yv] + torch.randn(30, 12, generator=g) * 2 + 5
+    weight = torch.tensor([1.0, 2.0, 0.5])
+    whole = probe_module.fit_linear_probe(x, y, xv, yv, 3, weight, 0.1)
+
+    class Copies(TorchDispatchMode):  # every float64 tensor of the training features' shape
+        made = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if isinstance(out, torch.Tensor) and out.dtype == torch.float64 and out.shape == x.shape:
+                Copies.made += 1
+            return out
+
+    monkeypatch.setattr(probe_module, "BLOCK", 7)  # 90 rows: 13 blocks, the last one short
+    with Copies():
+        blocked = probe_module.fit_linear_probe(x, y, xv, yv, 3, weight, 0.1)
+    assert Copies.made == 1
+    assert blocked.c == whole.c and [v for row in blocked.table for v in row] == pytest.approx(
+        [v for row in whole.table for v in row], rel=1e-9
+    )
+    assert torch.allclose(blocked.weight, whole.weight) and torch.allclose(blocked.bias, whole.bias)
+
+
 def test_feature_extraction_head_starts_as_the_tuned_probe(tiny_data, capsys):
     fit_tiny(tiny_data, 1, "feature_extract.yaml", "-o", "probe")
     out = capsys.readouterr().out
