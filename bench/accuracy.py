@@ -18,7 +18,7 @@ mean and spread over the seeds.
                              [--reuse-fe] [--ft-args='--model.lr 1e-3 ...']
     python bench/accuracy.py --sets clipart8 fashion10 --seeds 0 1 2      # the large sets
     python bench/accuracy.py --sets shirts2 --seeds 0     # two confusable classes, 1,000 / 200 / 200 a class
-    python bench/accuracy.py --sets clipart8 --tag all8 --fe-from shipped --ft-args='--unfreeze.schedule {0: 8}'
+    python bench/accuracy.py --sets clipart8 --tag all8 --fe-from shipped --ft-args="--unfreeze.schedule '{0: 8}'"
 
 For each run it also prints the share of feature extraction's test errors that fine-tuning
 removed, FT - FE in standard errors of the test accuracy (sqrt(p(1-p)/n) at FE's p) and the

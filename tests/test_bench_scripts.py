@@ -30,6 +30,7 @@ def test_scale_bench_prints_per_image_costs_ratios_and_the_tiny_image_cache_byte
         "scale.py",
         *("--tiny-images", "--sizes", "8", "16", "--image-size", "32", "--backbone", "timm:test_efficientnet"),
         *("--weights", "none", "--fe-epochs", "1", "--ft-epochs", "1", "--workers", "1", "--val-per-class", "2"),
+        *("--repeats", "2"),
         work=tmp_path,
         timeout=2400,
     )
@@ -51,6 +52,13 @@ def test_scale_bench_prints_per_image_costs_ratios_and_the_tiny_image_cache_byte
         assert f"RESULT scale.{name}: " in out
     for name in ("flat.first", "flat.cached_epoch", "flat.finetune", "memory"):
         assert f"RESULT scale.{name}: " in out
+    # the first passes alternate: two rounds each, the ratio from the rounds
+    by_round = [line for line in out.splitlines() if "first pass by round" in line]
+    assert len(by_round) == 2
+    for line in by_round:
+        tl_part, plain_part, cl_part = line.split("ms/image: ")[1].split(" | ")
+        assert len(tl_part.split()) == 3 and len(plain_part.split()) == 3 and len(cl_part.split()) == 3
+    assert "median of 2 alternating rounds" in out
     # the curve for the README: an SVG with the seven lines
     svg = (tmp_path / "scale_28x28gray_2c.svg").read_text()
     assert svg.startswith("<?xml") and "fine-tuning epoch" in svg and "plain loop in channels-last" in svg
