@@ -59,6 +59,7 @@ def test_scale_bench_prints_per_image_costs_ratios_and_the_tiny_image_cache_byte
         tl_part, plain_part, cl_part = line.split("ms/image: ")[1].split(" | ")
         assert len(tl_part.split()) == 3 and len(plain_part.split()) == 3 and len(cl_part.split()) == 3
     assert "median of 2 alternating rounds" in out
+    assert sum("warm feature-extraction run, whole process" in line for line in out.splitlines()) == 2
     # the curve for the README: an SVG with the seven lines
     svg = (tmp_path / "scale_28x28gray_2c.svg").read_text()
     assert svg.startswith("<?xml") and "fine-tuning epoch" in svg and "plain loop in channels-last" in svg
