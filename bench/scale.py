@@ -410,6 +410,12 @@ def measure(n: int, root: Path, opts: argparse.Namespace, budget: int) -> dict[s
         shutil.rmtree(cache, ignore_errors=True)  # every round's tl pass starts with no cache
         first = run_tl(fe, work / f"fe_first{i or ''}.log", env)
         firsts.append(first_pass(first["text"]))
+        passes = (row["plain_first_runs"][-1], row["plain_first_cl_runs"][-1], firsts[-1])
+        print(  # as it comes: a run stopped early keeps its rounds
+            f"scale: N={n}: round {i + 1}: first pass ms/image plain {passes[0] * 1000:.1f}, plain-CL "
+            f"{passes[1] * 1000:.1f}, tl {passes[2] * 1000:.1f}",
+            flush=True,
+        )
     row["first_runs"] = firsts
     row["first"] = statistics.median(firsts)
     row["plain_first"] = statistics.median(row["plain_first_runs"])
