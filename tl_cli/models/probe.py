@@ -53,10 +53,9 @@ def _blocks(x: torch.Tensor) -> Iterator[torch.Tensor]:
 
 
 def _standardised(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """``(x - mean) / std`` in float64, filled a block at a time: the one copy the fit holds.
-    (``x.double()`` first held a second one: at 1,280 features, 10 KB an image more, 24 KiB an
-    image of held memory with the float32 cache; bench/scale.py.) Fitting from float32 blocks
-    instead, converted at every evaluation, held nothing but took 3x as long."""
+    """``(x - mean) / std`` in float64, filled a block at a time: the one copy of the features
+    the fit holds (converting all of `x` first would hold a second). Not no copy at all: the
+    fit's many evaluations, each converting float32 blocks again, take several times longer."""
     out = torch.empty(x.shape, dtype=torch.float64)
     for start in range(0, len(x), BLOCK):
         out[start : start + BLOCK] = (x[start : start + BLOCK].double() - mean) / std
