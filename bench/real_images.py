@@ -148,15 +148,33 @@ def _images(folders: list[Path]) -> list[Path]:
 MAX_SIDE = 640  # pool copies: some Open Clip Art PNGs are 100+ megapixels (minutes to decode)
 
 
-def _shrink(job: tuple[Path, Path]) -> None:
-    """A JPEG copy of `src` at most MAX_SIDE px a side, as tl would see it (alpha on white)."""
-    from PIL import Image
+BAND = 1024  # rows composited at a time in a transparent picture larger than BAND x BAND
 
-    from tl_cli.data.images import load_rgb
+
+def _shrink(job: tuple[Path, Path]) -> None:
+    """A JPEG copy of `src` at most MAX_SIDE px a side, as tl would see it (alpha on white).
+
+    A large transparent picture is put on white a band of rows at a time (`to_rgb` is per
+    pixel, so the pixels are those of `load_rgb`): whole, its four full-size copies of a
+    169-megapixel RGBA file (Open Clip Art has a dozen) took 3 GB a worker, and two workers
+    beside a fine-tuning run were killed by the OOM killer (2026-12-07)."""
+    from PIL import Image, ImageOps
+
+    from tl_cli.data.images import to_rgb
 
     Image.MAX_IMAGE_PIXELS = None  # the package's own files, not user input
     src, dst = job
-    img = load_rgb(src)
+    with Image.open(src) as img:
+        img.load()
+        img = ImageOps.exif_transpose(img)
+    w, h = img.size
+    if img.mode in ("RGBA", "LA") and w * h > BAND * BAND:
+        flat = Image.new("RGB", img.size)
+        for top in range(0, h, BAND):
+            flat.paste(to_rgb(img.crop((0, top, w, min(h, top + BAND)))), (0, top))
+        img = flat
+    else:
+        img = to_rgb(img)
     img.thumbnail((MAX_SIDE, MAX_SIDE), Image.Resampling.LANCZOS, reducing_gap=3.0)
     img.save(dst, quality=92)
 

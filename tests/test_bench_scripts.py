@@ -91,3 +91,26 @@ def test_gpu_bench_dry_run_stops_on_a_variant_flag_tl_no_longer_takes(monkeypatc
     monkeypatch.setitem(gpu.VARIANTS, "compile", ["--model.compile_it=true"])
     with pytest.raises(SystemExit, match="does not take the flags"):
         gpu.flags_parse(["compile"], [])
+
+
+def test_real_images_shrinks_a_large_transparent_picture_in_bands_to_the_same_pixels(tmp_path, monkeypatch):
+    import numpy as np
+    from PIL import Image
+
+    sys.path.insert(0, str(BENCH))
+    try:
+        import real_images
+    finally:
+        sys.path.remove(str(BENCH))
+    from tl_cli.data.images import load_rgb
+
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (300, 200, 4), dtype=np.uint8)
+    pixels[::7, :, 3] = 0  # fully transparent rows, half-transparent everywhere else
+    src = tmp_path / "big.png"
+    Image.fromarray(pixels, "RGBA").save(src)
+    monkeypatch.setattr(real_images, "BAND", 64)  # 300 rows: 5 bands, the last one short
+    monkeypatch.setattr(real_images, "MAX_SIDE", 10_000)  # no resize: compare the flattening itself
+    monkeypatch.setattr(Image.Image, "save", lambda img, dst, **kw: setattr(real_images, "_saved", img))
+    real_images._shrink((src, tmp_path / "out.jpg"))
+    assert np.array_equal(np.asarray(real_images._saved), np.asarray(load_rgb(src)))
