@@ -24,7 +24,7 @@ or torchvision's top-level children), else the backbone's top-level children.
 
 from __future__ import annotations
 
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info
@@ -37,6 +37,26 @@ BN_TYPES = (nn.modules.batchnorm._BatchNorm,)
 
 #: which BatchNorm layers of the backbone update their running statistics while training
 BNStats = Literal["none", "unfrozen", "all"]
+
+#: The shipped fine-tuning recipe by training-set size: what ``unfreeze.schedule: auto`` and
+#: ``model.layer_decay: auto`` resolve to. Each rule: (from this many training images on, how
+#: many trailing backbone stages train from epoch 0, None: all of them, the layer decay).
+#: Small sets (80-180 images) were tuned with the last 4 stages at 0.7 (each earlier stage
+#: learns at 0.7x the next); at 2,000 images every stage at 0.85 removed more of feature
+#: extraction's test errors (bench/README.md, "accuracy at scale"). Between 180 and 2,000
+#: images nothing was measured: the change is put at 1,000.
+SIZE_RULES: tuple[tuple[int, Optional[int], float], ...] = ((0, 4, 0.7), (1000, None, 0.85))
+
+
+def size_rule(images: int) -> tuple[int, Optional[int], float]:
+    """The `SIZE_RULES` entry for a training set of `images` images."""
+    return max((rule for rule in SIZE_RULES if images >= rule[0]), key=lambda rule: rule[0])
+
+
+def training_images(trainer: pl.Trainer) -> Optional[int]:
+    """How many images the run trains on (its datamodule's train split), if it can tell."""
+    counts = getattr(getattr(trainer, "datamodule", None), "class_counts", None)
+    return sum(counts("train")) if counts is not None else None
 
 
 def backbone_stages(backbone: nn.Module) -> list[tuple[str, list[nn.Parameter]]]:
@@ -56,7 +76,15 @@ class BackboneFreezing(pl.Callback):
             the pretrained ones), ``unfrozen`` (those of trainable stages), ``all``.
     """
 
-    def __init__(self, schedule: Optional[dict[int, int]] = None, bn_stats: BNStats = "none") -> None:
+    def __init__(
+        self, schedule: Union[dict[int, int], Literal["auto"], None] = None, bn_stats: BNStats = "none"
+    ) -> None:
+        #: ``schedule: auto``: the stages of `SIZE_RULES` for the training set, from epoch 0
+        self.auto = schedule == "auto"
+        if isinstance(schedule, str) and not self.auto:
+            raise TLError(f"unfreeze.schedule={schedule!r}: give {{epoch: last N stages}}, e.g. {{0: 4}}, or auto.")
+        # until setup knows the data, auto stands for its smallest rule (some stages train)
+        schedule = {0: SIZE_RULES[0][1]} if self.auto else schedule
         self.schedule = {int(k): int(v) for k, v in (schedule or {}).items()}
         if any(k < 0 or v < 0 for k, v in self.schedule.items()):
             raise TLError(f"unfreeze.schedule={schedule}: epochs and stage counts must be >= 0.")
@@ -96,6 +124,15 @@ class BackboneFreezing(pl.Callback):
                 "trains its backbone. Fine-tune with --model FineTune (configs/finetune.yaml)."
             )
         self._stages = backbone_stages(backbone)
+        if self.auto:
+            images = training_images(trainer)
+            if images is None:
+                raise TLError(
+                    "unfreeze.schedule=auto picks the stages by the size of the training set, which this run's "
+                    "data does not tell: give the schedule, e.g. --unfreeze.schedule '{0: 4}'."
+                )
+            stages = size_rule(images)[1]
+            self.schedule = {0: len(self._stages) if stages is None else stages}
         names = ", ".join(f"{i}:{name}" for i, (name, _) in enumerate(self._stages))
         rank_zero_info(f"tl: {len(self._stages)} backbone stages (input -> output): {names}")
         self.apply(trainer, pl_module, 0)  # before DDP wraps the model: it registers what trains now
@@ -208,7 +245,9 @@ class UnfreezeSchedule(BackboneFreezing):
     Args:
         schedule: ``{epoch: n}``: from that epoch on, the last ``n`` backbone stages train
             (``tl fit`` prints the backbone's stages). Example: ``{0: 2, 3: 4}``. Empty or
-            null: nothing unfreezes.
+            null: nothing unfreezes. ``auto``: from epoch 0, the stages the shipped recipe
+            trains for the training set's size (`SIZE_RULES`: the last 4, or all of them from
+            1,000 images on).
         update_unfrozen_bn_stats: whether BatchNorm layers of unfrozen stages update their
             running statistics (false keeps the pretrained statistics, better for small data
             sets); those of frozen stages never do.
@@ -217,7 +256,7 @@ class UnfreezeSchedule(BackboneFreezing):
 
     def __init__(
         self,
-        schedule: Optional[dict[int, int]] = None,
+        schedule: Union[dict[int, int], Literal["auto"], None] = None,
         update_unfrozen_bn_stats: bool = False,
         train_bn: Optional[bool] = None,
     ) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Literal, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +34,9 @@ class FineTune(Classifier):
         backbone_lr_ratio: learning rate of the backbone's last stage = ``lr`` x this.
         layer_decay: each stage further from the head learns this much slower than the next
             (layer-wise learning-rate decay: early layers hold the most general features);
-            1: the whole backbone at ``lr x backbone_lr_ratio``.
+            1: the whole backbone at ``lr x backbone_lr_ratio``; ``auto``: the shipped recipe's
+            for the training set's size (`tl_cli.callbacks.freezing.SIZE_RULES`: 0.7, or 0.85
+            from 1,000 images on, where every stage trains).
         mixup_alpha: MixUp (Zhang et al. 2018) of training batches: each batch is blended with
             a shuffled copy of itself, images and labels alike, by a Beta(alpha, alpha) weight;
             0: off.
@@ -58,12 +60,12 @@ class FineTune(Classifier):
         *args: Any,
         init_from: Optional[str] = None,
         backbone_lr_ratio: float = 0.1,
-        layer_decay: float = 1.0,
+        layer_decay: Union[float, Literal["auto"]] = 1.0,
         mixup_alpha: float = 0.0,
         cutmix_alpha: float = 0.0,
         **kwargs: Any,
     ) -> None:
-        if backbone_lr_ratio < 0 or not 0 < layer_decay <= 1:
+        if backbone_lr_ratio < 0 or (layer_decay != "auto" and not 0 < layer_decay <= 1):
             raise TLError(
                 f"model.backbone_lr_ratio={backbone_lr_ratio} must be >= 0 and model.layer_decay={layer_decay} in (0, 1]."
             )
@@ -117,11 +119,11 @@ class FineTune(Classifier):
 
     @override
     def say_recipe(self) -> None:
-        from tl_cli.callbacks.freezing import BackboneFreezing
+        from tl_cli.callbacks.freezing import SIZE_RULES, BackboneFreezing, size_rule, training_images
 
         trainer = self.trainer
         dm = getattr(trainer, "datamodule", None)
-        images = sum(dm.class_counts("train")) if dm is not None and hasattr(dm, "class_counts") else None
+        images = training_images(trainer)
         stages = len(self.backbone_info.stages)
         freezing = next((c for c in trainer.callbacks if isinstance(c, BackboneFreezing)), None)
         if freezing is None:
@@ -139,8 +141,19 @@ class FineTune(Classifier):
         length = f"{epochs} epochs x {per_epoch} steps = {epochs * per_epoch} steps" if epochs and epochs > 0 else ""
         augment = getattr(dm, "augment", None)
         what = f"for {images:,} training images" if images is not None else ""
+        if images is not None and (self.hparams.get("layer_decay") == "auto" or getattr(freezing, "auto", False)):
+            start = size_rule(images)[0]  # which of the sizes the auto settings were picked for
+            later = [rule[0] for rule in SIZE_RULES if rule[0] > start]
+            sizes = (
+                f"{start:,} or more"
+                if not later
+                else f"fewer than {later[0]:,}"
+                if not start
+                else f"{start:,}-{later[0] - 1:,}"
+            )
+            what += f" (auto: the shipped recipe for {sizes})"
         self.print(
-            f"tl: fine-tuning recipe {what}: {length}; {trains} (layer decay {self.hparams.layer_decay}, "
+            f"tl: fine-tuning recipe {what}: {length}; {trains} (layer decay {self.layer_decay():g}, "
             f"BatchNorm statistics {bn_stats}); lr {self.hparams.lr:g} at the head, "
             f"{self.hparams.lr * self.hparams.backbone_lr_ratio:g} at the last stage; augment {augment}, "
             f"label smoothing {self.hparams.label_smoothing:g}"
@@ -157,9 +170,24 @@ class FineTune(Classifier):
         self.load_state_dict({k: state[k] for k in wanted}, strict=False)
         self.print(f"tl: backbone and head from {self.hparams.init_from}")
 
+    def layer_decay(self) -> float:
+        """``model.layer_decay``, with ``auto`` resolved for the training set's size."""
+        decay = self.hparams.get("layer_decay", 1.0)
+        if decay != "auto":
+            return float(decay)
+        from tl_cli.callbacks.freezing import size_rule, training_images
+
+        images = training_images(self._trainer) if self._trainer is not None else None
+        if images is None:
+            raise TLError(
+                "model.layer_decay=auto picks the decay by the size of the training set, which this run's data "
+                "does not tell: give a number, e.g. --model.layer_decay 0.7."
+            )
+        return size_rule(images)[2]
+
     def param_groups(self) -> list[dict[str, Any]]:
         top = self.hparams.lr * self.hparams.backbone_lr_ratio
-        decay = self.hparams.get("layer_decay", 1.0)
+        decay = self.layer_decay()
         neck = list(self.neck.parameters())
         groups = super().param_groups() + ([{"params": neck, "lr": self.hparams.lr, "name": "neck"}] if neck else [])
         if decay == 1.0:
