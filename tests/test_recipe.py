@@ -23,7 +23,10 @@ def _fine_tune(tiny_data, trained, capsys, *extra: str) -> str:
 def test_the_run_says_its_recipe_for_the_data_it_has(tiny_data, trained, capsys):
     line = _fine_tune(tiny_data, trained, capsys)
     # 24 images, batches of 8 (TINY), min_steps_per_epoch off; test_efficientnet has 6 stages
-    assert "for 24 training images: 2 epochs x 3 steps = 6 steps" in line, line
+    # finetune.yaml's unfreeze.schedule and model.layer_decay are auto: the small-set rule
+    assert (
+        "for 24 training images (auto: the shipped recipe for fewer than 1,000): 2 epochs x 3 steps = 6 steps" in line
+    )
     assert "the last 4 of 6 from epoch 0 (layer decay 0.7, BatchNorm statistics pinned)" in line, line
     assert "lr 0.0003 at the head, 0.0003 at the last stage; augment randaugment, label smoothing 0.1" in line
 
@@ -66,7 +69,7 @@ def _moved(start: dict, end: dict, prefix: str) -> bool:
 
 
 def test_auto_gives_small_data_the_last_4_stages_at_decay_0_7(tiny_data, trained, capsys):
-    line = _fine_tune(tiny_data, trained, capsys, "--unfreeze.schedule", "auto", "--model.layer_decay", "auto")
+    line = _fine_tune(tiny_data, trained, capsys)  # finetune.yaml: both auto
     assert "for 24 training images (auto: the shipped recipe for fewer than 1,000)" in line, line
     assert "the last 4 of 6 from epoch 0 (layer decay 0.7," in line, line
     start, end = _checkpoints(trained)
@@ -76,7 +79,7 @@ def test_auto_gives_small_data_the_last_4_stages_at_decay_0_7(tiny_data, trained
 def test_auto_trains_every_stage_of_a_large_set_at_decay_0_85(tiny_data, trained, capsys, monkeypatch):
     # the tiny set stands for a large one: the size rule's threshold is put under its 24 images
     monkeypatch.setattr(freezing, "SIZE_RULES", ((0, 4, 0.7), (20, None, 0.85)))
-    line = _fine_tune(tiny_data, trained, capsys, "--unfreeze.schedule", "auto", "--model.layer_decay", "auto")
+    line = _fine_tune(tiny_data, trained, capsys)
     assert "for 24 training images (auto: the shipped recipe for 20 or more)" in line, line
     assert "the last 6 of 6 from epoch 0 (layer decay 0.85," in line, line
     start, end = _checkpoints(trained)
