@@ -53,6 +53,15 @@ def size_rule(images: int) -> tuple[int, Optional[int], float]:
     return max((rule for rule in SIZE_RULES if images >= rule[0]), key=lambda rule: rule[0])
 
 
+def size_rule_range(images: int) -> str:
+    """The training-set sizes the rule for `images` covers, as the recipe line says them."""
+    start = size_rule(images)[0]
+    end = min((rule[0] for rule in SIZE_RULES if rule[0] > start), default=None)
+    if end is None:
+        return f"{start:,} or more"
+    return f"fewer than {end:,}" if start == 0 else f"{start:,}-{end - 1:,}"
+
+
 def training_images(trainer: pl.Trainer) -> Optional[int]:
     """How many images the run trains on (its datamodule's train split), if it can tell."""
     counts = getattr(getattr(trainer, "datamodule", None), "class_counts", None)

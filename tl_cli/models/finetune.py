@@ -119,7 +119,7 @@ class FineTune(Classifier):
 
     @override
     def say_recipe(self) -> None:
-        from tl_cli.callbacks.freezing import SIZE_RULES, BackboneFreezing, size_rule, training_images
+        from tl_cli.callbacks.freezing import BackboneFreezing, size_rule_range, training_images
 
         trainer = self.trainer
         dm = getattr(trainer, "datamodule", None)
@@ -142,16 +142,7 @@ class FineTune(Classifier):
         augment = getattr(dm, "augment", None)
         what = f"for {images:,} training images" if images is not None else ""
         if images is not None and (self.hparams.get("layer_decay") == "auto" or getattr(freezing, "auto", False)):
-            start = size_rule(images)[0]  # which of the sizes the auto settings were picked for
-            later = [rule[0] for rule in SIZE_RULES if rule[0] > start]
-            sizes = (
-                f"{start:,} or more"
-                if not later
-                else f"fewer than {later[0]:,}"
-                if not start
-                else f"{start:,}-{later[0] - 1:,}"
-            )
-            what += f" (auto: the shipped recipe for {sizes})"
+            what += f" (auto: the shipped recipe for {size_rule_range(images)})"
         self.print(
             f"tl: fine-tuning recipe {what}: {length}; {trains} (layer decay {self.layer_decay():g}, "
             f"BatchNorm statistics {bn_stats}); lr {self.hparams.lr:g} at the head, "
