@@ -57,8 +57,8 @@ def _standardised(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> tor
     the fit holds (converting all of `x` first would hold a second). Not no copy at all: the
     fit's many evaluations, each converting float32 blocks again, take several times longer."""
     out = torch.empty(x.shape, dtype=torch.float64)
-    for start in range(0, len(x), BLOCK):
-        out[start : start + BLOCK] = (x[start : start + BLOCK].double() - mean) / std
+    for start, block in zip(range(0, len(x), BLOCK), _blocks(x), strict=True):
+        out[start : start + BLOCK] = (block - mean) / std
     return out
 
 
