@@ -5,7 +5,8 @@ through the real CLI (`tl fit` with the shipped configs, `precision: auto`):
 
 - images/s of tl's first pass (screening + decode + frozen backbone into the feature cache),
   of its feature-extraction epochs on cached features, and of its fine-tuning steps
-  (decoded-image cache, RandAugment, the last 4 stages), each against the plain loop
+  (decoded-image cache, RandAugment, the stages the shipped recipe trains for the set's size),
+  each against the plain loop
   (ImageFolder + DataLoader with the same workers + the timm model under autocast in the
   dtype `auto` chose, same channels-last / compile setting);
 - the peak GPU memory of each.
@@ -38,6 +39,7 @@ from scale import (
     per_image,
     plain_model,
     plain_transforms,
+    recipe_stages,
     run_tl,
     timm_name,
 )
@@ -130,7 +132,10 @@ class Plain:
 
         torch.manual_seed(0)
         self._reset_peak()
-        model = plain_model(self.name, classes, 4, self.device, self.channels_last)
+        from torchvision import datasets
+
+        stages = recipe_stages(len(datasets.ImageFolder(str(root / "train"))))  # as tl's `auto` schedule
+        model = plain_model(self.name, classes, stages, self.device, self.channels_last)
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-4, weight_decay=1e-4)
         step_model = torch.compile(model) if self.compile else model
         scaler = torch.amp.GradScaler(self.device, enabled=self.dtype == torch.float16)

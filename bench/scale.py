@@ -281,9 +281,21 @@ def plain_transforms(name: str, image_size: Optional[int], augment: bool) -> tup
     return T.Compose([*ops, T.ToTensor(), T.Normalize(cfg["mean"], cfg["std"])]), size
 
 
-def plain_model(name: str, classes: int, trainable_stages: int, device: str = "cpu", channels_last: bool = False):
-    """The timm model; with `trainable_stages`, only the classifier and the last stages (timm's
-    coarse groups) train, BatchNorm statistics pinned, as tl's fine-tuning does."""
+def recipe_stages(images: int) -> Optional[int]:
+    """How many of the last stages tl's shipped fine-tuning trains on `images` training images
+    (`unfreeze.schedule: auto`, `SIZE_RULES`); None: every stage. The plain loop trains the
+    same, so that its backward pass reaches as deep as tl's."""
+    from tl_cli.callbacks.freezing import size_rule
+
+    return size_rule(images)[1]
+
+
+def plain_model(
+    name: str, classes: int, trainable_stages: Optional[int], device: str = "cpu", channels_last: bool = False
+):
+    """The timm model. `trainable_stages` 0: feature extraction (no classifier, eval mode);
+    otherwise the classifier and the last `trainable_stages` stages (timm's coarse groups; None:
+    every stage) train, BatchNorm statistics pinned, as tl's fine-tuning does."""
     import timm
     import torch
     from timm.models import group_parameters
@@ -291,9 +303,10 @@ def plain_model(name: str, classes: int, trainable_stages: int, device: str = "c
     model = timm.create_model(name, pretrained=False, num_classes=classes).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    if trainable_stages:
+    if trainable_stages != 0:
         groups = group_parameters(model, model.group_matcher(coarse=True))
-        train = {p for g in sorted(groups)[-trainable_stages - 1 :] for p in groups[g]}
+        last = sorted(groups) if trainable_stages is None else sorted(groups)[-trainable_stages - 1 :]
+        train = {p for g in last for p in groups[g]}
         for pname, param in model.named_parameters():
             param.requires_grad_(pname in train)
         model.train()
@@ -346,12 +359,15 @@ def plain_finetune(
     channels_last: bool = False,
 ):
     """Seconds per image of each fine-tuning epoch as a user writes it: ImageFolder with crop +
-    flip + RandAugment, the last 4 stages and the classifier, AdamW, label smoothing 0.1."""
+    flip + RandAugment, the stages tl's recipe trains at this size and the classifier, AdamW,
+    label smoothing 0.1."""
     import torch
+    from torchvision import datasets
 
     torch.manual_seed(0)
     transform, _ = plain_transforms(name, image_size, augment=True)
-    model = plain_model(name, classes, trainable_stages=4, channels_last=channels_last)
+    stages = recipe_stages(len(datasets.ImageFolder(str(root / "train"))))
+    model = plain_model(name, classes, trainable_stages=stages, channels_last=channels_last)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-4, weight_decay=1e-4)
     loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=0.1)

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
@@ -114,3 +115,54 @@ def test_real_images_shrinks_a_large_transparent_picture_in_bands_to_the_same_pi
     monkeypatch.setattr(Image.Image, "save", lambda img, dst, **kw: setattr(real_images, "_saved", img))
     real_images._shrink((src, tmp_path / "out.jpg"))
     assert np.array_equal(np.asarray(real_images._saved), np.asarray(load_rgb(src)))
+
+
+def test_the_plain_fine_tuning_loop_trains_the_stages_the_shipped_recipe_trains_at_each_size(monkeypatch):
+    """The scale and GPU benches compare tl's fine-tuning with a plain loop: the loop's backward
+    must reach as deep as tl's `auto` schedule (the last 4 stages below 1,000 images, every
+    stage from 1,000 on), or the ratio compares two different amounts of work."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import scale
+
+    from tl_cli.callbacks.freezing import SIZE_RULES
+
+    assert [scale.recipe_stages(n) for n in (80, 999, 1000, 16000)] == [4, 4, None, None]
+    assert {scale.recipe_stages(start) for start, _, _ in SIZE_RULES} == {stages for _, stages, _ in SIZE_RULES}
+
+    def trainable(stages):
+        model = scale.plain_model("test_efficientnet", 2, stages)
+        return {n for n, p in model.named_parameters() if p.requires_grad}, model
+
+    every, model = trainable(None)
+    assert every == {n for n, _ in model.named_parameters()}
+    last4, _ = trainable(4)
+    assert "conv_stem.weight" not in last4 and "classifier.weight" in last4
+    assert last4 < every and any(n.startswith("blocks.") for n in last4)
+    assert all(not m.training for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))  # pinned
+    extract, model = trainable(0)
+    assert not hasattr(model, "classifier") or isinstance(model.get_classifier(), torch.nn.Identity)
+
+
+@pytest.mark.parametrize("per_class, expected", [(2, 4), (500, None)])
+def test_the_scale_bench_plain_loop_asks_for_the_recipe_stages_of_its_training_set(
+    tmp_path, monkeypatch, per_class, expected
+):
+    from PIL import Image
+
+    monkeypatch.syspath_prepend(str(BENCH))
+    import scale
+
+    for kind in ("a", "b"):
+        (tmp_path / "train" / kind).mkdir(parents=True)
+        for i in range(per_class):
+            Image.new("RGB", (8, 8)).save(tmp_path / "train" / kind / f"{i}.png")
+    asked = []
+
+    def spy(name, classes, trainable_stages, **kwargs):
+        asked.append(trainable_stages)
+        raise RuntimeError("stop")
+
+    monkeypatch.setattr(scale, "plain_model", spy)
+    with pytest.raises(RuntimeError, match="stop"):
+        scale.plain_finetune(tmp_path, "test_efficientnet", 2, 32, 4, 0, 1)
+    assert asked == [expected]
