@@ -39,9 +39,9 @@ from scale import (
     per_image,
     plain_model,
     plain_transforms,
-    recipe_stages,
     run_tl,
     timm_name,
+    training_set_stages,
 )
 
 VARIANTS = {
@@ -132,9 +132,7 @@ class Plain:
 
         torch.manual_seed(0)
         self._reset_peak()
-        from torchvision import datasets
-
-        stages = recipe_stages(len(datasets.ImageFolder(str(root / "train"))))  # as tl's `auto` schedule
+        stages = training_set_stages(root)  # as tl's `auto` schedule
         model = plain_model(self.name, classes, stages, self.device, self.channels_last)
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-4, weight_decay=1e-4)
         step_model = torch.compile(model) if self.compile else model

@@ -290,6 +290,13 @@ def recipe_stages(images: int) -> Optional[int]:
     return size_rule(images)[1]
 
 
+def training_set_stages(root: Path) -> Optional[int]:
+    """`recipe_stages` for the training images under ``root/train`` (counted as ImageFolder does)."""
+    from torchvision import datasets
+
+    return recipe_stages(len(datasets.ImageFolder(str(root / "train"))))
+
+
 def plain_model(
     name: str, classes: int, trainable_stages: Optional[int], device: str = "cpu", channels_last: bool = False
 ):
@@ -362,12 +369,10 @@ def plain_finetune(
     flip + RandAugment, the stages tl's recipe trains at this size and the classifier, AdamW,
     label smoothing 0.1."""
     import torch
-    from torchvision import datasets
 
     torch.manual_seed(0)
     transform, _ = plain_transforms(name, image_size, augment=True)
-    stages = recipe_stages(len(datasets.ImageFolder(str(root / "train"))))
-    model = plain_model(name, classes, trainable_stages=stages, channels_last=channels_last)
+    model = plain_model(name, classes, trainable_stages=training_set_stages(root), channels_last=channels_last)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-4, weight_decay=1e-4)
     loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
