@@ -46,6 +46,7 @@ HERE = Path(__file__).resolve().parent
 FIRST_PASS = re.compile(r"tl: train: (?:bottleneck features of )?(\d+) (?:decoded )?images prepared in ([\d.]+) s")
 IMAGE_CACHE = re.compile(r"tl: train: \d+ decoded images (?:loaded|prepared in [\d.]+ s), (\d+) MiB ([\w -]+)")
 PRECISION = re.compile(r"tl: trainer\.precision=auto -> (\S+)")
+ORDER_NAMES = {"plain_first_runs": "plain", "plain_first_cl_runs": "plain-CL", "first_runs": "tl"}
 
 
 class EpochClock(pl.Callback):
@@ -397,6 +398,7 @@ def measure(n: int, root: Path, opts: argparse.Namespace, budget: int) -> dict[s
     name = timm_name(opts.backbone)
     work = WORK / f"scale_runs_{opts.tag}" / f"n{n}"
     shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
     cache = work / "cache"
     env = {"TL_CACHE_DIR": str(cache)}
     common = [
@@ -423,27 +425,44 @@ def measure(n: int, root: Path, opts: argparse.Namespace, budget: int) -> dict[s
     features = (root, name, opts.image_size, opts.batch_size, opts.workers)
     # The first pass is the one figure decided by a few minutes of decoding and model time, on a
     # machine whose speed drifts by 15-50 % between minutes: one pass each decided nothing. So
-    # the three passes alternate, --repeats times, and the ratio is the median of each round's.
+    # the three passes alternate, --repeats times, each round in a rotated order (a pass that
+    # always came first, or last, would always meet the same drift), and each ratio is the
+    # median of the rounds' ratios, every round's tl pass against its own plain passes.
     firsts: list[float] = []
-    for i in range(opts.repeats):
-        row.setdefault("plain_first_runs", []).append(plain("first", plain_features, *features))
-        row.setdefault("plain_first_cl_runs", []).append(plain("first_cl", plain_features, *features, True))
+    first: dict[str, Any] = {}
+
+    def tl_pass(i: int) -> float:
         shutil.rmtree(cache, ignore_errors=True)  # every round's tl pass starts with no cache
-        first = run_tl(fe, work / f"fe_first{i or ''}.log", env)
-        firsts.append(first_pass(first["text"]))
-        passes = (row["plain_first_runs"][-1], row["plain_first_cl_runs"][-1], firsts[-1])
+        first.update(run_tl(fe, work / f"fe_first{i or ''}.log", env))
+        return first_pass(first["text"])
+
+    for i in range(opts.repeats):
+        passes = {
+            "plain_first_runs": lambda: plain("first", plain_features, *features),
+            "plain_first_cl_runs": lambda: plain("first_cl", plain_features, *features, True),
+            "first_runs": lambda i=i: tl_pass(i),
+        }
+        order = list(passes)[i % 3 :] + list(passes)[: i % 3]
+        for key in order:
+            row.setdefault(key, []).append(passes[key]())
         print(  # as it comes: a run stopped early keeps its rounds
-            f"scale: N={n}: round {i + 1}: first pass ms/image plain {passes[0] * 1000:.1f}, plain-CL "
-            f"{passes[1] * 1000:.1f}, tl {passes[2] * 1000:.1f}",
+            f"scale: N={n}: round {i + 1} ({', '.join(ORDER_NAMES[k] for k in order)}): first pass ms/image plain "
+            f"{row['plain_first_runs'][-1] * 1000:.1f}, plain-CL {row['plain_first_cl_runs'][-1] * 1000:.1f}, "
+            f"tl {row['first_runs'][-1] * 1000:.1f}",
             flush=True,
         )
-    row["first_runs"] = firsts
+    firsts = row["first_runs"]
     row["first"] = statistics.median(firsts)
     row["plain_first"] = statistics.median(row["plain_first_runs"])
     row["plain_first_cl"] = statistics.median(row["plain_first_cl_runs"])
     for key in ("", "_cl"):  # each round's ratio, against its own plain pass
         rounds = zip(row[f"plain_first{key}_runs"], firsts, strict=True)
         row[f"first_ratio{key}"] = statistics.median(plain / tl for plain, tl in rounds)
+    if opts.first_pass_only:
+        row["plain_pss"] = plain_peak
+        row["pss"], row["held"] = {"fe_first": first["pss"]}, {"fe_first": first["held"]}
+        (work / "row.json").write_text(json.dumps(row, indent=1))
+        return row
     row["feature_bytes"] = folder_bytes(cache)
     warm = run_tl(fe, work / "fe_warm.log", env)
     row["cached_epoch"] = per_image(warm["epochs"])
@@ -481,6 +500,41 @@ def measure(n: int, root: Path, opts: argparse.Namespace, budget: int) -> dict[s
     return row
 
 
+def report_first_pass(rows: list[dict[str, Any]]) -> None:
+    """The first passes: each round's figures, the ratios to both plain loops, flatness over N."""
+    ms = 1000
+    for r in rows:
+        keys = ("first_runs", "plain_first_runs", "plain_first_cl_runs")
+        tl_, plain_, cl_ = (" ".join(f"{x * ms:.1f}" for x in r[k]) for k in keys)
+        print(f"scale: N={r['n']}: first pass by round, ms/image: tl {tl_} | plain {plain_} | plain-CL {cl_}")
+    for r in rows:
+        name = f"n{r['n']}"
+        rounds = f"median of {len(r['first_runs'])} alternating rounds: " if len(r["first_runs"]) > 1 else ""
+        result(
+            f"scale.first_pass_vs_plain.{name}",
+            r["first_ratio"],
+            0.95,
+            f"{rounds}tl {1 / r['first']:.1f} vs plain {1 / r['plain_first']:.1f} images/s",
+        )
+        result(
+            f"scale.first_pass_vs_plain_channels_last.{name}",
+            r["first_ratio_cl"],
+            0.90,
+            f"{rounds}tl {1 / r['first']:.1f} vs the plain loop in channels-last "
+            f"{1 / r['plain_first_cl']:.1f} images/s: tl's own overhead, one layout",
+        )
+    if len(rows) > 1:
+        small, large = rows[0], rows[-1]
+        result(
+            "scale.flat.first",
+            large["first"] / small["first"],
+            1.25,
+            f"first pass {small['first'] * ms:.3f} -> {large['first'] * ms:.3f} ms/image, "
+            f"N={small['n']} -> {large['n']}",
+            higher_is_better=False,
+        )
+
+
 def report(rows: list[dict[str, Any]], opts: argparse.Namespace) -> None:
     mib = 2**20
     ms = 1000
@@ -507,37 +561,26 @@ def report(rows: list[dict[str, Any]], opts: argparse.Namespace) -> None:
             f"scale: N={r['n']}: warm feature-extraction run, whole process {r['warm_seconds']:.1f} s"
             f" ({r['warm_seconds'] / r['n'] * ms:.2f} ms/image)"
         )
-    for r in rows:
-        keys = ("first_runs", "plain_first_runs", "plain_first_cl_runs")
-        tl_, plain_, cl_ = (" ".join(f"{x * ms:.1f}" for x in r[k]) for k in keys)
-        print(f"scale: N={r['n']}: first pass by round, ms/image: tl {tl_} | plain {plain_} | plain-CL {cl_}")
     print(f"scale: image-cache budget in memory (1/4 of available): {rows[0]['budget'] / mib:.0f} MiB")
     for r in rows:
         peaks = " ".join(f"{k} {v / mib:.0f}" for k, v in r["plain_pss"].items())
         print(f"scale: N={r['n']}: peak PSS MiB of the bench process around the plain loop: {peaks}")
+    report_first_pass(rows)
     for r in rows:
         name = f"n{r['n']}"
-        rounds = f"median of {len(r['first_runs'])} alternating rounds: " if len(r["first_runs"]) > 1 else ""
-        result(
-            f"scale.first_pass_vs_plain.{name}",
-            r["first_ratio"],
-            0.95,
-            f"{rounds}tl {1 / r['first']:.1f} vs plain {1 / r['plain_first']:.1f} images/s",
-        )
         result(
             f"scale.finetune_vs_plain.{name}",
             r["plain_finetune"] / r["finetune"],
             0.95,
             f"tl {1 / r['finetune']:.1f} vs plain {1 / r['plain_finetune']:.1f} images/s",
         )
-        for key, what in (("first", "first_pass"), ("finetune", "finetune")):
-            result(
-                f"scale.{what}_vs_plain_channels_last.{name}",
-                r["first_ratio_cl"] if key == "first" else r[f"plain_{key}_cl"] / r[key],
-                0.90,
-                f"tl {1 / r[key]:.1f} vs the plain loop in channels-last "
-                f"{1 / r[f'plain_{key}_cl']:.1f} images/s: tl's own overhead, one layout",
-            )
+        result(
+            f"scale.finetune_vs_plain_channels_last.{name}",
+            r["plain_finetune_cl"] / r["finetune"],
+            0.90,
+            f"tl {1 / r['finetune']:.1f} vs the plain loop in channels-last "
+            f"{1 / r['plain_finetune_cl']:.1f} images/s: tl's own overhead, one layout",
+        )
         result(
             f"scale.cached_vs_plain.{name}",
             r["plain_first"] / r["cached_epoch"],
@@ -556,7 +599,7 @@ def report(rows: list[dict[str, Any]], opts: argparse.Namespace) -> None:
         return
     small, large = rows[0], rows[-1]
     span = f"N={small['n']} -> {large['n']}"
-    for key, what in (("first", "first pass"), ("cached_epoch", "cached FE epoch"), ("finetune", "fine-tune epoch")):
+    for key, what in (("cached_epoch", "cached FE epoch"), ("finetune", "fine-tune epoch")):
         result(
             f"scale.flat.{key}",
             large[key] / small[key],
@@ -631,6 +674,11 @@ def parse(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument(
         "--repeats", type=int, default=3, help="alternating rounds of the three first passes (tl, plain, plain-CL)"
     )
+    p.add_argument(
+        "--first-pass-only",
+        action="store_true",
+        help="only the alternating first passes and their ratios (no warm, fine-tuning or memory-mapped runs)",
+    )
     p.add_argument("--ft-epochs", type=int, default=2, help="the first is left out of the figure when there are more")
     p.add_argument(
         "--no-memmap", dest="memmap", action="store_false", help="skip the memory-mapped fine-tuning run (largest N)"
@@ -658,8 +706,11 @@ def main(argv: Optional[list[str]] = None) -> None:
         t0 = time.perf_counter()
         rows.append(measure(n, dataset(pool, opts.tag, n, opts.classes), opts, image_ram_budget()))
         print(f"scale: N={n} measured in {time.perf_counter() - t0:.0f} s", flush=True)
-    report(rows, opts)
-    print(f"scale: curve in {plot(rows, WORK / f'scale_{opts.tag}.svg')}")
+    if opts.first_pass_only:
+        report_first_pass(rows)
+    else:
+        report(rows, opts)
+        print(f"scale: curve in {plot(rows, WORK / f'scale_{opts.tag}.svg')}")
     print(
         f"scale: median ratio of plain first pass to tl's over N: {statistics.median(r['plain_first'] / r['first'] for r in rows):.2f}"
     )

@@ -6,6 +6,7 @@ They run as `make bench` runs them (subprocesses from bench/), offline, on tiny 
 from __future__ import annotations
 
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -166,3 +167,51 @@ def test_the_scale_bench_plain_loop_asks_for_the_recipe_stages_of_its_training_s
     with pytest.raises(RuntimeError, match="stop"):
         scale.plain_finetune(tmp_path, "test_efficientnet", 2, 32, 4, 0, 1)
     assert asked == [expected]
+
+
+def test_the_scale_bench_first_passes_rotate_their_order_and_each_round_meets_its_own_plain_passes(
+    tmp_path, monkeypatch, capsys
+):
+    """The machine's speed drifts between minutes: a pass that always ran first (or last) would
+    always meet the same drift, so each round rotates the order; each ratio is the median of the
+    rounds' own ratios; `--first-pass-only` stops there (no warm, fine-tuning or memmap runs)."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import scale
+
+    monkeypatch.setattr(scale, "WORK", tmp_path)
+    calls: list[str] = []
+    # plain, plain-CL, tl seconds per image for rounds 1-3: the ratios' medians differ from the
+    # ratio of the medians, so a bench that took the latter would be caught
+    speeds = {"plain": [0.010, 0.030, 0.020], "plain-CL": [0.009, 0.027, 0.018], "tl": [0.011, 0.020, 0.040]}
+
+    def fake_plain(root, name, image_size, batch, workers, channels_last=False):
+        key = "plain-CL" if channels_last else "plain"
+        calls.append(key)
+        return speeds[key][calls.count(key) - 1]
+
+    def fake_tl(args, log, env=None, ram_share=None):
+        assert "configs/feature_extract.yaml" in args  # only feature extraction in this mode
+        calls.append("tl")
+        seconds = speeds["tl"][calls.count("tl") - 1] * 100
+        return {
+            "text": f"tl: train: bottleneck features of 100 images prepared in {seconds:.1f} s",
+            "pss": 1,
+            "held": 2,
+        }
+
+    monkeypatch.setattr(scale, "plain_features", fake_plain)
+    monkeypatch.setattr(scale, "run_tl", fake_tl)
+    opts = scale.parse(
+        ["--sizes", "100", "--repeats", "3", "--first-pass-only", "--backbone", "timm:test_efficientnet"]
+    )
+    row = scale.measure(100, tmp_path, opts, budget=1)
+    assert calls == ["plain", "plain-CL", "tl", "plain-CL", "tl", "plain", "tl", "plain", "plain-CL"]
+    assert row["first_runs"] == pytest.approx([0.011, 0.020, 0.040])
+    assert row["first_ratio"] == pytest.approx(statistics.median([0.010 / 0.011, 0.030 / 0.020, 0.020 / 0.040]))
+    assert row["first_ratio_cl"] == pytest.approx(statistics.median([0.009 / 0.011, 0.027 / 0.020, 0.018 / 0.040]))
+    assert "finetune" not in row and "cached_epoch" not in row
+    scale.report_first_pass([row])
+    out = capsys.readouterr().out
+    assert "round 2 (plain-CL, tl, plain)" in out and "round 3 (tl, plain, plain-CL)" in out
+    assert "RESULT scale.first_pass_vs_plain.n100: 0.91x (target >= 0.95x) MISS" in out
+    assert "RESULT scale.first_pass_vs_plain_channels_last.n100: 0.82x (target >= 0.9x) MISS" in out
