@@ -428,8 +428,7 @@ def measure(n: int, root: Path, opts: argparse.Namespace, budget: int) -> dict[s
     # the three passes alternate, --repeats times, each round in a rotated order (a pass that
     # always came first, or last, would always meet the same drift), and each ratio is the
     # median of the rounds' ratios, every round's tl pass against its own plain passes.
-    firsts: list[float] = []
-    first: dict[str, Any] = {}
+    first: dict[str, Any] = {}  # the latest round's tl run
 
     def tl_pass(i: int) -> float:
         shutil.rmtree(cache, ignore_errors=True)  # every round's tl pass starts with no cache
