@@ -30,7 +30,7 @@ from tl_cli.data.cache import FeatureStore, ImageStore, ScreenStore, files_finge
 from tl_cli.data.datasets import as_is, worker_options
 from tl_cli.data.folders import IMAGE_SUFFIXES
 from tl_cli.data.sharing import folder_group
-from tl_cli.data.transforms import crop_pipeline, decode_resized
+from tl_cli.data.transforms import crop_pipeline, decode_resized, resize_side
 from tl_cli.errors import TLError
 
 Samples = list[tuple[Path, int]]
@@ -82,7 +82,7 @@ class _Decode(Dataset):
             return None, decode_resized(path, self.preprocessing)
         # by extension first, as `tl data check` does: a file PIL happens to open (.ico, .tga)
         # is no more an image here than when data.on_bad_image is error
-        info = inspect_image(path, IMAGE_SUFFIXES, digest=False, keep=True)
+        info = inspect_image(path, IMAGE_SUFFIXES, digest=False, keep=True, shrink_to=resize_side(self.preprocessing))
         if info["error"]:
             return info["error"], None
         return None, decode_resized(info["image"], self.preprocessing)

@@ -24,21 +24,28 @@ from typing import Any
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from tl_cli.data.images import to_rgb
+from tl_cli.data.images import draft_for, to_rgb
 from tl_cli.errors import described
 
 HIGH_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I", "F"}
 
 
 def inspect_image(
-    path: str | Path, image_suffixes: frozenset[str] | None = None, *, digest: bool = True, keep: bool = False
+    path: str | Path,
+    image_suffixes: frozenset[str] | None = None,
+    *,
+    digest: bool = True,
+    keep: bool = False,
+    shrink_to: int | None = None,
 ) -> dict[str, Any]:
     """Decode one file fully; return what tl needs to know about it.
 
     Keys: ``path``, ``bytes``, ``sha256`` (with `digest`), ``error`` (None if the file is
     usable), ``width``, ``height``, ``mode``, ``converted`` (list of: grayscale, palette, alpha,
     cmyk, 16-bit), ``exif_rotated``, and with `keep` ``image``: the RGB image as training sees
-    it (so the screening pass and the cache build share one decode).
+    it (so the screening pass and the cache build share one decode; with `shrink_to`, the
+    short side it is about to be resized to, a large JPEG decodes smaller, as `load_rgb` does it
+    for training: every byte is still decoded, so a truncated file still fails).
     """
     path = Path(path)
     info: dict[str, Any] = {"path": str(path), "error": None, "converted": [], "exif_rotated": False}
@@ -58,9 +65,11 @@ def inspect_image(
         return info
     try:
         with Image.open(io.BytesIO(data)) as img:
+            width, height = img.size  # the file's, before any reduced-scale decode
+            draft_for(img, shrink_to)
             img.load()
             mode = img.mode
-            info["mode"], (info["width"], info["height"]) = mode, img.size
+            info["mode"], info["width"], info["height"] = mode, width, height
             orientation = img.getexif().get(0x0112)
             info["exif_rotated"] = orientation not in (None, 0, 1)
             if mode in ("L", "LA", "1"):
@@ -74,7 +83,8 @@ def inspect_image(
             if mode in HIGH_BIT_MODES:
                 info["converted"].append("16-bit")
             rgb = to_rgb(ImageOps.exif_transpose(img))
-            info["width"], info["height"] = rgb.size
+            if orientation in (5, 6, 7, 8):  # a quarter turn: the picture a person sees
+                info["width"], info["height"] = height, width
             if keep:
                 info["image"] = rgb
     except UnidentifiedImageError:
