@@ -23,14 +23,14 @@ PREP = {"image_size": [64, 64], "mean": [0.5] * 3, "std": [0.25] * 3, "interpola
 SIDE = resize_side(PREP)
 
 
-def _photo(path: Path, w: int, h: int, orientation: int | None = None, **save: object) -> Path:
+def _photo(path: Path, w: int, h: int, orientation: int | None = None, mode: str = "RGB", **save: object) -> Path:
     """A smooth picture (gradients, a disc) with a little noise, as a JPEG (or as `path` says)."""
     rng = np.random.default_rng(w * 7 + h)
     y, x = np.mgrid[0:h, 0:w]
     disc = ((x - w / 3) ** 2 + (y - h / 2) ** 2 < (min(w, h) / 4) ** 2) * 90
     rgb = np.stack([x * 200 / w + disc, y * 200 / h, (x + y) * 120 / (w + h) + disc], axis=-1)
     pixels = np.clip(rgb + rng.normal(0, 4, rgb.shape), 0, 255).astype(np.uint8)
-    img = Image.fromarray(pixels)
+    img = Image.fromarray(pixels).convert(mode)
     if orientation is not None:
         exif = img.getexif()
         exif[0x0112] = orientation
@@ -46,7 +46,9 @@ def _photo(path: Path, w: int, h: int, orientation: int | None = None, **save: o
         ((1200, 900), (300, 225)),  # 1/4: 225 >= 2 x 73, and 1/8 would give 112
         ((600, 450), (300, 225)),  # 1/2
         ((4000, 300), (2000, 150)),  # a panorama: its short side rules
-        ((292, 219), (292, 219)),  # under 4 x 73: halving would leave less than twice the resize
+        ((587, 585), (147, 147)),  # 1/4: the long side's rounding must not cost a scale
+        ((400, 292), (200, 146)),  # exactly 4 x 73: halving leaves exactly twice the resize
+        ((300, 291), (300, 291)),  # just under: halving would leave less than twice the resize
     ],
 )
 def test_a_large_jpeg_decodes_at_a_reduced_scale_never_below_twice_the_eval_resize(tmp_path, size, decoded):
@@ -56,6 +58,18 @@ def test_a_large_jpeg_decodes_at_a_reduced_scale_never_below_twice_the_eval_resi
     assert load_rgb(path).size == size  # asked for nothing: the full picture
     png = _photo(tmp_path / "p.png", *size)
     assert load_rgb(png, shrink_to=SIDE).size == size  # only JPEGs have DCT scales
+
+
+def test_every_size_decodes_at_the_smallest_scale_that_keeps_twice_the_eval_resize(tmp_path):
+    path = tmp_path / "p.jpg"
+    for short in (145, 146, 291, 292, 293, 583, 584, 585, 1167, 1168, 1169, 1500):
+        for w, h in ((short, short), (short * 4 // 3 + 1, short), (short, short * 3), (short * 2 + 7, short)):
+            Image.new("RGB", (w, h), (90, 120, 30)).save(path)
+            got = min(load_rgb(path, shrink_to=SIDE).size)
+            scale = round(short / got) if got < short else 1
+            assert got >= 2 * SIDE or got == short, (w, h, got)  # never below twice the resize
+            # and no smaller scale keeps it (whole multiples, as libjpeg's scales go), or 1/8 is the last
+            assert scale == 8 or short // (2 * SIDE) < 2 * scale, (w, h, got)
 
 
 def test_a_reduced_scale_decode_is_within_a_grey_level_of_the_full_decode_and_resize(tmp_path):
@@ -71,20 +85,30 @@ def test_a_reduced_scale_decode_is_within_a_grey_level_of_the_full_decode_and_re
 
 
 @pytest.mark.parametrize(
-    ("name", "orientation", "save"),
-    [("plain.jpg", None, {}), ("progressive.jpg", None, {"progressive": True}), ("turned.jpg", 6, {})],
+    ("orientation", "mode", "save"),
+    [
+        *[(o, "RGB", {}) for o in (None, 1, 2, 3, 4, 5, 6, 7, 8)],
+        (None, "RGB", {"progressive": True}),
+        (6, "RGB", {"progressive": True}),
+        (None, "L", {}),
+        (None, "CMYK", {}),
+    ],
 )
 def test_the_screening_decode_gives_the_training_pixels_and_reports_the_files_own_size(
-    tmp_path, name, orientation, save
+    tmp_path, orientation, mode, save
 ):
-    path = _photo(tmp_path / name, 1200, 900, orientation, **save)
+    path = _photo(tmp_path / "p.jpg", 1200, 900, orientation, mode=mode, **save)
     info = inspect_image(path, IMAGE_SUFFIXES, digest=False, keep=True, shrink_to=SIDE)
     assert info["error"] is None
     assert max(info["image"].size) < 1200  # it did decode smaller
     assert torch.equal(decode_resized(info["image"], PREP), decode_resized(path, PREP))
-    # the size reported is the picture's, as a person sees it, not the reduced decode's
-    assert (info["width"], info["height"]) == ((900, 1200) if orientation else (1200, 900))
-    assert info["exif_rotated"] is bool(orientation)
+    # the size reported is the picture's, as a person sees it, not the reduced decode's; and
+    # what the screening says of the file is what it says without the reduced decode
+    quarter_turn = orientation in (5, 6, 7, 8)
+    assert (info["width"], info["height"]) == ((900, 1200) if quarter_turn else (1200, 900))
+    full = inspect_image(path, IMAGE_SUFFIXES, digest=False)
+    assert {k: info[k] for k in full} == full
+    assert info["exif_rotated"] is (orientation not in (None, 1))
 
 
 @pytest.mark.parametrize("save", [{}, {"progressive": True}])
@@ -95,6 +119,8 @@ def test_a_truncated_large_jpeg_still_fails_when_it_decodes_smaller(tmp_path, sa
     (tmp_path / "cut.jpg").write_bytes(data[:keep])
     info = inspect_image(tmp_path / "cut.jpg", IMAGE_SUFFIXES, digest=False, keep=True, shrink_to=SIDE)
     assert info["error"] is not None and info["error"].startswith("corrupt or truncated"), info["error"]
+    with pytest.raises(OSError, match="truncated"):  # the loader's own road
+        load_rgb(tmp_path / "cut.jpg", shrink_to=SIDE)
 
 
 def test_the_first_pass_caches_large_photos_with_the_uncached_pixels_and_skips_a_truncated_one(tmp_path):

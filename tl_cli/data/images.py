@@ -21,11 +21,13 @@ REDUCING_GAP = 2.0
 def draft_for(img: Image.Image, short_side: Optional[int]) -> None:
     """Ask a not yet loaded JPEG to decode at the smallest DCT scale whose short side stays at
     least ``REDUCING_GAP * short_side`` (other formats, or no `short_side`: nothing)."""
-    if short_side is None or not img.size or min(img.size) <= 0:
+    if not short_side or short_side <= 0 or not img.size or min(img.size) <= 0:
         return
-    scale = REDUCING_GAP * short_side / min(img.size)
-    if scale < 0.5:  # at least a halving is possible
-        img.draft(None, (math.ceil(img.size[0] * scale), math.ceil(img.size[1] * scale)))
+    least = math.ceil(REDUCING_GAP * short_side)
+    if min(img.size) >= 2 * least:  # at least a halving is possible
+        # a square request: Pillow takes the largest scale that keeps both sides at or above it,
+        # so the short side alone decides (the long side's rounding cannot cost a scale)
+        img.draft(None, (least, least))
 
 
 def load_rgb(path: str | Path, shrink_to: Optional[int] = None) -> Image.Image:
