@@ -135,19 +135,23 @@ def test_the_first_pass_caches_large_photos_with_the_uncached_pixels_and_skips_a
     broken.write_bytes(_photo(tmp_path / "whole.jpg", 1200, 900).read_bytes()[:-300])
     samples = [(p, 0 if p.parent.name == "a" else 1) for p in [*paths, broken]]
     said: list[str] = []
-    prepared = screen_and_cache(
-        root,
-        samples,
-        PREP,
-        cache_dir=tmp_path / "cache",
-        on_bad_image="skip",
-        images=True,
-        extractor=None,
-        batch_size=4,
-        workers=0,
-        ram_budget=10**9,
-        say=said.append,
-    )
+
+    def first_pass():
+        return screen_and_cache(
+            root,
+            samples,
+            PREP,
+            cache_dir=tmp_path / "cache",
+            on_bad_image="skip",
+            images=True,
+            extractor=None,
+            batch_size=4,
+            workers=0,
+            ram_budget=10**9,
+            say=said.append,
+        )
+
+    prepared = first_pass()
     assert [p for p, _ in prepared.samples] == paths
     assert any("2.jpg" in s and "truncated" in s for s in said), said
     crop = crop_pipeline("none", PREP)
@@ -159,17 +163,5 @@ def test_the_first_pass_caches_large_photos_with_the_uncached_pixels_and_skips_a
     # and a build from the known screen (no inspection) stores the same bytes
     for entry in (tmp_path / "cache" / "images").iterdir():
         entry.unlink()
-    again = screen_and_cache(
-        root,
-        samples,
-        PREP,
-        cache_dir=tmp_path / "cache",
-        on_bad_image="skip",
-        images=True,
-        extractor=None,
-        batch_size=4,
-        workers=0,
-        ram_budget=10**9,
-        say=said.append,
-    )
+    again = first_pass()
     assert np.array_equal(np.asarray(again.images[0]), np.asarray(prepared.images[0]))
