@@ -49,8 +49,8 @@ def resize_side(preprocessing: dict[str, Any]) -> int:
 def decode_resized(image: str | Path | Image.Image, preprocessing: dict[str, Any]) -> torch.Tensor:
     """Decode (a path: a large JPEG at a reduced scale, see `images.draft_for`) or take (a PIL
     image), convert to RGB and shrink the short side to `resize_side`: a uint8 ``[3, H, W]``
-    tensor, what the decoded-image cache stores. A smaller
-    image keeps its own size (`crop_pipeline` enlarges it, on the fly)."""
+    tensor, what the decoded-image cache stores. A smaller image keeps its own size
+    (`crop_pipeline` enlarges it, on the fly)."""
     from torchvision.transforms import v2
 
     side = resize_side(preprocessing)
