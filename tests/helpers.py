@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import json
 import os
 import signal
 import subprocess
@@ -13,7 +14,9 @@ import sys
 from pathlib import Path
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
+from PIL import Image
 from typing_extensions import override
 
 from tl_cli.cli.main import main
@@ -49,6 +52,79 @@ TINY_DDP = [*TINY, "--data.batch_size", "4", "--data.num_workers", "null"]
 
 # Preprocessing as a checkpoint records it, for the tests of the image pipeline.
 PREP = {"image_size": [32, 32], "mean": [0.5] * 3, "std": [0.25] * 3, "interpolation": "bicubic", "crop_pct": 0.875}
+
+
+# --------------------------------------------------------------------------- large photographs
+
+
+def photo(path: Path, w: int, h: int, orientation: int | None = None, mode: str = "RGB", **save: object) -> Path:
+    """A smooth picture (gradients, a disc) with a little noise, as a JPEG (or as `path` says)."""
+    rng = np.random.default_rng(w * 7 + h)
+    y, x = np.mgrid[0:h, 0:w]
+    disc = ((x - w / 3) ** 2 + (y - h / 2) ** 2 < (min(w, h) / 4) ** 2) * 90
+    rgb = np.stack([x * 200 / w + disc, y * 200 / h, (x + y) * 120 / (w + h) + disc], axis=-1)
+    pixels = np.clip(rgb + rng.normal(0, 4, rgb.shape), 0, 255).astype(np.uint8)
+    img = Image.fromarray(pixels).convert(mode)
+    if orientation is not None:
+        exif = img.getexif()
+        exif[0x0112] = orientation
+        save["exif"] = exif
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path, **({"quality": 90} if path.suffix == ".jpg" else {}), **save)
+    return path
+
+
+# (size, photo() keywords, file suffix): with TINY's 64 px (an eval resize of about 73 px) the
+# first six decode at 1/2 or 1/4 scale, the last two in full (too small; not a JPEG)
+_PHOTOS = [
+    ((640, 480), {}, ".jpg"),
+    ((1200, 900), {}, ".jpg"),
+    ((480, 640), {"orientation": 6}, ".jpg"),
+    ((600, 450), {"progressive": True}, ".jpg"),
+    ((800, 600), {"mode": "L"}, ".jpg"),
+    ((700, 525), {"orientation": 3}, ".jpg"),
+    ((150, 120), {}, ".jpg"),
+    ((640, 480), {}, ".png"),
+]
+
+
+def large_photos(root: Path) -> Path:
+    """2 classes x (8 train, 3 val, 2 test) photographs of the sizes above, as a camera folder
+    holds them: most large enough to decode at a reduced scale."""
+    for c, name in enumerate(("a", "b")):
+        for split, n in (("train", 8), ("val", 3), ("test", 2)):
+            for i in range(n):
+                (w, h), keywords, suffix = _PHOTOS[(i + 3 * c + (split != "train")) % len(_PHOTOS)]
+                # each file its own pixels: a size nudged by its index
+                photo(root / split / name / f"{i}{suffix}", w + 8 * c + 16 * i, h + 4 * c, **keywords)
+    return root
+
+
+def assert_cached_as_decoded(cache_dir: Path, root: Path, preprocessing: dict) -> int:
+    """Every decoded-image cache entry in `cache_dir` (one per split, told apart by their sizes)
+    holds, image by image, the uncached loader's pixels (`decode_resized`) for the files of
+    `root`; returns how many of them decoded at a reduced scale."""
+    from tl_cli.data.folders import labelled_samples
+    from tl_cli.data.images import load_rgb
+    from tl_cli.data.transforms import decode_resized, resize_side
+
+    classes = sorted(p.name for p in (root / "train").iterdir())
+    splits = {s: [p for p, _ in labelled_samples(root / s, classes, "train")] for s in ("train", "val", "test")}
+    entries = sorted((cache_dir / "images").glob("*.json"))
+    assert entries, f"no decoded-image cache in {cache_dir}"
+    drafted = 0
+    for index_path in entries:
+        index = json.loads(index_path.read_text())
+        data = np.fromfile(index_path.with_suffix(".u8"), dtype=np.uint8)
+        assert data.size == index["total"], index_path
+        paths = [s for s in splits.values() if len(s) == len(index["shapes"])]
+        assert len(paths) == 1, f"{index_path}: {len(index['shapes'])} images, no split of that size"
+        for path, offset, shape in zip(paths[0], index["offsets"], index["shapes"], strict=True):
+            cached = data[offset : offset + int(np.prod(shape))].reshape(shape)
+            expected = decode_resized(path, preprocessing).permute(1, 2, 0).numpy()
+            assert np.array_equal(np.broadcast_to(cached, expected.shape), expected), path
+            drafted += load_rgb(path, shrink_to=resize_side(preprocessing)).size != load_rgb(path).size
+    return drafted
 
 
 # --------------------------------------------------------------------------- one process

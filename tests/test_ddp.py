@@ -15,7 +15,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import CONFIGS, TINY_DDP, TL, compare_ranks, ok, run_tl, subprocess_env, tl
+from tests.helpers import (
+    CONFIGS,
+    TINY_DDP,
+    TL,
+    assert_cached_as_decoded,
+    compare_ranks,
+    large_photos,
+    ok,
+    run_tl,
+    subprocess_env,
+    tl,
+)
 
 DDP = ["--trainer.devices", "2", "--trainer.strategy", "ddp"]
 
@@ -101,6 +112,21 @@ def test_lightning_launcher_feature_extraction_then_fine_tuning_ranks_agree(data
     assert len(list(Path("runs/finetune").glob("version_*"))) == 1
     last = torch.load("runs/finetune/latest/checkpoints/last.ckpt", map_location="cpu", weights_only=False)
     assert last["global_step"] == 2 * 9, last["global_step"]  # 2 epochs x 3 passes x 3 batches
+
+
+@pytest.mark.slow
+def test_lightning_launcher_caches_large_photos_as_the_uncached_loader_decodes_them(tmp_path):
+    """Photographs large enough to decode at a reduced scale, 2 ranks with 2 workers each: the
+    decoded-image cache the ranks build from their shares holds, image by image, the pixels the
+    uncached loader (one process) decodes; the ranks end identical."""
+    photos = large_photos(tmp_path / "photos")
+    args = ["fit", "--config", CONFIGS / "feature_extract.yaml", *TINY_DDP, *DDP, "--data.root", photos]
+    args += ["--data.num_workers", "2", "--data.cache_features", "false", "--data.cache_images", "true"]
+    ok(run_tl([*args, "--trainer.max_epochs", "1", "--trainer.callbacks+", "tests.helpers.SaveRankState"]))
+    assert compare_ranks(Path("rankstate"))[0] == 0
+    best = torch.load("runs/feature_extract/latest/checkpoints/best.ckpt", weights_only=False)
+    drafted = assert_cached_as_decoded(Path(os.environ["TL_CACHE_DIR"]), photos, best["tl"]["preprocessing"])
+    assert drafted >= 12, drafted  # most decoded smaller: the road under test was taken
 
 
 @pytest.mark.slow

@@ -4,13 +4,12 @@ resize, and alike on every road: the screening first pass, the cache, the uncach
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from tests.helpers import photo
 from tl_cli.data.datasets import CachedImages, ImageFiles
 from tl_cli.data.first_pass import screen_and_cache
 from tl_cli.data.folders import IMAGE_SUFFIXES
@@ -21,23 +20,6 @@ from tl_cli.data.transforms import crop_pipeline, decode_resized, resize_side
 # a 64 px network: eval resize 73 px, so a JPEG whose short side passes 4 x 73 may decode at 1/2
 PREP = {"image_size": [64, 64], "mean": [0.5] * 3, "std": [0.25] * 3, "interpolation": "bicubic", "crop_pct": 0.875}
 SIDE = resize_side(PREP)
-
-
-def _photo(path: Path, w: int, h: int, orientation: int | None = None, mode: str = "RGB", **save: object) -> Path:
-    """A smooth picture (gradients, a disc) with a little noise, as a JPEG (or as `path` says)."""
-    rng = np.random.default_rng(w * 7 + h)
-    y, x = np.mgrid[0:h, 0:w]
-    disc = ((x - w / 3) ** 2 + (y - h / 2) ** 2 < (min(w, h) / 4) ** 2) * 90
-    rgb = np.stack([x * 200 / w + disc, y * 200 / h, (x + y) * 120 / (w + h) + disc], axis=-1)
-    pixels = np.clip(rgb + rng.normal(0, 4, rgb.shape), 0, 255).astype(np.uint8)
-    img = Image.fromarray(pixels).convert(mode)
-    if orientation is not None:
-        exif = img.getexif()
-        exif[0x0112] = orientation
-        save["exif"] = exif
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img.save(path, **({"quality": 90} if path.suffix == ".jpg" else {}), **save)
-    return path
 
 
 @pytest.mark.parametrize(
@@ -52,11 +34,11 @@ def _photo(path: Path, w: int, h: int, orientation: int | None = None, mode: str
     ],
 )
 def test_a_large_jpeg_decodes_at_a_reduced_scale_never_below_twice_the_eval_resize(tmp_path, size, decoded):
-    path = _photo(tmp_path / "p.jpg", *size)
+    path = photo(tmp_path / "p.jpg", *size)
     assert load_rgb(path, shrink_to=SIDE).size == decoded
     assert min(decoded) >= 2 * SIDE
     assert load_rgb(path).size == size  # asked for nothing: the full picture
-    png = _photo(tmp_path / "p.png", *size)
+    png = photo(tmp_path / "p.png", *size)
     assert load_rgb(png, shrink_to=SIDE).size == size  # only JPEGs have DCT scales
 
 
@@ -75,7 +57,7 @@ def test_every_size_decodes_at_the_smallest_scale_that_keeps_twice_the_eval_resi
 def test_a_reduced_scale_decode_is_within_a_grey_level_of_the_full_decode_and_resize(tmp_path):
     from torchvision.transforms import v2
 
-    path = _photo(tmp_path / "p.jpg", 1200, 900)
+    path = photo(tmp_path / "p.jpg", 1200, 900)
     fast = decode_resized(path, PREP)
     full = v2.Resize(SIDE, interpolation=v2.InterpolationMode.BICUBIC)(load_rgb(path))
     full = v2.functional.pil_to_tensor(full)
@@ -97,7 +79,7 @@ def test_a_reduced_scale_decode_is_within_a_grey_level_of_the_full_decode_and_re
 def test_the_screening_decode_gives_the_training_pixels_and_reports_the_files_own_size(
     tmp_path, orientation, mode, save
 ):
-    path = _photo(tmp_path / "p.jpg", 1200, 900, orientation, mode=mode, **save)
+    path = photo(tmp_path / "p.jpg", 1200, 900, orientation, mode=mode, **save)
     info = inspect_image(path, IMAGE_SUFFIXES, digest=False, keep=True, shrink_to=SIDE)
     assert info["error"] is None
     assert max(info["image"].size) < 1200  # it did decode smaller
@@ -114,7 +96,7 @@ def test_the_screening_decode_gives_the_training_pixels_and_reports_the_files_ow
 @pytest.mark.parametrize("save", [{}, {"progressive": True}])
 @pytest.mark.parametrize("cut", [2, 500, 0.5])
 def test_a_truncated_large_jpeg_still_fails_when_it_decodes_smaller(tmp_path, save, cut):
-    data = _photo(tmp_path / "p.jpg", 1200, 900, **save).read_bytes()
+    data = photo(tmp_path / "p.jpg", 1200, 900, **save).read_bytes()
     keep = int(len(data) * cut) if isinstance(cut, float) else len(data) - cut
     (tmp_path / "cut.jpg").write_bytes(data[:keep])
     info = inspect_image(tmp_path / "cut.jpg", IMAGE_SUFFIXES, digest=False, keep=True, shrink_to=SIDE)
@@ -126,13 +108,13 @@ def test_a_truncated_large_jpeg_still_fails_when_it_decodes_smaller(tmp_path, sa
 def test_the_first_pass_caches_large_photos_with_the_uncached_pixels_and_skips_a_truncated_one(tmp_path):
     root = tmp_path / "train"
     paths = [
-        _photo(root / "a" / "0.jpg", 1200, 900),
-        _photo(root / "a" / "1.jpg", 900, 1200, orientation=8),
-        _photo(root / "b" / "0.jpg", 640, 480, progressive=True),
-        _photo(root / "b" / "1.png", 1200, 900),
+        photo(root / "a" / "0.jpg", 1200, 900),
+        photo(root / "a" / "1.jpg", 900, 1200, orientation=8),
+        photo(root / "b" / "0.jpg", 640, 480, progressive=True),
+        photo(root / "b" / "1.png", 1200, 900),
     ]
     broken = root / "b" / "2.jpg"
-    broken.write_bytes(_photo(tmp_path / "whole.jpg", 1200, 900).read_bytes()[:-300])
+    broken.write_bytes(photo(tmp_path / "whole.jpg", 1200, 900).read_bytes()[:-300])
     samples = [(p, 0 if p.parent.name == "a" else 1) for p in [*paths, broken]]
     said: list[str] = []
 

@@ -20,7 +20,15 @@ import pytest
 import torch
 from typing_extensions import override
 
-from tests.helpers import CONFIGS, TINY_DDP, compare_ranks, subprocess_env, tl
+from tests.helpers import (
+    CONFIGS,
+    TINY_DDP,
+    assert_cached_as_decoded,
+    compare_ranks,
+    large_photos,
+    subprocess_env,
+    tl,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -123,6 +131,22 @@ def test_two_nodes_with_node_local_caches_build_them_once_per_node_and_end_ident
     # a second run finds both nodes' caches and decodes nothing
     outs = two_nodes([*fe, "--trainer.max_epochs", "1"], tmp_path)
     assert "bottleneck features of 12 images loaded" in outs[0], outs[0][-3000:]
+
+
+def test_two_nodes_cache_large_photos_as_the_uncached_loader_decodes_them(tmp_path):
+    """Photographs large enough to decode at a reduced scale, node-local caches, 2 workers a
+    rank: each node's decoded-image cache holds, image by image, the uncached loader's pixels,
+    so both nodes hold the same bytes; the ranks end identical."""
+    photos = large_photos(tmp_path / "photos")
+    nodes = ["--trainer.devices", "1", "--trainer.num_nodes", "2", "--trainer.strategy", "ddp"]
+    args = ["fit", "--config", CONFIGS / "feature_extract.yaml", *TINY_DDP, *nodes, "--data.root", photos]
+    args += ["--data.num_workers", "2", "--data.cache_features", "false", "--data.cache_images", "true"]
+    two_nodes([*args, "--trainer.max_epochs", "1", "--trainer.callbacks+", "tests.helpers.SaveRankState"], tmp_path)
+    assert compare_ranks(Path("rankstate"))[0] == 0
+    best = torch.load("runs/feature_extract/latest/checkpoints/best.ckpt", weights_only=False)
+    for node in ("node0", "node1"):
+        drafted = assert_cached_as_decoded(tmp_path / node / "cache", photos, best["tl"]["preprocessing"])
+        assert drafted >= 12, (node, drafted)
 
 
 def test_a_cache_folder_shared_by_both_nodes_is_built_once(tiny_data, tmp_path):

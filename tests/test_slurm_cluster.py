@@ -13,7 +13,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import CONFIGS, REPO, TINY, compare_ranks, fit_tiny, tl
+from tests.helpers import (
+    CONFIGS,
+    REPO,
+    TINY,
+    assert_cached_as_decoded,
+    compare_ranks,
+    fit_tiny,
+    large_photos,
+    tl,
+)
 
 pytestmark = [pytest.mark.slow]
 pytestmark.append(
@@ -115,6 +124,28 @@ def test_two_task_ddp_fine_tuning_job_ranks_agree(tiny_data, capsys):
         "ellipses",
         "rectangles",
     ]
+
+
+def test_two_task_job_caches_large_photos_as_the_uncached_loader_decodes_them(tmp_path, capsys):
+    """Photographs large enough to decode at a reduced scale, a 2-task srun job with 2 workers a
+    task: the decoded-image cache holds, image by image, the uncached loader's pixels; the ranks
+    end identical."""
+    photos = large_photos(tmp_path / "photos")
+    job = _submit(
+        capsys,
+        "tl-test-photos",
+        2,
+        *("--data.root", photos, "--data.num_workers", "2", "--trainer.max_epochs", "1"),
+        *("--data.cache_features", "false", "--data.cache_images", "true"),
+        *("--trainer.callbacks+", "tests.helpers.SaveRankState"),
+    )
+    state = _wait(job)
+    log = Path(f"slurm-tl-test-photos-{job}.out").read_text()
+    assert state == "COMPLETED" and "GLOBAL_RANK: 1, MEMBER: 2/2" in log, log[-3000:]
+    assert compare_ranks(Path("rankstate"))[0] == 0
+    best = torch.load("runs/feature_extract/latest/checkpoints/best.ckpt", weights_only=False)
+    drafted = assert_cached_as_decoded(tmp_path / "tl_cache", photos, best["tl"]["preprocessing"])
+    assert drafted >= 12, drafted
 
 
 EPOCHS = 8  # the preemption lands after epoch 3: 5 epochs (several seconds) still to run
