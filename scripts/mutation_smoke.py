@@ -95,8 +95,8 @@ MUTATIONS = {
     ),
     "interpolation-ignored": (
         "tl_cli/data/transforms.py",
-        'picture = v2.Resize(side, interpolation=_interpolation(preprocessing["interpolation"]))(picture)',
-        "picture = v2.Resize(side)(picture)",
+        'interpolation = _interpolation(preprocessing["interpolation"])',
+        "interpolation = _interpolation('bilinear')",
         ["tests/test_cache.py::test_cached_images_give_the_pixels_of_the_classic_eval_transform"],
     ),
     "flip-never": (

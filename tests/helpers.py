@@ -95,8 +95,9 @@ def large_photos(root: Path) -> Path:
         for split, n in (("train", 8), ("val", 3), ("test", 2)):
             for i in range(n):
                 (w, h), keywords, suffix = _PHOTOS[(i + 3 * c + (split != "train")) % len(_PHOTOS)]
-                # each file its own pixels: a size nudged by its index
-                photo(root / split / name / f"{i}{suffix}", w + 8 * c + 16 * i, h + 4 * c, **keywords)
+                # each file its own pixels: a size nudged by its index, most not whole multiples
+                # of the decode's scale
+                photo(root / split / name / f"{i}{suffix}", w + 7 * c + 13 * i, h + 3 * c + i, **keywords)
     return root
 
 

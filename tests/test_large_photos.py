@@ -15,7 +15,7 @@ from tl_cli.data.first_pass import screen_and_cache
 from tl_cli.data.folders import IMAGE_SUFFIXES
 from tl_cli.data.images import load_rgb
 from tl_cli.data.screening import inspect_image
-from tl_cli.data.transforms import crop_pipeline, decode_resized, resize_side
+from tl_cli.data.transforms import crop_pipeline, decode_resized, resize_side, shorter_side_to
 
 # a 64 px network: eval resize 73 px, so a JPEG whose short side passes 4 x 73 may decode at 1/2
 PREP = {"image_size": [64, 64], "mean": [0.5] * 3, "std": [0.25] * 3, "interpolation": "bicubic", "crop_pct": 0.875}
@@ -54,16 +54,29 @@ def test_every_size_decodes_at_the_smallest_scale_that_keeps_twice_the_eval_resi
             assert scale == 8 or short // (2 * SIDE) < 2 * scale, (w, h, got)
 
 
-def test_a_reduced_scale_decode_is_within_a_grey_level_of_the_full_decode_and_resize(tmp_path):
+@pytest.mark.parametrize("orientation", [None, 2, 3, 4, 5, 6, 7, 8])
+@pytest.mark.parametrize("size", [(1200, 900), (1201, 899), (1203, 905), (587, 585), (999, 1333), (4003, 301)])
+def test_a_reduced_scale_decode_gives_the_full_decodes_size_within_a_grey_level(tmp_path, size, orientation):
+    """Sizes that are not whole multiples of the scale too: libjpeg rounds the reduced size up,
+    and the resize takes only the file's picture from it (Pillow's box), turned as EXIF says."""
     from torchvision.transforms import v2
 
-    path = photo(tmp_path / "p.jpg", 1200, 900)
+    path = photo(tmp_path / "p.jpg", *size, orientation=orientation)
+    assert load_rgb(path, shrink_to=SIDE).size != load_rgb(path).size  # it does decode smaller
     fast = decode_resized(path, PREP)
     full = v2.Resize(SIDE, interpolation=v2.InterpolationMode.BICUBIC)(load_rgb(path))
     full = v2.functional.pil_to_tensor(full)
-    assert fast.shape == full.shape == (3, SIDE, 97)
+    assert fast.shape == full.shape
     difference = (fast.float() - full.float()).abs()
-    assert difference.mean() < 1.0 and torch.quantile(difference.flatten(), 0.99) <= 4
+    assert difference.mean() < 0.5 and difference.max() <= 4, (difference.mean(), difference.max())
+
+
+def test_the_size_rule_is_torchvisions():
+    from torchvision.transforms import v2
+
+    for w, h in [(97, 73), (73, 97), (1201, 899), (899, 1201), (1000, 1000), (4003, 301), (333, 1000), (74, 5000)]:
+        resized = v2.Resize(SIDE)(Image.new("L", (w, h)))
+        assert shorter_side_to((w, h), SIDE) == resized.size, (w, h)
 
 
 @pytest.mark.parametrize(
@@ -76,18 +89,19 @@ def test_a_reduced_scale_decode_is_within_a_grey_level_of_the_full_decode_and_re
         (None, "CMYK", {}),
     ],
 )
+@pytest.mark.parametrize("size", [(1200, 900), (1201, 899)])
 def test_the_screening_decode_gives_the_training_pixels_and_reports_the_files_own_size(
-    tmp_path, orientation, mode, save
+    tmp_path, orientation, mode, save, size
 ):
-    path = photo(tmp_path / "p.jpg", 1200, 900, orientation, mode=mode, **save)
+    path = photo(tmp_path / "p.jpg", *size, orientation, mode=mode, **save)
     info = inspect_image(path, IMAGE_SUFFIXES, digest=False, keep=True, shrink_to=SIDE)
     assert info["error"] is None
-    assert max(info["image"].size) < 1200  # it did decode smaller
+    assert max(info["image"].size) < max(size)  # it did decode smaller
     assert torch.equal(decode_resized(info["image"], PREP), decode_resized(path, PREP))
     # the size reported is the picture's, as a person sees it, not the reduced decode's; and
     # what the screening says of the file is what it says without the reduced decode
     quarter_turn = orientation in (5, 6, 7, 8)
-    assert (info["width"], info["height"]) == ((900, 1200) if quarter_turn else (1200, 900))
+    assert (info["width"], info["height"]) == (size[::-1] if quarter_turn else size)
     full = inspect_image(path, IMAGE_SUFFIXES, digest=False)
     assert {k: info[k] for k in full} == full
     assert info["exif_rotated"] is (orientation not in (None, 1))

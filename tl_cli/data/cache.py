@@ -32,7 +32,9 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-CACHE_FORMAT = 5  # 4: grayscale images stored as one channel; 5: large JPEGs decoded at reduced scale
+# 4: grayscale images stored as one channel; 5: large JPEGs decoded at a reduced scale; 6: and
+# resized from the box of the file's picture, to a full decode's size
+CACHE_FORMAT = 6
 # In-memory if the decoded images take at most this share of the memory this process may
 # use; otherwise memory-mapped from the cache file (the OS page cache keeps what fits).
 IMAGE_RAM_SHARE = 0.25

@@ -18,16 +18,47 @@ from PIL import Image, ImageOps
 REDUCING_GAP = 2.0
 
 
-def draft_for(img: Image.Image, short_side: Optional[int]) -> None:
+# `Image.info` key of a picture decoded at a reduced scale: where the file's whole picture lies in
+# it, for the resize after it (see `note_reduced`)
+REDUCED = "tl_reduced"
+
+
+def draft_for(img: Image.Image, short_side: Optional[int]) -> Optional[tuple[float, ...]]:
     """Ask a not yet loaded JPEG to decode at the smallest DCT scale whose short side stays at
-    least ``REDUCING_GAP * short_side`` (other formats, or no `short_side`: nothing)."""
+    least ``REDUCING_GAP * short_side`` (other formats, or no `short_side`: nothing). Returns
+    Pillow's box of the whole picture in the smaller decode, or None if it is not smaller."""
     if not short_side or short_side <= 0 or not img.size or min(img.size) <= 0:
-        return
+        return None
     least = math.ceil(REDUCING_GAP * short_side)
     if min(img.size) >= 2 * least:  # at least a halving is possible
         # a square request: Pillow takes the largest scale that keeps both sides at or above it,
         # so the short side alone decides (the long side's rounding cannot cost a scale)
-        img.draft(None, (least, least))
+        full = img.size
+        drafted = img.draft(None, (least, least))
+        if drafted is not None and img.size != full:
+            return drafted[1]
+    return None
+
+
+def note_reduced(
+    picture: Image.Image, box: Optional[tuple[float, ...]], full: tuple[int, int], orientation: Optional[int]
+) -> Image.Image:
+    """Record on `picture` (a reduced decode, EXIF orientation applied) the file's own size
+    and where its picture lies: libjpeg rounds a reduced size up, so a last row or column may be
+    partly outside the picture (a 1001 px side at 1/4 gives 251 px, of which 250.25 are the
+    picture). `Image.thumbnail` resizes with this box; `transforms.decode_resized` does too, so
+    a reduced decode gives a full decode's size and geometry."""
+    if box is None:
+        return picture
+    w, h = picture.size
+    bw, bh, fw, fh = box[2] - box[0], box[3] - box[1], *full
+    if orientation in (5, 6, 7, 8):  # a quarter turn swapped the sides
+        bw, bh, fw, fh = bh, bw, fh, fw
+    # where the file's first pixel went: its box is anchored at that corner
+    x0 = w - bw if orientation in (2, 3, 6, 7) else 0.0
+    y0 = h - bh if orientation in (3, 4, 7, 8) else 0.0
+    picture.info[REDUCED] = {"size": (w, h), "box": (x0, y0, x0 + bw, y0 + bh), "full": (fw, fh)}
+    return picture
 
 
 def load_rgb(path: str | Path, shrink_to: Optional[int] = None) -> Image.Image:
@@ -39,10 +70,12 @@ def load_rgb(path: str | Path, shrink_to: Optional[int] = None) -> Image.Image:
     about to be resized to that short side may decode smaller (`draft_for`).
     """
     with Image.open(path) as img:
-        draft_for(img, shrink_to)
+        full = img.size
+        box = draft_for(img, shrink_to)
         img.load()
+        orientation = img.getexif().get(0x0112)
         img = ImageOps.exif_transpose(img)
-    return to_rgb(img)
+    return note_reduced(to_rgb(img), box, full, orientation)
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

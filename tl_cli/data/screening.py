@@ -24,7 +24,7 @@ from typing import Any
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from tl_cli.data.images import draft_for, to_rgb
+from tl_cli.data.images import draft_for, note_reduced, to_rgb
 from tl_cli.errors import described
 
 HIGH_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I", "F"}
@@ -66,7 +66,7 @@ def inspect_image(
     try:
         with Image.open(io.BytesIO(data)) as img:
             width, height = img.size  # the file's, before any reduced-scale decode
-            draft_for(img, shrink_to)
+            box = draft_for(img, shrink_to)
             img.load()
             mode = img.mode
             info["mode"], info["width"], info["height"] = mode, width, height
@@ -82,7 +82,7 @@ def inspect_image(
                 info["converted"].append("cmyk")
             if mode in HIGH_BIT_MODES:
                 info["converted"].append("16-bit")
-            rgb = to_rgb(ImageOps.exif_transpose(img))
+            rgb = note_reduced(to_rgb(ImageOps.exif_transpose(img)), box, (width, height), orientation)
             if orientation in (5, 6, 7, 8):  # a quarter turn: the picture a person sees
                 info["width"], info["height"] = height, width
             if keep:

@@ -21,7 +21,7 @@ from typing import Any, Literal
 import torch
 from PIL import Image
 
-from tl_cli.data.images import load_rgb, to_rgb
+from tl_cli.data.images import REDUCED, load_rgb, to_rgb
 
 Augment = Literal["none", "flip", "standard", "randaugment"]
 AUGMENTS: tuple[str, ...] = ("none", "flip", "standard", "randaugment")
@@ -55,9 +55,27 @@ def decode_resized(image: str | Path | Image.Image, preprocessing: dict[str, Any
 
     side = resize_side(preprocessing)
     picture = to_rgb(image if isinstance(image, Image.Image) else load_rgb(image, shrink_to=side))
-    if min(picture.size) > side:
-        picture = v2.Resize(side, interpolation=_interpolation(preprocessing["interpolation"]))(picture)
+    interpolation = _interpolation(preprocessing["interpolation"])
+    reduced = picture.info.get(REDUCED)
+    if reduced is not None and reduced["size"] == picture.size:
+        # decoded smaller: resized from the box of the file's picture to the size its full decode
+        # would get (v2.Resize on a PIL image is Image.resize at that size; it takes no box)
+        from torchvision.transforms.functional import pil_modes_mapping
+
+        size = shorter_side_to(reduced["full"], side)
+        picture = picture.resize(size, resample=pil_modes_mapping[interpolation], box=reduced["box"])
+    elif min(picture.size) > side:
+        picture = v2.Resize(side, interpolation=interpolation)(picture)
     return v2.functional.pil_to_tensor(picture)
+
+
+def shorter_side_to(size: tuple[int, int], side: int) -> tuple[int, int]:
+    """(width, height) of an image of `size` whose short side `v2.Resize(side)` brings to `side`
+    (torchvision's rule: the long side scaled and truncated)."""
+    w, h = size
+    if w <= h:
+        return side, int(side * h / w)
+    return int(side * w / h), side
 
 
 class UpToResizeSide(torch.nn.Module):
